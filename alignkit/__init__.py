@@ -1,0 +1,13 @@
+"""alignkit: robust preference alignment on top of Hugging Face TRL.
+
+Public API::
+
+    from alignkit import FDPOConfig, FDPOTrainer
+"""
+
+__version__ = "0.1.0"
+
+from .divergences import get_divergence
+from .trainers import FDPOConfig, FDPOTrainer
+
+__all__ = ["FDPOConfig", "FDPOTrainer", "get_divergence", "__version__"]

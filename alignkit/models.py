@@ -1,0 +1,121 @@
+"""Built-in models that are made locally, offline, in seconds (for the quickstart, tests and examples).
+
+``builtin:tiny-llama`` is a 2-layer Llama with a byte-level BPE tokenizer trained on the text of the
+built-in synthetic tasks, with pad/eos tokens and a chat template. It is saved as a normal Hugging
+Face folder, so every ``Auto*.from_pretrained`` works on it (``AutoModelForSequenceClassification``
+with ``num_labels=1`` included). It is built once and cached under ``$ALIGNKIT_CACHE`` (default
+``~/.cache/alignkit``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# name -> LlamaConfig overrides
+_TINY_MODELS = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2),
+    "small-llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=4),
+}
+_VOCAB_SIZE = 1024
+_VERSION = "v1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+def builtin_model_names() -> list[str]:
+    return sorted(_TINY_MODELS)
+
+
+def is_builtin(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(BUILTIN_PREFIX)
+
+
+def _training_corpus() -> list[str]:
+    from .data.synthetic import corpus
+
+    return corpus()
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the synthetic corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|end|>",
+        additional_special_tokens=specials[2:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(name: str = "tiny-llama", path: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Build (or reuse) the built-in model ``name`` and return the folder it is saved in."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in _TINY_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {builtin_model_names()}")
+    target = Path(path) if path is not None else cache_dir() / f"{name}-{_VERSION}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **_TINY_MODELS[name],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # Write to a temporary sibling then rename, so concurrent builders (pytest-xdist, DDP ranks) never
+    # see a half-written folder.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``builtin:NAME`` into the local folder of that model (building it if needed)."""
+    if is_builtin(name_or_path):
+        return str(build_tiny_model(name_or_path[len(BUILTIN_PREFIX):]))
+    return name_or_path

@@ -1,0 +1,293 @@
+"""Recipes: one YAML file that names the method, the model, the data and the TRL config.
+
+A recipe speaks TRL: every top-level key that is not one of alignkit's sections is a field of the
+method's config class (for ``method: fdpo``, :class:`alignkit.FDPOConfig`, i.e. TRL's ``DPOConfig``
+plus ``divergence``/``alpha``), spelled as TRL spells it::
+
+    method: fdpo
+    model:   {name_or_path: builtin:tiny-llama, dtype: float32}
+    dataset: {name: builtin:sentiment, eval_split: test}
+    peft:    {r: 8, lora_alpha: 16}          # optional, any peft.LoraConfig field
+    wandb:   {project: alignkit}             # optional, used when report_to includes wandb
+    divergence: jsd                          # FDPOConfig / DPOConfig fields from here on
+    beta: 0.1
+    learning_rate: 5.0e-4
+    output_dir: outputs/quickstart
+
+Errors are :class:`RecipeError` with one message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+__all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides", "METHODS"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the problem and the fix."""
+
+
+# method name -> (config class import path, trainer class import path)
+METHODS: dict[str, tuple[str, str]] = {
+    "fdpo": ("alignkit.trainers.fdpo:FDPOConfig", "alignkit.trainers.fdpo:FDPOTrainer"),
+}
+
+
+def _import(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_class(method: str):
+    return _import(METHODS[method][0])
+
+
+def trainer_class(method: str):
+    return _import(METHODS[method][1])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    #: hub id, local folder, or ``builtin:tiny-llama`` / ``builtin:small-llama``
+    name_or_path: str
+    #: reference model (defaults to a copy of the policy; unused with PEFT, where the adapter is disabled)
+    ref_name_or_path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    revision: str | None = None
+
+
+class DatasetSection(_Section):
+    #: ``builtin:sentiment``, a hub id, a local .json/.jsonl/.parquet/.csv file, or a saved dataset folder
+    name: str
+    #: hub configuration name
+    config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    #: carve an eval split of this fraction out of the train split (instead of ``eval_split``)
+    test_size: float | None = None
+    #: ``{alignkit_name: your_column}``, e.g. ``{prompt: question, chosen: good, rejected: bad}``
+    columns: dict[str, str] = {}
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    #: options of a built-in dataset (``num_samples``, ``seed``, ``conversational``)
+    builtin_kwargs: dict[str, Any] = {}
+
+    @field_validator("test_size")
+    @classmethod
+    def _frac(cls, v):
+        if v is not None and not (0.0 < v < 1.0):
+            raise ValueError("test_size must be a fraction in (0, 1)")
+        return v
+
+
+class WandbSection(_Section):
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = []
+    #: ``auto`` (online with an API key, else offline), ``online``, ``offline``
+    mode: Literal["auto", "online", "offline"] = "auto"
+
+
+SECTIONS = {"method": None, "model": ModelSection, "dataset": DatasetSection, "peft": None, "wandb": WandbSection}
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe: the sections, and the keyword arguments of the method's config class."""
+
+    method: str
+    model: ModelSection
+    dataset: DatasetSection
+    training: dict[str, Any]
+    peft: dict[str, Any] | None = None
+    wandb: WandbSection | None = None
+    source: str | None = None
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build_config(self):
+        """The method's config object (e.g. FDPOConfig). Raises RecipeError on a bad value."""
+        cls = config_class(self.method)
+        try:
+            return cls(**self.training)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{self._where()}: {exc}") from None
+
+    def build_peft_config(self):
+        if self.peft is None:
+            return None
+        from peft import LoraConfig
+
+        kwargs = dict(self.peft)
+        kwargs.setdefault("task_type", "CAUSAL_LM")
+        kwargs.setdefault("target_modules", "all-linear")
+        try:
+            return LoraConfig(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{self._where()}: peft: {exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+    def _where(self) -> str:
+        return self.source or "recipe"
+
+
+def _closest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
+    """Coerce YAML values to the field's type (YAML reads ``5e-4`` as a string, for one)."""
+    if value is None:
+        return None
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if bool in args:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+    if float in args and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value) if not (int in args and isinstance(value, int)) else value
+        except ValueError:
+            if str not in args:
+                raise RecipeError(f"{where}: {name} must be a number, got {value!r}.") from None
+    if int in args and float not in args and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            if str not in args:
+                raise RecipeError(f"{where}: {name} must be an integer, got {value!r}.") from None
+    if args == (bool,) and not isinstance(value, bool):
+        raise RecipeError(f"{where}: {name} must be true or false, got {value!r}.")
+    return value
+
+
+def parse_recipe(data: Any, source: str | None = None) -> Recipe:
+    where = source or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}.")
+    method = data.get("method")
+    if method is None:
+        raise RecipeError(f"{where}: missing 'method'. Set it to one of: {', '.join(METHODS)}.")
+    if method not in METHODS:
+        raise RecipeError(f"{where}: unknown method {method!r}.{_closest(str(method), METHODS)} Methods: {', '.join(METHODS)}.")
+    for required in ("model", "dataset"):
+        if required not in data:
+            raise RecipeError(f"{where}: missing section {required!r}.")
+    cfg_cls = config_class(method)
+    fields = _field_types(cfg_cls)
+    training = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            continue
+        if key not in fields:
+            raise RecipeError(
+                f"{where}: unknown key {key!r}.{_closest(key, list(fields) + list(SECTIONS))} A recipe's top-level keys "
+                f"are the sections {', '.join(SECTIONS)} and the fields of {cfg_cls.__name__}."
+            )
+        training[key] = _coerce(key, value, fields[key], where)
+    if "output_dir" not in training and source:
+        training["output_dir"] = str(Path("outputs") / Path(source).stem)
+
+    sections = {}
+    for name in ("model", "dataset", "wandb"):
+        if name not in data or data[name] is None:
+            continue
+        value = data[name]
+        if isinstance(value, str) and name in ("model", "dataset"):
+            value = {"name_or_path" if name == "model" else "name": value}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: section {name!r} must be a mapping, got {value!r}.")
+        try:
+            sections[name] = SECTIONS[name](**value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                options = SECTIONS[name].model_fields
+                raise RecipeError(f"{where}: unknown key '{name}.{loc}'.{_closest(str(err['loc'][0]), options)} "
+                                  f"Valid keys: {', '.join(options)}.") from None
+            raise RecipeError(f"{where}: {name}.{loc}: {err['msg']} (got {err.get('input')!r}).") from None
+    peft = data.get("peft")
+    if peft is not None:
+        if not isinstance(peft, dict):
+            raise RecipeError(f"{where}: section 'peft' must be a mapping of peft.LoraConfig fields.")
+        from peft import LoraConfig
+
+        lora_fields = _field_types(LoraConfig)
+        for key in peft:
+            if key not in lora_fields:
+                raise RecipeError(f"{where}: unknown key 'peft.{key}'.{_closest(key, lora_fields)} The peft section takes "
+                                  "peft.LoraConfig fields (r, lora_alpha, lora_dropout, target_modules, ...).")
+        peft = {k: _coerce(f"peft.{k}", v, lora_fields[k], where) for k, v in peft.items()}
+    return Recipe(method=method, model=sections["model"], dataset=sections["dataset"], training=training,
+                  peft=peft, wandb=sections.get("wandb"), source=source, raw=data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set key=value`` overrides (dotted keys reach into sections; values are YAML)."""
+    data = dict(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set beta=0.2 or --set model.dtype=bfloat16.")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"--set {key}: {part!r} is not a section.")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = str(path)
+    if not os.path.exists(path):
+        raise RecipeError(f"recipe file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: malformed YAML{at}: {problem}. Check indentation and quoting there.") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty.")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values.")
+    return parse_recipe(apply_overrides(data, overrides or []), source=path)
