@@ -1,0 +1,79 @@
+"""Shared fixtures. Everything is built locally: nothing is downloaded at test time."""
+
+import os
+import tempfile
+
+# Offline before anything imports huggingface_hub / transformers / wandb.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+    TOKENIZERS_PARALLELISM="false",
+)
+os.environ.setdefault("ALIGNKIT_CACHE", os.path.join(tempfile.gettempdir(), "alignkit-test-cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    """Folder of the built-in tiny Llama (built once per machine, cached in ALIGNKIT_CACHE)."""
+    from alignkit.models import build_tiny_model
+
+    return str(build_tiny_model("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture
+def make_model(tiny_model_path):
+    """A fresh policy; ``perturb`` moves it away from the reference so log-ratios are non-zero."""
+    from transformers import AutoModelForCausalLM
+
+    def _make(perturb: float = 0.0, seed: int = 1):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+        if perturb:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(perturb * torch.randn(p.shape, generator=g))
+        return model
+
+    return _make
+
+
+@pytest.fixture
+def pair_dataset():
+    from alignkit.data.synthetic import sentiment
+
+    def _make(n=16, conversational=False, split="train", seed=0):
+        return sentiment(split, num_samples=n, seed=seed, conversational=conversational)
+
+    return _make
+
+
+def base_args(tmp_path, **kw):
+    """Arguments every trainer test shares: CPU float32, no reporting, no saving."""
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+        max_steps=2,
+        seed=0,
+        disable_tqdm=True,
+    )
+    args.update(kw)
+    return args
