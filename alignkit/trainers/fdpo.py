@@ -11,6 +11,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
+from ._common import default_precision_for_this_machine
 from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
@@ -53,6 +54,7 @@ class FDPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        default_precision_for_this_machine(self)
         super().__post_init__()
         if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:
             hint = ""
