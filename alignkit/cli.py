@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
+            import datasets
+
+            datasets.disable_progress_bars()
             summary = runner.validate(recipe)
             print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
             return 0

@@ -165,6 +165,9 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
     if value is None:
         return None
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if isinstance(value, bool) and bool not in args and Any not in args:
+        # YAML 1.1 reads an unquoted `no`/`off` as False: `eval_strategy: no` means the string "no".
+        return "no" if value is False else "yes"
     if bool in args:
         if isinstance(value, bool):
             return value

@@ -206,6 +206,7 @@ def train(recipe: Recipe) -> dict:
     if eval_ds is not None:
         metrics["eval"] = trainer.evaluate()
     trainer.save_model(str(out))
+    trainer.create_model_card(model_name=out.name)  # Trainer only writes one at checkpoints or on push
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

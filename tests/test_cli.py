@@ -1,0 +1,144 @@
+"""The `alignkit` command: recipes, overrides, outputs, W&B offline, and one clear error per bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+
+
+def _recipe(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.splitlines()[-1].startswith("alignkit: error:"), err  # one line, the last
+    return errors[0]
+
+
+BASE = "method: fdpo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\nbf16: false\n"
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    err = _error(capsys, ["validate", _recipe(tmp_path, "method: fdpo\nmodel: {name_or_path: x\n beta: [1,\n")])
+    assert "malformed YAML at line" in err
+
+
+def test_unknown_key_names_the_closest(tmp_path, capsys):
+    err = _error(capsys, ["validate", _recipe(tmp_path, BASE + "learning_rte: 1e-3\n")])
+    assert "unknown key 'learning_rte'" in err and "Did you mean 'learning_rate'?" in err
+    err = _error(capsys, ["validate", _recipe(tmp_path, BASE.replace("dataset: builtin:sentiment",
+                                                                    "dataset: {name: builtin:sentiment, eval_splt: test}"))])
+    assert "dataset.eval_splt" in err and "'eval_split'" in err
+
+
+def test_missing_dataset_columns(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"question": "q", "good": "a", "bad": "b"}) for _ in range(4)))
+    recipe = BASE.replace("dataset: builtin:sentiment", f"dataset: {{name: {data}}}")
+    err = _error(capsys, ["validate", _recipe(tmp_path, recipe)])
+    assert "missing column(s) ['chosen', 'rejected']" in err and "columns:" in err
+    # and the fix the message suggests works
+    fixed = recipe.replace(f"{{name: {data}}}", f"{{name: {data}, columns: {{prompt: question, chosen: good, rejected: bad}}}}")
+    assert main(["validate", _recipe(tmp_path, fixed, "fixed.yaml")]) == 0
+
+
+@pytest.mark.parametrize("alpha", ["0", "1", "1.5", "-0.1"])
+def test_alpha_outside_open_interval(tmp_path, capsys, alpha):
+    err = _error(capsys, ["validate", _recipe(tmp_path, BASE + f"divergence: alpha\nalpha: {alpha}\n")])
+    assert "strictly between 0 and 1" in err
+
+
+def test_total_variation_is_refused_with_the_reason(tmp_path, capsys):
+    err = _error(capsys, ["validate", _recipe(tmp_path, BASE + "divergence: total_variation\n")])
+    assert "Theorem 1" in err and "0 is in the domain of f'" in err
+
+
+def test_more_bad_inputs(tmp_path, capsys):
+    assert "does not exist" in _error(capsys, ["train", str(tmp_path / "nope.yaml")])
+    assert "unknown method 'fdp'" in _error(capsys, ["validate", _recipe(tmp_path, BASE.replace("fdpo", "fdp"))])
+    assert "beta must be a number" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "beta: lots\n")])
+    assert "f_divergence_type" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "f_divergence_type: forward_kl\n")])
+    assert "expected key=value" in _error(capsys, ["validate", QUICKSTART, "--set", "beta"])
+    assert "unknown key 'peft.rank'" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "peft: {rank: 4}\n")])
+
+
+def test_validate_and_set_overrides(capsys):
+    assert main(["validate", QUICKSTART, "--set", "divergence=forward_kl", "--set", "dataset.max_train_samples=10"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "train_examples=10" in out
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    from alignkit.recipes import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, BASE + "learning_rate: 5e-4\n"))  # YAML 1.1 reads this as a string
+    assert recipe.build_config().learning_rate == 5e-4
+
+
+def test_train_quickstart_writes_model_recipe_metrics_and_learns(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", QUICKSTART, "--set", f"output_dir={out}", "--set", "max_steps=24", "--set", "eval_steps=24",
+                 "--set", "dataset.builtin_kwargs={num_samples: 384}"])
+    assert code == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "alignkit_recipe.yaml", "metrics.json", "README.md"):
+        assert (out / name).exists(), name
+    recipe = yaml.safe_load((out / "alignkit_recipe.yaml").read_text())
+    assert recipe["max_steps"] == 24 and recipe["divergence"] == "jsd"
+    metrics = json.loads((out / "metrics.json").read_text())
+    evals = [e for e in metrics["log_history"] if "eval_rewards/accuracies" in e]
+    assert evals[0]["eval_rewards/accuracies"] < 0.5 < evals[-1]["eval_rewards/accuracies"]  # it learned
+    card = (out / "README.md").read_text()
+    assert "f-DPO" in card and "divergence: `jsd`" in card and "method: fdpo" in card
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_wandb_without_api_key_goes_offline(tmp_path, capsys, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    code = main(["train", QUICKSTART, "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "report_to=wandb",
+                 "--set", "eval_strategy=no", "--set", "eval_on_start=false", "--set", "wandb={project: alignkit-test}"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "logged offline" in err and "wandb sync" in err
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs, list(out.rglob("*"))
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    bad = _recipe(tmp_path, BASE + "divergence: alpha\nalpha: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", bad], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "strictly between 0 and 1" in proc.stderr
+    help_ = subprocess.run([sys.executable, "-m", "alignkit.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "alignkit train" in help_.stdout
+
+
+def test_unquoted_no_is_the_string_no(tmp_path):
+    from alignkit.recipes import load_recipe
+
+    config = load_recipe(_recipe(tmp_path, BASE + "save_strategy: no\neval_strategy: no\n")).build_config()
+    assert config.save_strategy == "no" and config.eval_strategy == "no"
