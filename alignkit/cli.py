@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 EXIT_USAGE = 2
 
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Deprecation chatter from inside transformers/torch that a recipe user cannot act on.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true", category=UserWarning)
     try:
         from . import runner
         from .recipes import load_recipe

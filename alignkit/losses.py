@@ -119,3 +119,52 @@ def preference_ece(
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return (acc_sum - conf_sum).abs().sum() / p.numel()
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-sample preference optimisation (thesis chapter 3, SPEC.md section 2)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupStats:
+    """Per-row statistics of the per-completion scores of one side (chosen or rejected)."""
+
+    mean: torch.Tensor  # (rows,)
+    var: torch.Tensor  # (rows,) Bessel-corrected sample variance; 0 for a group of one
+    count: torch.Tensor  # (rows,)
+
+
+def group_stats(scores: torch.Tensor, row_index: torch.Tensor, num_rows: int) -> GroupStats:
+    """Mean and Bessel-corrected variance of ``scores`` grouped by ``row_index`` (ragged groups).
+
+    ``scores`` and ``row_index`` are flat (one entry per completion). Every row must have at least one
+    completion. Differentiable in ``scores``.
+    """
+    count = torch.zeros(num_rows, dtype=scores.dtype, device=scores.device).index_add_(
+        0, row_index, torch.ones_like(scores))
+    if (count == 0).any():
+        raise ValueError("every row needs at least one completion on each side")
+    mean = torch.zeros(num_rows, dtype=scores.dtype, device=scores.device).index_add_(0, row_index, scores) / count
+    centred = scores - mean[row_index]
+    ss = torch.zeros_like(mean).index_add_(0, row_index, centred * centred)
+    var = torch.where(count > 1, ss / (count - 1).clamp(min=1), torch.zeros_like(ss))
+    return GroupStats(mean=mean, var=var, count=count)
+
+
+def mdpo_loss(chosen: GroupStats, rejected: GroupStats, beta: float) -> torch.Tensor:
+    """mDPO, per row: ``-log sigma(beta * (mean_w h - mean_l h))`` (biased, low variance)."""
+    return -F.logsigmoid(beta * (chosen.mean - rejected.mean))
+
+
+def mipo_loss(chosen: GroupStats, rejected: GroupStats, beta: float, unbiased: bool = True) -> torch.Tensor:
+    """mIPO, per row (Proposition 1): ``(mean_w - mean_l - 1/(2 beta))^2 - s_w^2/n - s_l^2/m``.
+
+    With ``unbiased=True`` this is an unbiased estimate of ``(E_w h - E_l h - c)^2``; it can be negative.
+    A group of one contributes no variance term. ``unbiased=False`` gives the naive (biased) square.
+    ``beta`` plays the role of IPO's ``tau``, as in TRL.
+    """
+    sq = (chosen.mean - rejected.mean - 1.0 / (2.0 * beta)) ** 2
+    if not unbiased:
+        return sq
+    return sq - chosen.var / chosen.count - rejected.var / rejected.count

@@ -210,6 +210,12 @@ def train(recipe: Recipe) -> dict:
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        evals = [e for e in trainer.state.log_history if "eval_rewards/accuracies" in e]
+        if len(evals) >= 2:
+            first, last = evals[0], evals[-1]
+            _info(f"eval reward accuracy {first['eval_rewards/accuracies']:.2f} (step {first['step']}) -> "
+                  f"{last['eval_rewards/accuracies']:.2f} (step {last['step']}); eval loss "
+                  f"{first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
         _info(f"saved model, tokenizer, recipe and metrics.json to {out}")
         if wandb_dir:
             runs = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")), key=os.path.getmtime)

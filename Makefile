@@ -1,0 +1,36 @@
+# alignkit: two commands on a fresh machine.
+#   make demo   set up .venv and run the embedded default (recipes/quickstart.yaml), offline
+#   make test   set up .venv and run the test suite
+# GPU users: install your own torch first, or `make demo TORCH_SPEC=` to keep the torch you have.
+PYTHON     ?= python3
+VENV       ?= .venv
+# A CPU wheel of torch 2.13.0 is on disk on our machines; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.alignkit-installed
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+# DeepSpeed compiles its ops at first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/alignkit train recipes/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/fdpo_vs_trl.py
+
+clean:
+	rm -rf outputs .pytest_cache
