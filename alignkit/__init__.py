@@ -2,12 +2,19 @@
 
 Public API::
 
-    from alignkit import FDPOConfig, FDPOTrainer
+    from alignkit import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
 """
 
 __version__ = "0.1.0"
 
 from .divergences import get_divergence
-from .trainers import FDPOConfig, FDPOTrainer
+from .trainers import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
 
-__all__ = ["FDPOConfig", "FDPOTrainer", "get_divergence", "__version__"]
+__all__ = [
+    "FDPOConfig",
+    "FDPOTrainer",
+    "MultiSampleDPOConfig",
+    "MultiSampleDPOTrainer",
+    "get_divergence",
+    "__version__",
+]

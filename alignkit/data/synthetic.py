@@ -68,7 +68,33 @@ def sentiment(split: str = "train", num_samples: int | None = None, seed: int = 
     return Dataset.from_list([_sentiment_row(rng, items, conversational) for _ in range(n)])
 
 
-BUILTIN_DATASETS = {"sentiment": sentiment}
+def sentiment_groups(split: str = "train", num_samples: int | None = None, seed: int = 0, n_chosen: int | list = 2,
+                     n_rejected: int | list = 2, conversational: bool = False) -> Dataset:
+    """Group rows of the sentiment task: ``n_chosen`` praising and ``n_rejected`` panning completions.
+
+    ``n_chosen``/``n_rejected`` may be lists, cycled over rows, to get group sizes that vary by row.
+    """
+    pairs = sentiment(split, num_samples=num_samples, seed=seed, conversational=conversational)
+    rng = random.Random(f"sentiment-groups-{split}-{seed}")
+    sizes_c = n_chosen if isinstance(n_chosen, list) else [n_chosen]
+    sizes_r = n_rejected if isinstance(n_rejected, list) else [n_rejected]
+    rows = []
+    for i, row in enumerate(pairs):
+        item = next(it for it in ITEMS if it in (row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][0]["content"]))
+
+        def sample(words, k):
+            out = []
+            for _ in range(k):
+                text = rng.choice(COMPLETIONS).format(item=item, a=rng.choice(words), b=rng.choice(words))
+                out.append([{"role": "assistant", "content": text}] if conversational else text)
+            return out
+
+        rows.append({"prompt": row["prompt"], "chosen": sample(POSITIVE, sizes_c[i % len(sizes_c)]),
+                     "rejected": sample(NEGATIVE, sizes_r[i % len(sizes_r)])})
+    return Dataset.from_list(rows)
+
+
+BUILTIN_DATASETS = {"sentiment": sentiment, "sentiment_groups": sentiment_groups}
 
 
 def builtin_dataset_names() -> list[str]:

@@ -16,9 +16,6 @@ from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_lo
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
 
-# Batch keys that are not model inputs (TRL's collator and reference precompute add them).
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-
 
 @dataclass
 class FDPOConfig(DPOConfig):
@@ -156,16 +153,19 @@ class FDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
+    #: batch keys that are not model inputs (TRL's collator and reference precompute add them)
+    _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+
     def _forward_logps(self, model, inputs) -> dict[str, Any]:
         """Policy forward (fused LM head) and reference log-probs, summed over completion tokens."""
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         completion_mask = inputs["completion_mask"]
         shift_mask = completion_mask[..., 1:]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        outputs = self._policy_forward(model, model_kwargs, labels)
         seq_len = shift_mask.size(1)
         # prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens
         per_token_logps = outputs.log_probs[:, -seq_len:]
@@ -173,8 +173,7 @@ class FDPOTrainer(DPOTrainer):
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.dtype)
         else:
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_logps = torch.cat(self.compute_ref_log_probs(ref_model, inputs))
+            ref_logps = self._reference_logps(model_kwargs, completion_mask)
         return {
             "outputs": outputs,
             "model_kwargs": model_kwargs,
@@ -184,6 +183,17 @@ class FDPOTrainer(DPOTrainer):
             "ref_logps": ref_logps,
             "lengths": completion_mask.sum(dim=1).to(logps.dtype),
         }
+
+    def _policy_forward(self, model, model_kwargs, labels):
+        return model(**model_kwargs, labels=labels, fused_lm_head=True)
+
+    def _reference_logps(self, model_kwargs, completion_mask) -> torch.Tensor:
+        """Reference log-probs of every sequence, through TRL's `compute_ref_log_probs` (which handles a
+        separate reference model, and a PEFT model with its adapter disabled)."""
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        ref_inputs = {k: v for k, v in model_kwargs.items() if k not in ("use_cache", "output_router_logits")}
+        ref_inputs["completion_mask"] = completion_mask
+        return torch.cat(self.compute_ref_log_probs(ref_model, ref_inputs))
 
     def _fdpo_loss(self, fwd, inputs):
         """Eq. 2.2 (and the other link-compatible losses) for a batch laid out as [chosen, rejected]."""

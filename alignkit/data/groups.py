@@ -1,0 +1,172 @@
+"""Group preference data for mDPO / mIPO (thesis chapter 3, SPEC.md section 2).
+
+A group row holds one ``prompt``, a list of ``chosen`` completions and a list of ``rejected``
+completions, plain text or conversational (lists of chat messages). The two groups may differ in size,
+and sizes may vary from row to row.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from datasets import Dataset
+
+from .validation import DatasetError
+
+__all__ = [
+    "validate_group_dataset",
+    "groups_from_pairs",
+    "groups_from_scored",
+    "DataCollatorForGroupPreference",
+]
+
+
+def _kind(value) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return "conversational"
+    return type(value).__name__
+
+
+def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | None = None) -> None:
+    """Check a group preference dataset; raise :class:`DatasetError` naming the row and the fix."""
+    names = list(dataset.column_names or [])
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in names]
+    if missing:
+        raise DatasetError(
+            f"{where} is missing column(s) {missing}; it has {names}. A group preference dataset has 'prompt', "
+            "'chosen' (a list of completions) and 'rejected' (a list of completions); map other names with "
+            "dataset.columns in a recipe."
+        )
+    if len(dataset) == 0:
+        raise DatasetError(f"{where} is empty.")
+    rows = dataset if check_rows is None else dataset.select(range(min(check_rows, len(dataset))))
+    first_kind = None
+    for i, row in enumerate(rows):
+        prompt_kind = _kind(row["prompt"])
+        if prompt_kind not in ("text", "conversational"):
+            raise DatasetError(f"{where}, row {i}: 'prompt' must be a string or a list of chat messages.")
+        for side in ("chosen", "rejected"):
+            group = row[side]
+            if isinstance(group, str) or (isinstance(group, list) and group and isinstance(group[0], dict)):
+                raise DatasetError(
+                    f"{where}, row {i}: {side!r} must be a list of completions (a group), got a single completion. "
+                    f"Wrap it in a list ([...]) or use FDPOTrainer for pairs."
+                )
+            if not isinstance(group, list):
+                raise DatasetError(f"{where}, row {i}: {side!r} must be a list of completions, got {type(group).__name__}.")
+            if len(group) == 0:
+                raise DatasetError(f"{where}, row {i}: the {side} group is empty; every group needs at least one completion.")
+            kinds = {_kind(c) for c in group}
+            if not kinds <= {"text", "conversational"}:
+                raise DatasetError(f"{where}, row {i}: {side!r} holds {sorted(kinds)}; each completion must be a "
+                                   "string or a list of chat messages.")
+            if len(kinds | {prompt_kind}) > 1:
+                raise DatasetError(f"{where}, row {i}: mixes plain text and chat messages ({sorted(kinds | {prompt_kind})}); "
+                                   "use one format for the prompt and every completion.")
+            if prompt_kind == "text" and any(not c.strip() for c in group):
+                raise DatasetError(f"{where}, row {i}: the {side} group holds an empty completion.")
+        first_kind = first_kind or prompt_kind
+        if prompt_kind != first_kind:
+            raise DatasetError(f"{where}, row {i}: is {prompt_kind} but earlier rows are {first_kind}; use one format.")
+
+
+def _key(prompt) -> Any:
+    return prompt if isinstance(prompt, str) else repr(prompt)
+
+
+def groups_from_pairs(pairs: Iterable[dict], dedupe: bool = True) -> Dataset:
+    """Group pair rows (``prompt``, ``chosen``, ``rejected``) that share a prompt into group rows.
+
+    The chosen group of a prompt is every completion that was chosen in one of its pairs, the rejected
+    group every completion that was rejected (duplicates removed unless ``dedupe=False``).
+    """
+    groups: "OrderedDict[Any, dict]" = OrderedDict()
+    for row in pairs:
+        g = groups.setdefault(_key(row["prompt"]), {"prompt": row["prompt"], "chosen": [], "rejected": []})
+        for side in ("chosen", "rejected"):
+            if not dedupe or row[side] not in g[side]:
+                g[side].append(row[side])
+    return Dataset.from_list(list(groups.values()))
+
+
+def groups_from_scored(samples: Iterable[dict], chosen: str | None = None, rejected: str | None = None,
+                       k: int | None = None, score_key: str = "score", source_key: str = "source") -> Dataset:
+    """Build group rows from per-sample generations (``prompt``, ``completion`` and a score or a source).
+
+    * By source (thesis 3.6.4): ``chosen="strong", rejected="weak"`` puts a stronger model's samples in
+      the chosen group and a weaker model's in the rejected group.
+    * By score: without ``chosen``/``rejected``, each prompt's samples are sorted by ``score_key``; the
+      top ``k`` form the chosen group and the bottom ``k`` the rejected group (``k`` defaults to half).
+    Prompts that end up with an empty group are skipped.
+    """
+    by_prompt: "OrderedDict[Any, dict]" = OrderedDict()
+    for s in samples:
+        by_prompt.setdefault(_key(s["prompt"]), {"prompt": s["prompt"], "samples": []})["samples"].append(s)
+    rows = []
+    for entry in by_prompt.values():
+        samples_ = entry["samples"]
+        if chosen is not None or rejected is not None:
+            if chosen is None or rejected is None:
+                raise ValueError("give both `chosen` and `rejected` sources, or neither (to group by score)")
+            w = [s["completion"] for s in samples_ if s[source_key] == chosen]
+            l = [s["completion"] for s in samples_ if s[source_key] == rejected]
+        else:
+            ranked = sorted(samples_, key=lambda s: s[score_key], reverse=True)
+            kk = k if k is not None else len(ranked) // 2
+            w = [s["completion"] for s in ranked[:kk]]
+            l = [s["completion"] for s in ranked[len(ranked) - kk:]] if kk else []
+        if w and l:
+            rows.append({"prompt": entry["prompt"], "chosen": w, "rejected": l})
+    if not rows:
+        raise DatasetError("no prompt has both a chosen and a rejected group; check the sources / scores.")
+    return Dataset.from_list(rows)
+
+
+@dataclass
+class DataCollatorForGroupPreference:
+    """Collate tokenized group rows into one padded batch of every completion of every row.
+
+    Layout (as TRL's pair collator for groups of one): all chosen completions (row by row), then all
+    rejected completions. ``chosen_row_index``/``rejected_row_index`` give each completion's row, so
+    a group is always whole inside a batch: rows, not completions, are what the sampler splits across
+    micro-batches, accumulation steps and ranks.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from trl.trainer.utils import pad
+
+        seqs, masks, rows = {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}
+        for r, ex in enumerate(examples):
+            for side in ("chosen", "rejected"):
+                for comp in ex[f"{side}_ids"]:
+                    seqs[side].append(ex["prompt_ids"] + comp)
+                    masks[side].append([0] * len(ex["prompt_ids"]) + [1] * len(comp))
+                    rows[side].append(r)
+        ids, cmask = seqs["chosen"] + seqs["rejected"], masks["chosen"] + masks["rejected"]
+        if self.max_length is not None:
+            sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            ids, cmask = [x[sl] for x in ids], [m[sl] for m in cmask]
+        out = {
+            "input_ids": pad([torch.tensor(x) for x in ids], padding_value=self.pad_token_id, padding_side="right",
+                             pad_to_multiple_of=self.pad_to_multiple_of),
+            "attention_mask": pad([torch.ones(len(x), dtype=torch.long) for x in ids], padding_value=0,
+                                  padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
+            "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in cmask], padding_value=0,
+                                   padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
+            "chosen_row_index": torch.tensor(rows["chosen"], dtype=torch.long),
+            "rejected_row_index": torch.tensor(rows["rejected"], dtype=torch.long),
+        }
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([v for ex in examples for v in ex["ref_chosen_logps"]])
+            out["ref_rejected_logps"] = torch.tensor([v for ex in examples for v in ex["ref_rejected_logps"]])
+        return out

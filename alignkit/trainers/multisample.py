@@ -1,0 +1,288 @@
+"""mDPO / mIPO: preference optimisation over groups of samples (thesis chapter 3, SPEC.md section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from datasets import Dataset, IterableDataset
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.groups import DataCollatorForGroupPreference, validate_group_dataset
+from ..losses import fdpo_scores, group_stats, mdpo_loss, mipo_loss
+from .fdpo import FDPOConfig, FDPOTrainer
+
+__all__ = ["MultiSampleDPOConfig", "MultiSampleDPOTrainer"]
+
+
+@dataclass
+class MultiSampleDPOConfig(FDPOConfig):
+    r"""Configuration for [`MultiSampleDPOTrainer`]: `FDPOConfig` plus the group options.
+
+    `loss_type="sigmoid"` is mDPO, `loss_type="ipo"` is mIPO; every `divergence` of `FDPOConfig` works
+    (the per-completion score is the link `f'(u) - f'(1)`; for `ipo` divided by the completion length,
+    as TRL's IPO does). `per_device_train_batch_size` counts rows (groups), not completions.
+
+    Parameters:
+        unbiased (`bool`, defaults to `True`):
+            mIPO only: subtract `s_w^2/n + s_l^2/m` (Proposition 1). A group of one has no variance term, so
+            with groups of one this is plain IPO. `False` gives the naive, biased square (for ablations).
+        nll_weight (`float`, defaults to `0.0`):
+            Weight of the mean per-token negative log-likelihood of the chosen group (the thesis adds it for
+            stability on the random-number task).
+        completion_sub_batch_size (`int`, *optional*):
+            Run the policy over at most this many completions at a time, recomputing each sub-batch's
+            activations in the backward pass (activation checkpointing). Bounds activation memory by one
+            sub-batch for large groups; the loss and gradients are those of the unsplit batch.
+    """
+
+    unbiased: bool = field(default=True, metadata={"help": "mIPO: use the unbiased (variance-corrected) estimator."})
+    nll_weight: float = field(default=0.0, metadata={"help": "Weight of the NLL of the chosen group."})
+    completion_sub_batch_size: int | None = field(
+        default=None, metadata={"help": "Completions per policy sub-batch (memory bound; same gradients)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in (["sigmoid"], ["ipo"]):
+            raise ValueError(
+                f"MultiSampleDPOTrainer takes loss_type 'sigmoid' (mDPO) or 'ipo' (mIPO), got {self.loss_type}. "
+                "Add an NLL term on the chosen group with nll_weight instead of 'sft'."
+            )
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}.")
+        if self.completion_sub_batch_size is not None and self.completion_sub_batch_size < 1:
+            raise ValueError(f"completion_sub_batch_size must be >= 1, got {self.completion_sub_batch_size}.")
+
+
+class MultiSampleDPOTrainer(FDPOTrainer):
+    """mDPO / mIPO on datasets whose rows hold a prompt, a `chosen` group and a `rejected` group.
+
+    Built on [`FDPOTrainer`] (so on TRL's `DPOTrainer`): the group rows are tokenized like TRL tokenizes
+    pairs, every completion of a micro-batch goes through the model in one forward pass, and the loss is
+    computed per row from the group statistics. Groups of one give exactly DPO (`sigmoid`) and IPO (`ipo`).
+
+    Example:
+        ```python
+        from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
+
+        ds = Dataset.from_list([{"prompt": "Pick a number: ", "chosen": ["3", "7", "1"], "rejected": ["7", "7"]}])
+        args = MultiSampleDPOConfig(output_dir="out", loss_type="ipo", beta=0.1)
+        MultiSampleDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer).train()
+        ```
+    """
+
+    _tag_names = ["trl", "dpo", "alignkit", "mdpo"]
+    _name = "Multi-sample DPO"
+    _paper = {
+        "title": "Multi-sample Preference Optimization for Generative Model Alignment",
+        "id": "2410.12138",
+        "citation": "",
+    }
+    _non_model_keys = FDPOTrainer._non_model_keys | {"chosen_row_index", "rejected_row_index"}
+
+    def __init__(self, model, ref_model=None, args: MultiSampleDPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = MultiSampleDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-mDPO")
+        elif not isinstance(args, MultiSampleDPOConfig):
+            raise TypeError(f"MultiSampleDPOTrainer needs a MultiSampleDPOConfig, got {type(args).__name__}.")
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
+        if data_collator is None:
+            pad_id = processing_class.pad_token_id
+            if pad_id is None:
+                pad_id = processing_class.eos_token_id
+            data_collator = DataCollatorForGroupPreference(
+                pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None)
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         *pargs, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # Replaces DPOTrainer._prepare_dataset: TRL tokenizes one chosen and one rejected string per row;
+    # here each side is a list. Same steps as TRL (EOS for plain text, chat template for conversations,
+    # completion starts at the common prefix of prompt and prompt+completion), using TRL's helpers.
+    # ------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from trl.data_utils import _tokenize, common_prefix_length
+
+        if "prompt_ids" in (dataset.column_names or []):
+            return dataset  # already tokenized (idempotent, as TRL's)
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("MultiSampleDPOTrainer needs a map-style datasets.Dataset (group sizes are checked up front).")
+        validate_group_dataset(dataset, f"{dataset_name} dataset")
+        eos = self._tokenizer.eos_token
+
+        def tokenize(example):
+            conversational = isinstance(example["prompt"], list)
+            prompt_ids = _tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
+            full = {}
+            for side in ("chosen", "rejected"):
+                comps = example[side] if conversational else [c if c.endswith(eos) else c + eos for c in example[side]]
+                full[side] = [_tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
+            prompt_len = min(common_prefix_length(prompt_ids, f) for side in full for f in full[side])
+            return {
+                "prompt_ids": prompt_ids[:prompt_len],
+                "chosen_ids": [f[prompt_len:] for f in full["chosen"]],
+                "rejected_ids": [f[prompt_len:] for f in full["rejected"]],
+            }
+
+        dataset = dataset.map(tokenize, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} groups")
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length,
+                                     desc=f"Dropping fully truncated rows of {dataset_name} dataset")
+        return dataset
+
+    # Replaces DPOTrainer._precompute_ref_logps, which stores one reference log-prob per side and row;
+    # groups need a list per side and row. Every rank computes the whole dataset (no cross-rank gather
+    # of ragged lists); the reference forward is cheap next to training.
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("precompute_ref_log_probs needs a map-style Dataset.")
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        loader = DataLoader(dataset.remove_columns([c for c in dataset.column_names if c not in
+                                                    ("prompt_ids", "chosen_ids", "rejected_ids")]),
+                            batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        chosen, rejected = [], []
+        device = self.accelerator.device
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            kwargs = {k: v for k, v in batch.items() if k not in self._non_model_keys}
+            logps = self._reference_logps(kwargs, batch["completion_mask"]).float().cpu()
+            n_c = batch["chosen_row_index"].numel()
+            for rows, values, out in ((batch["chosen_row_index"].cpu(), logps[:n_c], chosen),
+                                      (batch["rejected_row_index"].cpu(), logps[n_c:], rejected)):
+                for r in range(int(rows.max()) + 1):
+                    out.append(values[rows == r].tolist())
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    def _policy_forward(self, model, model_kwargs, labels):
+        size = self.args.completion_sub_batch_size
+        n = labels.size(0)
+        if size is None or size >= n:
+            return super()._policy_forward(model, model_kwargs, labels)
+
+        def run(input_ids, attention_mask, lab):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=lab, fused_lm_head=True,
+                        use_cache=False)
+            return out.log_probs, out.entropy, out.mean_logits, out.is_top1
+
+        parts = []
+        for start in range(0, n, size):
+            sl = slice(start, start + size)
+            args_ = (model_kwargs["input_ids"][sl], model_kwargs["attention_mask"][sl], labels[sl])
+            if torch.is_grad_enabled():
+                # Activations of this sub-batch are recomputed in the backward pass instead of kept.
+                parts.append(checkpoint(run, *args_, use_reentrant=False))
+            else:
+                parts.append(run(*args_))
+        log_probs, entropy, mean_logits, is_top1 = (torch.cat(p) for p in zip(*parts))
+        return SimpleNamespace(log_probs=log_probs, entropy=entropy, mean_logits=mean_logits, is_top1=is_top1,
+                               aux_loss=None)
+
+    def _reference_logps(self, model_kwargs, completion_mask):
+        size = self.args.completion_sub_batch_size
+        n = completion_mask.size(0)
+        if size is None or size >= n:
+            return super()._reference_logps(model_kwargs, completion_mask)
+        parts = []
+        for start in range(0, n, size):
+            sl = slice(start, start + size)
+            sub = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == n else v)
+                   for k, v in model_kwargs.items()}
+            parts.append(super()._reference_logps(sub, completion_mask[sl]))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------------------------------
+    # The loss (replaces FDPOTrainer._fdpo_loss, which pairs sequence i with sequence B + i).
+    # ------------------------------------------------------------------------------------------
+    def _fdpo_loss(self, fwd, inputs):
+        ci, ri = inputs["chosen_row_index"], inputs["rejected_row_index"]
+        n_c = ci.numel()
+        num_rows = int(ci.max().item()) + 1
+        logratios = fwd["logps"] - fwd["ref_logps"]
+        lengths = fwd["lengths"]
+        s = fdpo_scores(logratios[:n_c], logratios[n_c:], self.divergence, self.args.max_link_exponent)
+        h_c, h_r = s.chosen, s.rejected
+        if self.loss_types[0] == "ipo":  # IPO scores are length-normalised, as in TRL
+            h_c, h_r = h_c / lengths[:n_c].clamp(min=1.0), h_r / lengths[n_c:].clamp(min=1.0)
+        w, l = group_stats(h_c, ci, num_rows), group_stats(h_r, ri, num_rows)
+        if self.loss_types[0] == "sigmoid":
+            per_row = mdpo_loss(w, l, self.beta)
+        else:
+            per_row = mipo_loss(w, l, self.beta, unbiased=self.args.unbiased)
+        loss = per_row.mean() * self.loss_weights[0]
+        if self.args.nll_weight:
+            chosen_mask = fwd["shift_mask"][:n_c].bool()
+            loss = loss + self.args.nll_weight * -fwd["per_token_logps"][:n_c][chosen_mask].mean()
+        stats = {
+            "chosen_logratios": w_mean_of(logratios[:n_c].detach(), ci, num_rows),
+            "rejected_logratios": w_mean_of(logratios[n_c:].detach(), ri, num_rows),
+            "chosen_link": w.mean.detach(),
+            "rejected_link": l.mean.detach(),
+            "num_clamped": s.num_clamped,
+            "chosen_std": w.var.detach().sqrt(),
+            "rejected_std": l.var.detach().sqrt(),
+            "correction": (w.var / w.count + l.var / l.count).detach(),
+            "row_logps": (w_mean_of(fwd["logps"][:n_c].detach(), ci, num_rows),
+                          w_mean_of(fwd["logps"][n_c:].detach(), ri, num_rows)),
+        }
+        return loss, stats
+
+    def _log_step_metrics(self, mode, fwd, inputs, s):
+        # Reuse FDPO's logging on per-row group means (rewards/*, link/*, logps/*, ECE on group means)...
+        n_c = inputs["chosen_row_index"].numel()
+        row_fwd = dict(fwd)
+        row_fwd["logps"] = torch.cat(s["row_logps"])
+        # FDPO's token metrics split the batch in two halves; give it a [chosen; rejected] view of equal size.
+        row_fwd["shift_mask"], row_fwd["outputs"] = _equalise_halves(fwd["shift_mask"], fwd["outputs"], n_c)
+        super()._log_step_metrics(mode, row_fwd, inputs, s)
+        # ...plus the group statistics.
+        gather = self.accelerator.gather_for_metrics
+        extra = gather(torch.stack([self.beta * s["chosen_std"], self.beta * s["rejected_std"], s["correction"]], 1).float())
+        m = self._metrics[mode]
+        m["rewards/chosen_group_std"].append(extra[:, 0].mean().item())
+        m["rewards/rejected_group_std"].append(extra[:, 1].mean().item())
+        m["mipo/variance_correction"].append(extra[:, 2].mean().item())
+        counts = gather(torch.tensor([[inputs["chosen_row_index"].numel(), inputs["rejected_row_index"].numel()]],
+                                     device=extra.device, dtype=torch.float))
+        m["group/chosen_size"].append((counts[:, 0].sum() / max(1, extra.size(0))).item())
+        m["group/rejected_size"].append((counts[:, 1].sum() / max(1, extra.size(0))).item())
+
+
+def w_mean_of(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mean of ``values`` per row."""
+    return group_stats(values, rows, num_rows).mean
+
+
+def _equalise_halves(shift_mask, outputs, n_c):
+    """FDPO's token metrics read the first half of the batch as chosen; with unequal group sizes
+    reorder nothing but pad the smaller side with empty rows so the halves line up."""
+    n = shift_mask.size(0)
+    n_r = n - n_c
+    if n_c == n_r:
+        return shift_mask, outputs
+    k = max(n_c, n_r)
+
+    def split_pad(x, fill):
+        c, r = x[:n_c], x[n_c:]
+        pad_c = x.new_full((k - n_c, *x.shape[1:]), fill)
+        pad_r = x.new_full((k - n_r, *x.shape[1:]), fill)
+        return torch.cat([c, pad_c, r, pad_r])
+
+    mask = split_pad(shift_mask, 0)
+    seq_len = shift_mask.size(1)
+    out = SimpleNamespace(
+        entropy=split_pad(outputs.entropy[:, -seq_len:], 0),
+        mean_logits=split_pad(outputs.mean_logits[:, -seq_len:], 0),
+        is_top1=split_pad(outputs.is_top1[:, -seq_len:], False),
+    )
+    return mask, out

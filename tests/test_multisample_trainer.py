@@ -1,0 +1,104 @@
+"""MultiSampleDPOTrainer: groups of one are TRL's DPO / IPO; groups train, never split; sub-batching."""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
+from alignkit.data.synthetic import sentiment_groups
+from alignkit.data.validation import DatasetError
+from tests.conftest import base_args
+
+
+def _grads_after_one_batch(trainer):
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _as_groups(pairs):
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": [r["chosen"]], "rejected": [r["rejected"]]} for r in pairs])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("conversational", [False, True])
+def test_groups_of_one_equal_trl(loss_type, conversational, make_model, tokenizer, pair_dataset, tmp_path):
+    pairs = pair_dataset(8, conversational=conversational)
+    ours = MultiSampleDPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(),
+                                 args=MultiSampleDPOConfig(**base_args(tmp_path, loss_type=loss_type)),
+                                 train_dataset=_as_groups(pairs), processing_class=tokenizer)
+    trl = DPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(),
+                     args=DPOConfig(**base_args(tmp_path, loss_type=loss_type)), train_dataset=pairs,
+                     processing_class=tokenizer)
+    (l1, g1), (l2, g2) = _grads_after_one_batch(ours), _grads_after_one_batch(trl)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_unequal_and_varying_group_sizes_train_with_accumulation(make_model, tokenizer, tmp_path):
+    ds = sentiment_groups("train", num_samples=24, n_chosen=[1, 3, 2], n_rejected=[4, 1, 2])
+    args = MultiSampleDPOConfig(**base_args(tmp_path, loss_type="ipo", per_device_train_batch_size=3,
+                                            gradient_accumulation_steps=2, max_steps=3, nll_weight=0.1))
+    trainer = MultiSampleDPOTrainer(model=make_model(), ref_model=make_model(), args=args, train_dataset=ds,
+                                    processing_class=tokenizer)
+    # every micro-batch holds whole groups: per row, exactly the completions of that row
+    sizes = {(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset}
+    for batch in trainer.get_train_dataloader():
+        c = torch.bincount(batch["chosen_row_index"]).tolist()
+        r = torch.bincount(batch["rejected_row_index"]).tolist()
+        assert len(c) == len(r) == 3 and set(zip(c, r)) <= sizes
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    for key in ("rewards/chosen_group_std", "mipo/variance_correction", "rewards/accuracies", "group/chosen_size"):
+        assert key in log, key
+
+
+def test_sub_batches_give_the_same_gradients(make_model, tokenizer, tmp_path):
+    ds = sentiment_groups("train", num_samples=4, n_chosen=3, n_rejected=2)
+    results = []
+    for sub in (None, 3):
+        args = MultiSampleDPOConfig(**base_args(tmp_path, loss_type="ipo", per_device_train_batch_size=4,
+                                                completion_sub_batch_size=sub, divergence="jsd"))
+        trainer = MultiSampleDPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(), args=args,
+                                        train_dataset=ds, processing_class=tokenizer)
+        results.append(_grads_after_one_batch(trainer))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_precomputed_reference_with_groups(make_model, tokenizer, tmp_path):
+    ds = sentiment_groups("train", num_samples=6, n_chosen=[2, 1], n_rejected=[1, 3])
+    res = []
+    for pre in (False, True):
+        args = MultiSampleDPOConfig(**base_args(tmp_path / str(pre), precompute_ref_log_probs=pre, per_device_train_batch_size=6))
+        trainer = MultiSampleDPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(), args=args,
+                                        train_dataset=ds, processing_class=tokenizer)
+        res.append(_grads_after_one_batch(trainer)[0])
+    torch.testing.assert_close(res[0], res[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"prompt": "p", "chosen": "a single string", "rejected": ["x"]}, "must be a list of completions"),
+        ({"prompt": "p", "chosen": [], "rejected": ["x"]}, "group is empty"),
+        ({"prompt": "p", "chosen": [[{"role": "assistant", "content": "b"}]],
+          "rejected": [[{"role": "assistant", "content": "c"}]]}, "mixes plain text"),
+    ],
+)
+def test_bad_group_rows(row, match, make_model, tokenizer, tmp_path):
+    with pytest.raises(DatasetError, match=match):
+        MultiSampleDPOTrainer(model=make_model(), ref_model=make_model(), args=MultiSampleDPOConfig(**base_args(tmp_path)),
+                              train_dataset=Dataset.from_list([row]), processing_class=tokenizer)
+
+
+def test_loss_type_restricted(tmp_path):
+    with pytest.raises(ValueError, match="'sigmoid' \\(mDPO\\) or 'ipo' \\(mIPO\\)"):
+        MultiSampleDPOConfig(**base_args(tmp_path, loss_type="hinge"))
