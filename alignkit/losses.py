@@ -115,7 +115,6 @@ def preference_ece(
     correct = (p > 0.5).float()
     conf = torch.maximum(p, 1.0 - p)
     bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
-    counts = torch.bincount(bins, minlength=n_bins).float()
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return (acc_sum - conf_sum).abs().sum() / p.numel()

@@ -37,9 +37,12 @@ class RecipeError(ValueError):
     """A recipe that cannot be run; the message names the problem and the fix."""
 
 
-# method name -> (config class import path, trainer class import path)
-METHODS: dict[str, tuple[str, str]] = {
-    "fdpo": ("alignkit.trainers.fdpo:FDPOConfig", "alignkit.trainers.fdpo:FDPOTrainer"),
+# method name -> (config class, trainer class, dataset validator)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "fdpo": ("alignkit.trainers.fdpo:FDPOConfig", "alignkit.trainers.fdpo:FDPOTrainer",
+             "alignkit.data.validation:validate_preference_dataset"),
+    "mdpo": ("alignkit.trainers.multisample:MultiSampleDPOConfig", "alignkit.trainers.multisample:MultiSampleDPOTrainer",
+             "alignkit.data.groups:validate_group_dataset"),
 }
 
 
@@ -56,6 +59,10 @@ def config_class(method: str):
 
 def trainer_class(method: str):
     return _import(METHODS[method][1])
+
+
+def dataset_validator(method: str):
+    return _import(METHODS[method][2])
 
 
 class _Section(BaseModel):

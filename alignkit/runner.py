@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from .data.synthetic import load_builtin_dataset
-from .data.validation import DatasetError, apply_column_mapping, validate_preference_dataset
+from .data.validation import apply_column_mapping
 from .models import BUILTIN_PREFIX, resolve_model_path
-from .recipes import Recipe, RecipeError, trainer_class
+from .recipes import Recipe, RecipeError, dataset_validator, trainer_class
 
 __all__ = ["load_datasets", "load_model_and_tokenizer", "validate", "train"]
 
@@ -80,9 +80,10 @@ def load_datasets(recipe: Recipe):
         train = train.select(range(min(ds.max_train_samples, len(train))))
     if eval_ is not None and ds.max_eval_samples:
         eval_ = eval_.select(range(min(ds.max_eval_samples, len(eval_))))
-    validate_preference_dataset(train, "train dataset")
+    check = dataset_validator(recipe.method)
+    check(train, "train dataset")
     if eval_ is not None:
-        validate_preference_dataset(eval_, "eval dataset")
+        check(eval_, "eval dataset")
     return train, eval_
 
 

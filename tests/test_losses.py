@@ -1,7 +1,5 @@
 """Pure loss functions: numerical safety, hand-computed values, calibration error."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -102,3 +102,21 @@ def test_bad_group_rows(row, match, make_model, tokenizer, tmp_path):
 def test_loss_type_restricted(tmp_path):
     with pytest.raises(ValueError, match="'sigmoid' \\(mDPO\\) or 'ipo' \\(mIPO\\)"):
         MultiSampleDPOConfig(**base_args(tmp_path, loss_type="hinge"))
+
+
+def test_groups_are_never_split_across_two_data_parallel_processes(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "multisample_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29531", str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
+    assert all(r["whole"] for r in ranks), ranks
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # the ranks really got different rows

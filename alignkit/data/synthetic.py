@@ -1,9 +1,12 @@
 """Built-in synthetic preference tasks, made offline and deterministically from a seed.
 
-``sentiment``
+``sentiment`` (pairs) and ``sentiment_groups`` (groups)
     An IMDB-like task (thesis 2.6.2, synthetic): the prompt asks for a review of an item; the chosen
     completion praises it, the rejected one pans it. The rule (positive words win) generalises to the
     held-out items of the ``test`` split, so a model that learns it shows rising reward accuracy there.
+
+``random_numbers`` (groups)
+    Thesis 3.6.1: uniform random integers in [a, b] are preferred to numbers biased towards a favourite.
 """
 
 from __future__ import annotations
@@ -94,7 +97,51 @@ def sentiment_groups(split: str = "train", num_samples: int | None = None, seed:
     return Dataset.from_list(rows)
 
 
-BUILTIN_DATASETS = {"sentiment": sentiment, "sentiment_groups": sentiment_groups}
+def random_numbers(split: str = "train", num_samples: int | None = None, seed: int = 0, group_size: int = 4,
+                   rejected_group_size: int | None = None, high: int = 1000, favourite_prob: float = 0.75,
+                   conversational: bool = False) -> Dataset:
+    """The random-number task of thesis 3.6.1, as group rows.
+
+    The prompt asks for a uniformly random integer in [a, b]. Train: ``a ~ U[0, high]`` and gap
+    ``b - a ~ U[5, 10]``; test (held-out intervals): any ``a < b`` in [0, high] with a gap outside
+    [5, 10]. The chosen group is ``group_size`` distinct numbers drawn uniformly from [a, b]; the
+    rejected group is biased: each number is the interval's "favourite" (a 7-ending number if there is
+    one, as LLMs favour 7, else the midpoint) with probability ``favourite_prob``, else uniform.
+    Rows also carry ``low``/``high`` for evaluation.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"builtin:random_numbers has splits 'train' and 'test', not {split!r}")
+    n = num_samples if num_samples is not None else (1024 if split == "train" else 100)
+    m = rejected_group_size or group_size
+    rng = random.Random(f"rng-{split}-{seed}")
+    rows = []
+    while len(rows) < n:
+        if split == "train":
+            a = rng.randint(0, high - 10)
+            b = a + rng.randint(5, 10)
+        else:
+            a, b = sorted(rng.sample(range(high + 1), 2))
+            if 5 <= b - a <= 10:
+                continue
+        if b - a + 1 < group_size:
+            continue
+        chosen = [str(x) for x in rng.sample(range(a, b + 1), group_size)]
+        sevens = [x for x in range(a, b + 1) if x % 10 == 7]
+        fav = sevens[0] if sevens else (a + b) // 2
+        rejected = [str(fav if rng.random() < favourite_prob else rng.randint(a, b)) for _ in range(m)]
+        prompt = f"Give me a random integer between {a} and {b}."
+        if conversational:
+            row = {"prompt": [{"role": "user", "content": prompt}],
+                   "chosen": [[{"role": "assistant", "content": c}] for c in chosen],
+                   "rejected": [[{"role": "assistant", "content": r}] for r in rejected]}
+        else:
+            row = {"prompt": prompt + " Answer: ", "chosen": chosen, "rejected": rejected}
+        row.update(low=a, high=b)
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+BUILTIN_DATASETS = {"sentiment": sentiment, "sentiment_groups": sentiment_groups, "random_numbers": random_numbers}
 
 
 def builtin_dataset_names() -> list[str]:

@@ -150,7 +150,6 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         loader = DataLoader(dataset.remove_columns([c for c in dataset.column_names if c not in
                                                     ("prompt_ids", "chosen_ids", "rejected_ids")]),
                             batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        ref_model = self.ref_model if self.ref_model is not None else self.model
         chosen, rejected = [], []
         device = self.accelerator.device
         for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
