@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/fdpo_vs_trl.py
+	$(BIN)/python benchmarks/multisample_vs_trl.py
 
 clean:
 	rm -rf outputs .pytest_cache

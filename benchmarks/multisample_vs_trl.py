@@ -21,18 +21,29 @@ import sys
 from _harness import alternate_steps, cuda, offline_setup, peak_memory_of_training, run_worker, saved_activation_mb
 
 
-def _data(k: int, rows: int):
+def _data(k: int, rows: int, tok=None, prompt_factor: float = 0.0):
     from datasets import Dataset
 
     from alignkit.data.synthetic import sentiment_groups
 
     groups = sentiment_groups("train", num_samples=rows, seed=1, n_chosen=k, n_rejected=k)
+    if prompt_factor:
+        # Lengthen every prompt to about prompt_factor x the mean completion length (in tokens).
+        comp = sum(len(tok(c).input_ids) for g in groups for c in g["chosen"] + g["rejected"]) / (2 * k * len(groups))
+        filler = "Please read the request below and answer it in one short sentence. "
+        per = len(tok(filler).input_ids)
+
+        def lengthen(row):
+            need = prompt_factor * comp - len(tok(row["prompt"]).input_ids)
+            return {"prompt": filler * max(0, round(need / per)) + row["prompt"]}
+
+        groups = groups.map(lengthen)
     pairs = Dataset.from_list([{"prompt": g["prompt"], "chosen": c, "rejected": r}
                                for g in groups for c, r in zip(g["chosen"], g["rejected"])])
     return groups, pairs
 
 
-def _build(opts, kind: str, k: int, steps: int):
+def _build(opts, kind: str, k: int, steps: int, shared_prefix: bool = False, prompt_factor: float = 0.0):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -43,7 +54,7 @@ def _build(opts, kind: str, k: int, steps: int):
     path = opts.model or str(build_tiny_model("small-llama"))
     tok = AutoTokenizer.from_pretrained(path)
     rows_per_step = max(1, opts.completions // (2 * k))
-    groups, pairs = _data(k, rows_per_step * steps)
+    groups, pairs = _data(k, rows_per_step * steps, tok, prompt_factor)
     common = dict(output_dir="/tmp/alignkit-bench", bf16=opts.bf16, report_to=[], save_strategy="no",
                   logging_steps=10_000, disable_tqdm=True, learning_rate=1e-5, seed=0, max_steps=steps,
                   loss_type=opts.loss_type)
@@ -52,7 +63,7 @@ def _build(opts, kind: str, k: int, steps: int):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     if kind == "alignkit":
-        args = MultiSampleDPOConfig(per_device_train_batch_size=rows_per_step, **common)
+        args = MultiSampleDPOConfig(per_device_train_batch_size=rows_per_step, shared_prefix=shared_prefix, **common)
         return MultiSampleDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=groups, processing_class=tok)
     args = DPOConfig(per_device_train_batch_size=rows_per_step * k, **common)
     # keep TRL's pairs in row order so a step sees exactly the completions of the same rows
@@ -78,6 +89,18 @@ def time_worker(opts) -> dict:
     return {**alternate_steps(trainers, batches, opts.warmup), **saved}
 
 
+def prefix_worker(opts) -> dict:
+    """Ours with and without shared_prefix, long prompts: median ms per step of each."""
+    offline_setup(opts.threads)
+    trainers = {name: _build(opts, "alignkit", opts.k, opts.steps, shared_prefix=(name == "shared"),
+                             prompt_factor=opts.prompt_factor) for name in ("unshared", "shared")}
+    batches = {name: _ordered_batches(t) for name, t in trainers.items()}
+    lengths = {"prompt_tokens": sum(len(r["prompt_ids"]) for r in trainers["shared"].train_dataset) / len(trainers["shared"].train_dataset),
+               "completion_tokens": sum(len(c) for r in trainers["shared"].train_dataset for c in r["chosen_ids"] + r["rejected_ids"])
+               / sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainers["shared"].train_dataset)}
+    return {**alternate_steps(trainers, batches, opts.warmup), **lengths}
+
+
 def memory_worker(opts) -> dict:
     offline_setup(opts.threads)
     return {"peak_mb": peak_memory_of_training(_build(opts, opts.trainer, opts.k, opts.memory_steps))}
@@ -95,13 +118,15 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--prefix-k", type=int, default=4, help="group size for the shared-prefix comparison (0: skip)")
+    p.add_argument("--prompt-factor", type=float, default=4.0, help="prompt length / completion length there")
+    p.add_argument("--worker", choices=["time", "memory", "prefix"], help=argparse.SUPPRESS)
     p.add_argument("--trainer", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, help=argparse.SUPPRESS)
     p.add_argument("--loss-type", help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.worker:
-        result = time_worker(opts) if opts.worker == "time" else memory_worker(opts)
+        result = {"time": time_worker, "memory": memory_worker, "prefix": prefix_worker}[opts.worker](opts)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -136,6 +161,14 @@ def main():
     print("act = tensors saved for backward in one step (deterministic); peak = CUDA peak, or on a CPU the peak "
           "RSS rise during training (varies +-3% between processes, shown for reference)")
     print(f"\nworst ratio: {worst:.3f} (target <= 1.05)")
+
+    if opts.prefix_k:
+        print(f"\nshared_prefix, k={opts.prefix_k}, prompts ~{opts.prompt_factor:g}x the completions ...", file=sys.stderr)
+        r = run_worker(__file__, ["--worker", "prefix", "--k", str(opts.prefix_k), "--loss-type", "ipo",
+                                  "--prompt-factor", str(opts.prompt_factor), *common])
+        print(f"\nmIPO k={opts.prefix_k}, prompt {r['prompt_tokens']:.0f} tokens, completion {r['completion_tokens']:.1f} "
+              f"tokens (mean): without shared_prefix {r['unshared']:.1f} ms/step, with {r['shared']:.1f} ms/step, "
+              f"speed-up {r['unshared'] / r['shared']:.2f}x (target >= 1.5x)")
 
 
 if __name__ == "__main__":

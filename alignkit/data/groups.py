@@ -170,3 +170,87 @@ class DataCollatorForGroupPreference:
             out["ref_chosen_logps"] = torch.tensor([v for ex in examples for v in ex["ref_chosen_logps"]])
             out["ref_rejected_logps"] = torch.tensor([v for ex in examples for v in ex["ref_rejected_logps"]])
         return out
+
+
+@dataclass
+class DataCollatorForSharedPrefixGroups:
+    """Pack each row so its prompt is computed once for the whole group (`shared_prefix=True`).
+
+    Row layout: ``prompt[:-1]``, then one segment ``[prompt[-1], *completion]`` per completion (chosen
+    first, then rejected). A 4D attention mask lets each segment see the shared prompt and itself only,
+    and position ids restart every segment at ``len(prompt) - 1``, so each completion is scored in
+    exactly the context it has in the unshared layout, while the prompt's tokens are processed once
+    instead of once per completion. The repeated ``prompt[-1]`` token carries the prediction of each
+    completion's first token.
+
+    Besides the model inputs it returns, per completion (chosen then rejected, row by row as
+    :class:`DataCollatorForGroupPreference`), its row (``completion_row``) and its token positions in
+    the packed row (``completion_positions``, ``completion_token_mask``).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows_ids, rows_pos, rows_seg, rows_cmask = [], [], [], []
+        comps = {"chosen": [], "rejected": []}  # (row, positions)
+        for r, ex in enumerate(examples):
+            prompt = ex["prompt_ids"]
+            if len(prompt) == 0:
+                raise ValueError("shared_prefix needs a non-empty prompt in every row")
+            ids, pos, seg, cmask = list(prompt[:-1]), list(range(len(prompt) - 1)), [-1] * (len(prompt) - 1), [0] * (len(prompt) - 1)
+            s = 0
+            for side in ("chosen", "rejected"):
+                for comp in ex[f"{side}_ids"]:
+                    if self.max_length is not None:
+                        comp = comp[: max(0, self.max_length - len(prompt))]
+                    start = len(ids)
+                    ids += [prompt[-1], *comp]
+                    pos += list(range(len(prompt) - 1, len(prompt) + len(comp)))
+                    seg += [s] * (len(comp) + 1)
+                    cmask += [0] + [1] * len(comp)
+                    comps[side].append((r, list(range(start + 1, start + 1 + len(comp)))))
+                    s += 1
+            rows_ids.append(ids)
+            rows_pos.append(pos)
+            rows_seg.append(seg)
+            rows_cmask.append(cmask)
+        length = max(len(x) for x in rows_ids)
+        n_rows = len(examples)
+        input_ids = torch.full((n_rows, length), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, length), dtype=torch.long)
+        seg = torch.full((n_rows, length), -2, dtype=torch.long)  # -2 padding, -1 shared prompt, k segment k
+        completion_mask = torch.zeros((n_rows, length), dtype=torch.long)
+        for r in range(n_rows):
+            n = len(rows_ids[r])
+            input_ids[r, :n] = torch.tensor(rows_ids[r])
+            position_ids[r, :n] = torch.tensor(rows_pos[r])
+            seg[r, :n] = torch.tensor(rows_seg[r])
+            completion_mask[r, :n] = torch.tensor(rows_cmask[r])
+        q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & (k != -2) & (q != -2) & ((k == -1) | (k == q))
+        allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+        all_comps = comps["chosen"] + comps["rejected"]
+        cmax = max(len(p) for _, p in all_comps)
+        positions = torch.zeros((len(all_comps), cmax), dtype=torch.long)
+        token_mask = torch.zeros((len(all_comps), cmax), dtype=torch.long)
+        for i, (_, p) in enumerate(all_comps):
+            positions[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            token_mask[i, : len(p)] = 1
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": allowed.unsqueeze(1),
+            "position_ids": position_ids,
+            "completion_mask": completion_mask,
+            "chosen_row_index": torch.tensor([r for r, _ in comps["chosen"]], dtype=torch.long),
+            "rejected_row_index": torch.tensor([r for r, _ in comps["rejected"]], dtype=torch.long),
+            "completion_row": torch.tensor([r for r, _ in all_comps], dtype=torch.long),
+            "completion_positions": positions,
+            "completion_token_mask": token_mask,
+            "packed_lengths": torch.tensor([len(x) for x in rows_ids], dtype=torch.long),
+        }
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([v for ex in examples for v in ex["ref_chosen_logps"]])
+            out["ref_rejected_logps"] = torch.tensor([v for ex in examples for v in ex["ref_rejected_logps"]])
+        return out

@@ -182,6 +182,7 @@ class FDPOTrainer(DPOTrainer):
             "logps": logps,
             "ref_logps": ref_logps,
             "lengths": completion_mask.sum(dim=1).to(logps.dtype),
+            "num_input_tokens": inputs["attention_mask"].sum(),
         }
 
     def _policy_forward(self, model, model_kwargs, labels):
@@ -258,7 +259,7 @@ class FDPOTrainer(DPOTrainer):
                 rejected_mask.sum().float(),
                 (top1_c & chosen_mask).sum().float(),
                 s["num_clamped"].float().to(mask.device),
-                inputs["attention_mask"].sum().float(),
+                fwd["num_input_tokens"].float(),
             ]
         )
         sums = gather(sums.unsqueeze(0)).sum(0).tolist()

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.groups import DataCollatorForGroupPreference, validate_group_dataset
+from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
 from ..losses import fdpo_scores, group_stats, mdpo_loss, mipo_loss
 from .fdpo import FDPOConfig, FDPOTrainer
 
@@ -33,6 +33,12 @@ class MultiSampleDPOConfig(FDPOConfig):
         nll_weight (`float`, defaults to `0.0`):
             Weight of the mean per-token negative log-likelihood of the chosen group (the thesis adds it for
             stability on the random-number task).
+        shared_prefix (`bool`, defaults to `False`):
+            Process each prompt once per group instead of once per completion: each row is packed as the
+            prompt followed by one segment per completion, with a 4D attention mask that lets a segment see
+            the prompt and itself only. Same loss and gradients as the unshared layout (to float
+            rounding); pays off when prompts are long next to completions. Needs an attention
+            implementation that takes a custom 4D mask (`sdpa` or `eager`, not flash-attention).
         completion_sub_batch_size (`int`, *optional*):
             Run the policy over at most this many completions at a time, recomputing each sub-batch's
             activations in the backward pass (activation checkpointing). Bounds activation memory by one
@@ -43,6 +49,8 @@ class MultiSampleDPOConfig(FDPOConfig):
     nll_weight: float = field(default=0.0, metadata={"help": "Weight of the NLL of the chosen group."})
     completion_sub_batch_size: int | None = field(
         default=None, metadata={"help": "Completions per policy sub-batch (memory bound; same gradients)."})
+    shared_prefix: bool = field(
+        default=False, metadata={"help": "Compute each prompt once per group (packed rows, 4D attention mask)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,6 +63,10 @@ class MultiSampleDPOConfig(FDPOConfig):
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}.")
         if self.completion_sub_batch_size is not None and self.completion_sub_batch_size < 1:
             raise ValueError(f"completion_sub_batch_size must be >= 1, got {self.completion_sub_batch_size}.")
+        if self.shared_prefix and self.completion_sub_batch_size is not None:
+            raise ValueError("shared_prefix and completion_sub_batch_size cannot be combined yet; use one of them.")
+        if self.shared_prefix and self.padding_free:
+            raise ValueError("shared_prefix packs rows itself; set padding_free: false.")
 
 
 class MultiSampleDPOTrainer(FDPOTrainer):
@@ -81,7 +93,9 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         "id": "2410.12138",
         "citation": "",
     }
-    _non_model_keys = FDPOTrainer._non_model_keys | {"chosen_row_index", "rejected_row_index"}
+    _non_model_keys = FDPOTrainer._non_model_keys | {"chosen_row_index", "rejected_row_index", "completion_row",
+                                                     "completion_positions", "completion_token_mask",
+                                                     "packed_lengths"}
 
     def __init__(self, model, ref_model=None, args: MultiSampleDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *pargs, **kwargs):
@@ -98,11 +112,19 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             pad_id = processing_class.pad_token_id
             if pad_id is None:
                 pad_id = processing_class.eos_token_id
+            if args.shared_prefix:
+                data_collator = DataCollatorForSharedPrefixGroups(pad_token_id=pad_id, max_length=args.max_length)
+        if data_collator is None:
             data_collator = DataCollatorForGroupPreference(
                 pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *pargs, **kwargs)
+        if args.shared_prefix:
+            impl = self.accelerator.unwrap_model(self.model).config._attn_implementation
+            if impl not in ("sdpa", "eager"):
+                raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager' (custom 4D masks); the "
+                                 f"model uses {impl!r}. Load it with attn_implementation='sdpa' or drop shared_prefix.")
 
     # ------------------------------------------------------------------------------------------
     # Replaces DPOTrainer._prepare_dataset: TRL tokenizes one chosen and one rejected string per row;
@@ -154,14 +176,86 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         device = self.accelerator.device
         for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
             batch = {k: v.to(device) for k, v in batch.items()}
-            kwargs = {k: v for k, v in batch.items() if k not in self._non_model_keys}
-            logps = self._reference_logps(kwargs, batch["completion_mask"]).float().cpu()
+            logps = self._batch_reference_logps(batch).float().cpu()
             n_c = batch["chosen_row_index"].numel()
             for rows, values, out in ((batch["chosen_row_index"].cpu(), logps[:n_c], chosen),
                                       (batch["rejected_row_index"].cpu(), logps[n_c:], rejected)):
                 for r in range(int(rows.max()) + 1):
                     out.append(values[rows == r].tolist())
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    def _batch_reference_logps(self, inputs) -> torch.Tensor:
+        if self.args.shared_prefix:
+            return self._shared_prefix_reference(inputs)
+        kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
+        return self._reference_logps(kwargs, inputs["completion_mask"])
+
+    def _forward_logps(self, model, inputs):
+        if not self.args.shared_prefix:
+            return super()._forward_logps(model, inputs)
+        # Packed layout (see DataCollatorForSharedPrefixGroups): one forward per row, then each
+        # completion's tokens are gathered back into a [completions, tokens] layout so the loss and the
+        # metrics are those of the unshared path.
+        outputs = self._packed_forward(model, inputs, self.model_outputs)
+        per_token_logps, unpacked = self._unpack(inputs, outputs)
+        mask = inputs["completion_token_mask"]
+        logps = per_token_logps.sum(dim=1)
+        if self.precompute_ref_logps:
+            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.dtype)
+        else:
+            ref_logps = self._shared_prefix_reference(inputs)
+        return {
+            "outputs": unpacked,
+            "model_kwargs": {},
+            "per_token_logps": per_token_logps,
+            "shift_mask": mask,
+            "logps": logps,
+            "ref_logps": ref_logps,
+            "lengths": mask.sum(dim=1).to(logps.dtype),
+            "num_input_tokens": inputs["packed_lengths"].sum(),
+        }
+
+    model_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+    def _packed_forward(self, model, inputs, fields):
+        mask = inputs["attention_mask"]
+        if self.accelerator.unwrap_model(self.model).config._attn_implementation == "eager":
+            dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
+                    labels=labels, fused_lm_head=True, use_cache=False)
+        return {f: getattr(out, f) for f in fields}
+
+    @staticmethod
+    def _unpack(inputs, packed):
+        """[rows, L-1] per-token fields (aligned with the next-token labels) -> [completions, tokens]."""
+        rows, pos, mask = inputs["completion_row"], inputs["completion_positions"], inputs["completion_token_mask"]
+        idx = (pos - 1).clamp(min=0)  # the prediction of the token at position t is output t - 1
+
+        def take(x, fill=0):
+            return x[rows.unsqueeze(1), idx].masked_fill(mask == 0, fill)
+
+        log_probs = take(packed["log_probs"])
+        rest = {k: take(v, False if v.dtype == torch.bool else 0) for k, v in packed.items()
+                if k != "log_probs" and v is not None}
+        return log_probs, SimpleNamespace(log_probs=log_probs, aux_loss=None, **rest)
+
+    def _shared_prefix_reference(self, inputs) -> torch.Tensor:
+        from accelerate.utils import is_peft_model
+        from trl.models.utils import disable_gradient_checkpointing
+        from trl.trainer.utils import use_adapter
+        import contextlib
+
+        model = self.ref_model if self.ref_model is not None else self.model
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            packed = self._packed_forward(model, inputs, ("log_probs",))
+        return self._unpack(inputs, packed)[0].sum(dim=1)
 
     def _policy_forward(self, model, model_kwargs, labels):
         size = self.args.completion_sub_batch_size
