@@ -22,7 +22,8 @@ examples:
   alignkit validate recipes/quickstart.yaml --set model.dtype=bfloat16
 
 A recipe is YAML: `method`, `model`, `dataset` and optional `peft` and `wandb` sections, and any field
-of the method's TRL config class at the top level (for fdpo: DPOConfig fields plus divergence/alpha).
+of the method's config class at the top level (fdpo: DPOConfig fields plus divergence/alpha; mdpo: those
+plus unbiased/nll_weight/shared_prefix/completion_sub_batch_size).
 See README.md for the format.
 """
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="alignkit",
-        description="Robust preference alignment on top of TRL: f-DPO (more methods to come).",
+        description="Robust preference alignment on top of TRL: f-DPO (method: fdpo), mDPO/mIPO (method: mdpo).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import textwrap
+
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
 
 from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
 from ..losses import fdpo_scores, group_stats, mdpo_loss, mipo_loss
@@ -89,9 +95,16 @@ class MultiSampleDPOTrainer(FDPOTrainer):
     _tag_names = ["trl", "dpo", "alignkit", "mdpo"]
     _name = "Multi-sample DPO"
     _paper = {
-        "title": "Multi-sample Preference Optimization for Generative Model Alignment",
+        "title": "Preference Optimization with Multi-Sample Comparisons",
         "id": "2410.12138",
-        "citation": "",
+        "citation": textwrap.dedent("""\
+            @article{wang2024preference,
+                title   = {{Preference Optimization with Multi-Sample Comparisons}},
+                author  = {Chaoqi Wang and Zhuokai Zhao and Chen Zhu and Karthik Abinav Sankararaman and Michal Valko
+                           and Xuefei Cao and Zhaorun Chen and Madian Khabsa and Yuxin Chen and Hao Ma and Sinong Wang},
+                journal = {arXiv preprint arXiv:2410.12138},
+                year    = 2024,
+            }"""),
     }
     _non_model_keys = FDPOTrainer._non_model_keys | {"chosen_row_index", "rejected_row_index", "completion_row",
                                                      "completion_positions", "completion_token_mask",
@@ -242,11 +255,6 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         return log_probs, SimpleNamespace(log_probs=log_probs, aux_loss=None, **rest)
 
     def _shared_prefix_reference(self, inputs) -> torch.Tensor:
-        from accelerate.utils import is_peft_model
-        from trl.models.utils import disable_gradient_checkpointing
-        from trl.trainer.utils import use_adapter
-        import contextlib
-
         model = self.ref_model if self.ref_model is not None else self.model
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
