@@ -3,18 +3,32 @@
 Public API::
 
     from alignkit import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
+
+The names load lazily (importing TRL takes seconds), so `alignkit --help` and `import alignkit` are fast.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .divergences import get_divergence
-from .trainers import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
+_LAZY = {
+    "FDPOConfig": ".trainers.fdpo",
+    "FDPOTrainer": ".trainers.fdpo",
+    "MultiSampleDPOConfig": ".trainers.multisample",
+    "MultiSampleDPOTrainer": ".trainers.multisample",
+    "get_divergence": ".divergences",
+}
 
-__all__ = [
-    "FDPOConfig",
-    "FDPOTrainer",
-    "MultiSampleDPOConfig",
-    "MultiSampleDPOTrainer",
-    "get_divergence",
-    "__version__",
-]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alignkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -142,3 +142,22 @@ def test_unquoted_no_is_the_string_no(tmp_path):
 
     config = load_recipe(_recipe(tmp_path, BASE + "save_strategy: no\neval_strategy: no\n")).build_config()
     assert config.save_strategy == "no" and config.eval_strategy == "no"
+
+
+def test_lora_recipe_trains_and_saves_an_adapter(tmp_path):
+    out = tmp_path / "lora"
+    recipe = str(ROOT / "recipes" / "fdpo-alpha-lora.yaml")
+    code = main(["train", recipe, "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "save_strategy=no",
+                 "--set", "eval_strategy=no", "--set", "dataset.builtin_kwargs={conversational: true, num_samples: 32}"])
+    assert code == 0
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert "alpha=0.3" in (out / "README.md").read_text()
+
+
+def test_mipo_recipe_trains(tmp_path):
+    out = tmp_path / "mipo"
+    code = main(["train", str(ROOT / "recipes" / "mipo-rng.yaml"), "--set", f"output_dir={out}", "--set", "max_steps=2",
+                 "--set", "eval_strategy=no", "--set", "dataset.builtin_kwargs={num_samples: 32}"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("mipo/variance_correction" in e for e in metrics["log_history"])

@@ -123,8 +123,8 @@ class FDPOTrainer(DPOTrainer):
             args = FDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-fDPO")
         elif not isinstance(args, FDPOConfig):
             raise TypeError(
-                f"FDPOTrainer needs an FDPOConfig, got {type(args).__name__}. Build one with "
-                "FDPOConfig(**your_dpo_config.to_dict(), divergence=...)."
+                f"FDPOTrainer needs an FDPOConfig, got {type(args).__name__}. Build an FDPOConfig with the "
+                "arguments you gave DPOConfig, plus divergence=... (FDPOConfig is a DPOConfig subclass)."
             )
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
