@@ -117,3 +117,14 @@ def test_trainer_wants_an_fdpo_config(make_model, tokenizer, pair_dataset, tmp_p
     with pytest.raises(TypeError, match="needs an FDPOConfig"):
         FDPOTrainer(model=make_model(), args=DPOConfig(output_dir=str(tmp_path), bf16=False), train_dataset=pair_dataset(4),
                     processing_class=tokenizer)
+
+
+def test_empty_conversation_is_rejected(make_model, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from alignkit.data.validation import DatasetError, validate_preference_dataset
+
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "chosen": [],
+                             "rejected": [{"role": "assistant", "content": "no"}]}])
+    with pytest.raises(DatasetError, match="'chosen'"):
+        validate_preference_dataset(ds)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from datasets import Dataset
 
-from .validation import DatasetError
+from .validation import DatasetError, value_kind
 
 __all__ = [
     "validate_group_dataset",
@@ -22,14 +22,6 @@ __all__ = [
     "groups_from_scored",
     "DataCollatorForGroupPreference",
 ]
-
-
-def _kind(value) -> str:
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return "conversational"
-    return type(value).__name__
 
 
 def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | None = None) -> None:
@@ -47,7 +39,7 @@ def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | No
     rows = dataset if check_rows is None else dataset.select(range(min(check_rows, len(dataset))))
     first_kind = None
     for i, row in enumerate(rows):
-        prompt_kind = _kind(row["prompt"])
+        prompt_kind = value_kind(row["prompt"])
         if prompt_kind not in ("text", "conversational"):
             raise DatasetError(f"{where}, row {i}: 'prompt' must be a string or a list of chat messages.")
         for side in ("chosen", "rejected"):
@@ -61,7 +53,7 @@ def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | No
                 raise DatasetError(f"{where}, row {i}: {side!r} must be a list of completions, got {type(group).__name__}.")
             if len(group) == 0:
                 raise DatasetError(f"{where}, row {i}: the {side} group is empty; every group needs at least one completion.")
-            kinds = {_kind(c) for c in group}
+            kinds = {value_kind(c) for c in group}
             if not kinds <= {"text", "conversational"}:
                 raise DatasetError(f"{where}, row {i}: {side!r} holds {sorted(kinds)}; each completion must be a "
                                    "string or a list of chat messages.")

@@ -26,11 +26,14 @@ def apply_column_mapping(dataset, columns: dict[str, str] | None, where: str = "
     return dataset.rename_columns(rename) if rename else dataset
 
 
-def _kind(value) -> str:
+def value_kind(value) -> str:
+    """``"text"`` for a string, ``"conversational"`` for a non-empty list of chat messages, else the type name."""
     if isinstance(value, str):
         return "text"
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return "conversational"
+    if isinstance(value, list) and not value:
+        return "empty list"
     return type(value).__name__
 
 
@@ -56,11 +59,11 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
     cols = [c for c in ("prompt", *required) if c in names]
     rows = dataset.select(range(min(check_rows, len(dataset)))) if isinstance(dataset, Dataset) else dataset.take(check_rows)
     for i, row in enumerate(rows):
-        kinds = {c: _kind(row[c]) for c in cols}
+        kinds = {c: value_kind(row[c]) for c in cols}
         bad = {c: k for c, k in kinds.items() if k not in ("text", "conversational")}
         if bad:
             raise DatasetError(
-                f"{where}, row {i}: column(s) {bad} must hold a string or a list of chat messages "
+                f"{where}, row {i}: column(s) {bad} must hold a string or a non-empty list of chat messages "
                 "({'role': ..., 'content': ...})."
             )
         if len(set(kinds.values())) > 1:

@@ -117,15 +117,27 @@ class FDPOTrainer(DPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, ref_model=None, args: FDPOConfig | None = None, *pargs, **kwargs):
+    #: the config class this trainer takes, and the suffix of its default output_dir
+    config_class = FDPOConfig
+    _config_with_article = "an FDPOConfig"
+    _default_run_suffix = "fDPO"
+
+    @classmethod
+    def _resolve_args(cls, model, args):
+        """`args`, or a default config named after the model (as TRL does); refuse a plain DPOConfig."""
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = FDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-fDPO")
-        elif not isinstance(args, FDPOConfig):
+            return cls.config_class(f"{str(name).rstrip('/').split('/')[-1]}-{cls._default_run_suffix}")
+        if not isinstance(args, cls.config_class):
             raise TypeError(
-                f"FDPOTrainer needs an FDPOConfig, got {type(args).__name__}. Build an FDPOConfig with the "
-                "arguments you gave DPOConfig, plus divergence=... (FDPOConfig is a DPOConfig subclass)."
+                f"{cls.__name__} needs {cls._config_with_article}, got {type(args).__name__}. Build "
+                f"{cls._config_with_article} with the arguments you gave {type(args).__name__} (it is a DPOConfig "
+                "subclass)."
             )
+        return args
+
+    def __init__(self, model, ref_model=None, args: FDPOConfig | None = None, *pargs, **kwargs):
+        args = self._resolve_args(model, args)
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None

@@ -92,6 +92,9 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         ```
     """
 
+    config_class = MultiSampleDPOConfig
+    _config_with_article = "a MultiSampleDPOConfig"
+    _default_run_suffix = "mDPO"
     _tag_names = ["trl", "dpo", "alignkit", "mdpo"]
     _name = "Multi-sample DPO"
     _paper = {
@@ -112,11 +115,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
 
     def __init__(self, model, ref_model=None, args: MultiSampleDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *pargs, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = MultiSampleDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-mDPO")
-        elif not isinstance(args, MultiSampleDPOConfig):
-            raise TypeError(f"MultiSampleDPOTrainer needs a MultiSampleDPOConfig, got {type(args).__name__}.")
+        args = self._resolve_args(model, args)
         if processing_class is None:
             from transformers import AutoTokenizer
 
