@@ -1,0 +1,56 @@
+"""Spurious attributes: extractors, binning (quantile, equal-width, categorical, joint), persistence, errors."""
+
+import pytest
+import torch
+
+from alignkit.data.attributes import AttributeBinner, AttributeSpec, extract_attribute
+from alignkit.data.validation import DatasetError
+
+
+def test_quantile_bins_are_balanced_and_equal_width_bins_are_even():
+    vals = [float(v) for v in range(100)]
+    q = AttributeBinner([AttributeSpec("len", n_bins=4)]).fit([vals])
+    ids = q.transform([vals])
+    assert torch.bincount(ids).tolist() == [25, 25, 25, 25]
+    skewed = [1.0] * 90 + [float(v) for v in range(10, 20)]
+    ew = AttributeBinner([AttributeSpec("len", n_bins=2, binning="equal_width")]).fit([skewed])
+    assert ew.fitted[0].edges == [10.0]  # midpoint of [1, 19]
+    assert torch.bincount(ew.transform([skewed])).tolist() == [90, 10]
+
+
+def test_categorical_and_joint_bins():
+    age = [20, 30, 20, 40]
+    gender = ["f", "m", "x", "f"]
+    b = AttributeBinner([AttributeSpec("age", kind="categorical"), AttributeSpec("gender")]).fit([age, gender])
+    assert b.n_bins == 3 * 3
+    assert b.transform([age, gender]).tolist() == [0 * 3 + 0, 1 * 3 + 1, 0 * 3 + 2, 2 * 3 + 0]
+    with pytest.raises(DatasetError, match="did not have"):
+        b.transform([[20], ["nb"]])
+
+
+def test_extractors():
+    rows = [{"completion": "Yes, you are right. It is 4."}, {"completion": "It is 5."}]
+    assert extract_attribute(AttributeSpec("length:chars"), rows) == [28, 8]
+    assert extract_attribute(AttributeSpec(r"regex:(?i)you are right"), rows) == [1, 0]
+    chat = [{"completion": [{"role": "assistant", "content": "abc"}]}]
+    assert extract_attribute(AttributeSpec("length"), chat) == [3]
+    with pytest.raises(DatasetError, match="not in the dataset"):
+        extract_attribute(AttributeSpec("age"), rows)
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        AttributeSpec("regex:([")
+
+
+def test_warnings_for_degenerate_attributes():
+    with pytest.warns(UserWarning, match="fewer than n_bins"):
+        b = AttributeBinner([AttributeSpec("len", n_bins=10)]).fit([[1, 2, 3, 1, 2]])
+    assert b.n_bins == 3  # one bin per value
+    with pytest.warns(UserWarning, match="regex never matches"):
+        AttributeBinner([AttributeSpec("regex:xyz")]).fit([[0, 0, 0]])
+
+
+def test_bins_are_saved_and_loaded(tmp_path):
+    vals = [float(v) for v in range(50)]
+    b = AttributeBinner([AttributeSpec("len", n_bins=5)]).fit([vals])
+    b.save(tmp_path)
+    loaded = AttributeBinner.load(tmp_path)
+    assert loaded.transform([vals]).tolist() == b.transform([vals]).tolist()
