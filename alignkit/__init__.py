@@ -3,6 +3,7 @@
 Public API::
 
     from alignkit import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
+    from alignkit import CausalRewardConfig, CausalRewardTrainer
 
 The names load lazily (importing TRL takes seconds), so `alignkit --help` and `import alignkit` are fast.
 """
@@ -16,6 +17,8 @@ _LAZY = {
     "FDPOTrainer": ".trainers.fdpo",
     "MultiSampleDPOConfig": ".trainers.multisample",
     "MultiSampleDPOTrainer": ".trainers.multisample",
+    "CausalRewardConfig": ".trainers.causal_reward",
+    "CausalRewardTrainer": ".trainers.causal_reward",
     "get_divergence": ".divergences",
 }
 

@@ -1,6 +1,14 @@
 """Trainers: thin subclasses of TRL's trainers. Each module holds a Config and a Trainer."""
 
+from .causal_reward import CausalRewardConfig, CausalRewardTrainer
 from .fdpo import FDPOConfig, FDPOTrainer
 from .multisample import MultiSampleDPOConfig, MultiSampleDPOTrainer
 
-__all__ = ["FDPOConfig", "FDPOTrainer", "MultiSampleDPOConfig", "MultiSampleDPOTrainer"]
+__all__ = [
+    "CausalRewardConfig",
+    "CausalRewardTrainer",
+    "FDPOConfig",
+    "FDPOTrainer",
+    "MultiSampleDPOConfig",
+    "MultiSampleDPOTrainer",
+]

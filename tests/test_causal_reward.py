@@ -1,0 +1,100 @@
+"""CausalRewardTrainer: mmd_coef 0 is TRL's RewardTrainer; the penalty trains, logs and saves its bins."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from alignkit.data.validation import DatasetError
+from alignkit.trainers.causal_reward import BinBalancedSampler, CausalRewardConfig, CausalRewardTrainer
+from tests.conftest import base_args
+
+
+@pytest.fixture
+def reward_model(tiny_model_path):
+    def _make(num_labels=1):
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=num_labels)
+    return _make
+
+
+def _grads(trainer):
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_mmd_coef_zero_is_trl_reward_trainer(reward_model, tokenizer, pair_dataset, tmp_path):
+    ds = pair_dataset(8)
+    ours = CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, mmd_coef=0.0)),
+                               train_dataset=ds, processing_class=tokenizer)
+    trl = RewardTrainer(model=reward_model(), args=RewardConfig(**base_args(tmp_path)), train_dataset=ds,
+                        processing_class=tokenizer)
+    (l1, g1), (l2, g2) = _grads(ours), _grads(trl)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("conditional,mmd_on", [(False, "reward"), (True, "reward"), (False, "hidden")])
+def test_penalty_trains_logs_and_saves_bins(conditional, mmd_on, reward_model, tokenizer, pair_dataset, tmp_path):
+    args = CausalRewardConfig(**base_args(tmp_path, mmd_coef=1.0, attributes=["length:chars"], num_bins=4,
+                                          conditional=conditional, mmd_on=mmd_on, max_steps=3))
+    trainer = CausalRewardTrainer(model=reward_model(), args=args, train_dataset=pair_dataset(32),
+                                  processing_class=tokenizer)
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert "mmd/penalty" in log and log["mmd/bins_used"] >= 2 and "mmd/spearman_reward_bin" in log
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "alignkit_attribute_bins.json").exists()
+
+
+def test_penalty_changes_the_gradient(reward_model, tokenizer, pair_dataset, tmp_path):
+    ds = pair_dataset(16)
+    res = []
+    for coef in (0.0, 5.0):
+        args = CausalRewardConfig(**base_args(tmp_path, mmd_coef=coef, attributes=["length:chars"], num_bins=2,
+                                              bin_balanced_sampler=False, per_device_train_batch_size=16))
+        res.append(_grads(CausalRewardTrainer(model=reward_model(), args=args, train_dataset=ds,
+                                              processing_class=tokenizer)))
+    # the penalty enters the loss (its unbiased estimate may be negative when rewards ignore Z, as at init)
+    assert abs(res[1][0] - res[0][0]) > 1e-4
+    assert any((res[0][1][k] - res[1][1][k]).abs().max() > 1e-6 for k in res[0][1])
+
+
+def test_bin_balanced_sampler_covers_bins_twice():
+    bins = [0] * 50 + [1] * 30 + [2] * 15 + [3] * 5
+    order = list(BinBalancedSampler(bins, batch_size=8, seed=0))
+    assert len(order) == len(bins)
+    for start in range(0, len(order) - 8 + 1, 8):
+        counts = {}
+        for i in order[start:start + 8]:
+            counts[bins[i]] = counts.get(bins[i], 0) + 1
+        assert all(c >= 2 for c in counts.values()) and len(counts) >= 2
+
+
+def test_bad_inputs(reward_model, tokenizer, pair_dataset, tmp_path):
+    with pytest.raises(DatasetError, match="not in the dataset"):
+        CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, attributes=["age"])),
+                            train_dataset=pair_dataset(8), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="num_labels=2"):
+        CausalRewardTrainer(model=reward_model(2), args=CausalRewardConfig(**base_args(tmp_path)),
+                            train_dataset=pair_dataset(8), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="mmd_on"):
+        CausalRewardConfig(**base_args(tmp_path, mmd_on="logits"))
+    with pytest.warns(UserWarning, match="regex never matches"):
+        CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, attributes=["regex:zzzq"])),
+                            train_dataset=pair_dataset(8), processing_class=tokenizer)
+
+
+def test_per_completion_attribute_columns(reward_model, tokenizer, tmp_path):
+    ds = Dataset.from_list([{"prompt": "q ", "chosen": "a", "rejected": "b", "chosen_polite": i % 2,
+                             "rejected_polite": (i + 1) % 2} for i in range(8)])
+    trainer = CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, attributes=["polite"])),
+                                  train_dataset=ds, processing_class=tokenizer)
+    assert trainer.binner.n_bins == 2
+    assert trainer.train_dataset["chosen_z_bin"] == [i % 2 for i in range(8)]
