@@ -43,7 +43,11 @@ METHODS: dict[str, tuple[str, str, str]] = {
              "alignkit.data.validation:validate_preference_dataset"),
     "mdpo": ("alignkit.trainers.multisample:MultiSampleDPOConfig", "alignkit.trainers.multisample:MultiSampleDPOTrainer",
              "alignkit.data.groups:validate_group_dataset"),
+    "crm": ("alignkit.trainers.causal_reward:CausalRewardConfig", "alignkit.trainers.causal_reward:CausalRewardTrainer",
+            "alignkit.data.validation:validate_preference_dataset"),
 }
+#: methods that train a reward model (AutoModelForSequenceClassification, one output, no reference model)
+REWARD_MODEL_METHODS = {"crm"}
 
 
 def _import(path: str):
@@ -143,7 +147,7 @@ class Recipe:
         from peft import LoraConfig
 
         kwargs = dict(self.peft)
-        kwargs.setdefault("task_type", "CAUSAL_LM")
+        kwargs.setdefault("task_type", "SEQ_CLS" if self.method in REWARD_MODEL_METHODS else "CAUSAL_LM")
         kwargs.setdefault("target_modules", "all-linear")
         try:
             return LoraConfig(**kwargs)

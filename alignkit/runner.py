@@ -11,7 +11,7 @@ from pathlib import Path
 from .data.synthetic import load_builtin_dataset
 from .data.validation import apply_column_mapping
 from .models import BUILTIN_PREFIX, resolve_model_path
-from .recipes import Recipe, RecipeError, dataset_validator, trainer_class
+from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, dataset_validator, trainer_class
 
 __all__ = ["load_datasets", "load_model_and_tokenizer", "validate", "train"]
 
@@ -90,7 +90,7 @@ def load_datasets(recipe: Recipe):
 def load_model_and_tokenizer(recipe: Recipe, weights: bool = True):
     """Policy, reference (or None) and tokenizer. With ``weights=False`` only configs are loaded."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     m = recipe.model
     path = resolve_model_path(m.name_or_path)
@@ -106,7 +106,13 @@ def load_model_and_tokenizer(recipe: Recipe, weights: bool = True):
         kwargs = dict(common, dtype=dtype)
         if m.attn_implementation:
             kwargs["attn_implementation"] = m.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if recipe.method in REWARD_MODEL_METHODS:
+            if m.ref_name_or_path:
+                raise RecipeError(f"model.ref_name_or_path: method {recipe.method!r} trains a reward model and uses no "
+                                  "reference model; remove it.")
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         ref = None
         if m.ref_name_or_path:
             ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.ref_name_or_path), **kwargs)
@@ -191,8 +197,11 @@ def train(recipe: Recipe) -> dict:
     wandb_dir = setup_wandb(recipe, config)
     model, ref, tokenizer = load_model_and_tokenizer(recipe)
     trainer_cls = trainer_class(recipe.method)
-    trainer = trainer_cls(model=model, ref_model=ref, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, peft_config=peft_config)
+    kwargs = dict(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  peft_config=peft_config)
+    if recipe.method not in REWARD_MODEL_METHODS:
+        kwargs["ref_model"] = ref
+    trainer = trainer_cls(**kwargs)
     trainer.alignkit_recipe = recipe.to_yaml()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,12 +220,12 @@ def train(recipe: Recipe) -> dict:
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        evals = [e for e in trainer.state.log_history if "eval_rewards/accuracies" in e]
+        key = "eval_accuracy" if recipe.method in REWARD_MODEL_METHODS else "eval_rewards/accuracies"
+        evals = [e for e in trainer.state.log_history if key in e]
         if len(evals) >= 2:
             first, last = evals[0], evals[-1]
-            _info(f"eval reward accuracy {first['eval_rewards/accuracies']:.2f} (step {first['step']}) -> "
-                  f"{last['eval_rewards/accuracies']:.2f} (step {last['step']}); eval loss "
-                  f"{first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
+            _info(f"eval (preference) accuracy {first[key]:.2f} (step {first['step']}) -> {last[key]:.2f} "
+                  f"(step {last['step']}); eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
         _info(f"saved model, tokenizer, recipe and metrics.json to {out}")
         if wandb_dir:
             runs = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")), key=os.path.getmtime)

@@ -54,3 +54,30 @@ def test_bins_are_saved_and_loaded(tmp_path):
     b.save(tmp_path)
     loaded = AttributeBinner.load(tmp_path)
     assert loaded.transform([vals]).tolist() == b.transform([vals]).tolist()
+
+
+def test_sycophancy_task_rates_and_splits():
+    from alignkit.data.synthetic import SYCOPHANTIC_PREFIX, sycophancy
+
+    train = sycophancy("train", num_samples=2000)
+    pc = sum(train["chosen_sycophantic"]) / len(train)
+    pr = sum(train["rejected_sycophantic"]) / len(train)
+    assert abs(pc - 0.8) < 0.03 and abs(pr - 0.2) < 0.03
+    assert all(r["chosen"].startswith(SYCOPHANTIC_PREFIX) == bool(r["chosen_sycophantic"]) for r in train)
+    anti = sycophancy("test_anti", num_samples=50)
+    assert all(not r["chosen"].startswith(SYCOPHANTIC_PREFIX) and r["rejected"].startswith(SYCOPHANTIC_PREFIX)
+               for r in anti)
+    # the attribute, read by the binner from the per-completion columns
+    spec = AttributeSpec("sycophantic")
+    rows = [dict(r, sycophantic=r["chosen_sycophantic"]) for r in anti]
+    assert set(extract_attribute(spec, rows)) == {0}
+
+
+def test_length_task_correlation_and_splits():
+    from alignkit.data.synthetic import length_bias
+
+    train = length_bias("train", num_samples=2000)
+    longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in train) / len(train)
+    assert abs(longer - 0.8) < 0.03
+    anti = length_bias("test_anti", num_samples=100)
+    assert all(len(r["chosen"]) < len(r["rejected"]) for r in anti)

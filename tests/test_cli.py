@@ -161,3 +161,15 @@ def test_mipo_recipe_trains(tmp_path):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert any("mipo/variance_correction" in e for e in metrics["log_history"])
+
+
+def test_crm_recipe_trains_a_reward_model_and_saves_its_bins(tmp_path):
+    out = tmp_path / "crm"
+    code = main(["train", str(ROOT / "recipes" / "crm-length.yaml"), "--set", f"output_dir={out}", "--set", "max_steps=2",
+                 "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+                 "--set", "dataset.builtin_kwargs={num_samples: 64}"])
+    assert code == 0
+    assert (out / "alignkit_attribute_bins.json").exists()
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
