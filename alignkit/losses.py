@@ -134,6 +134,15 @@ class GroupStats:
     count: torch.Tensor  # (rows,)
 
 
+def group_mean(values: torch.Tensor, row_index: torch.Tensor, num_rows: int,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` per row (``row_index`` gives each value's row)."""
+    if count is None:
+        count = torch.zeros(num_rows, dtype=values.dtype, device=values.device).index_add_(
+            0, row_index, torch.ones_like(values))
+    return torch.zeros(num_rows, dtype=values.dtype, device=values.device).index_add_(0, row_index, values) / count
+
+
 def group_stats(scores: torch.Tensor, row_index: torch.Tensor, num_rows: int) -> GroupStats:
     """Mean and Bessel-corrected variance of ``scores`` grouped by ``row_index`` (ragged groups).
 
@@ -144,7 +153,7 @@ def group_stats(scores: torch.Tensor, row_index: torch.Tensor, num_rows: int) ->
         0, row_index, torch.ones_like(scores))
     if (count == 0).any():
         raise ValueError("every row needs at least one completion on each side")
-    mean = torch.zeros(num_rows, dtype=scores.dtype, device=scores.device).index_add_(0, row_index, scores) / count
+    mean = group_mean(scores, row_index, num_rows, count)
     centred = scores - mean[row_index]
     ss = torch.zeros_like(mean).index_add_(0, row_index, centred * centred)
     var = torch.where(count > 1, ss / (count - 1).clamp(min=1), torch.zeros_like(ss))

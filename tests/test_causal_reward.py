@@ -98,3 +98,16 @@ def test_per_completion_attribute_columns(reward_model, tokenizer, tmp_path):
                                   train_dataset=ds, processing_class=tokenizer)
     assert trainer.binner.n_bins == 2
     assert trainer.train_dataset["chosen_z_bin"] == [i % 2 for i in range(8)]
+
+
+def test_spearman_with_ties_matches_hand_computation():
+    from alignkit.trainers.causal_reward import _spearman
+
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])
+    b = torch.tensor([1.0, 3.0, 2.0, 4.0, 4.0])
+    # average ranks: a -> [0, 1.5, 1.5, 3, 4], b -> [0, 2, 1, 3.5, 3.5]; Pearson of the ranks
+    ra, rb = torch.tensor([0, 1.5, 1.5, 3, 4]), torch.tensor([0, 2, 1, 3.5, 3.5])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    assert _spearman(a, b) == pytest.approx((ra @ rb / (ra.norm() * rb.norm())).item(), abs=1e-6)
+    assert _spearman(a, torch.ones(5)) == 0.0
+    assert _spearman(torch.arange(6.0), -torch.arange(6.0)) == pytest.approx(-1.0)

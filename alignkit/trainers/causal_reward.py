@@ -20,7 +20,7 @@ from trl import RewardConfig, RewardTrainer
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
 from ..losses import binned_mmd_penalty
-from ._common import default_precision_for_this_machine
+from ._common import ConfigResolverMixin, default_precision_for_this_machine
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
 
@@ -130,21 +130,20 @@ class _CollatorWithBins:
         return out
 
 
-class CausalRewardTrainer(RewardTrainer):
+class CausalRewardTrainer(ConfigResolverMixin, RewardTrainer):
     """Drop-in replacement for TRL's `RewardTrainer` that makes the reward independent of a spurious
     attribute with an MMD penalty. Everything but the penalty is TRL's (data preparation, collator,
     loss, metrics, saving); the fitted attribute bins are saved next to the model."""
 
+    config_class = CausalRewardConfig
+    _config_with_article = "a CausalRewardConfig"
+    _default_run_suffix = "CRM"
     _tag_names = ["trl", "reward-trainer", "alignkit", "causal-reward-model"]
     _name = "Causal reward model"
 
     def __init__(self, model, args: CausalRewardConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, *pargs, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = CausalRewardConfig(f"{str(name).rstrip('/').split('/')[-1]}-CRM")
-        elif not isinstance(args, CausalRewardConfig):
-            raise TypeError(f"CausalRewardTrainer needs a CausalRewardConfig, got {type(args).__name__}.")
+        args = self._resolve_args(model, args)
         self.binner: AttributeBinner | None = None
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
         self.data_collator = _CollatorWithBins(self.data_collator)
@@ -160,7 +159,10 @@ class CausalRewardTrainer(RewardTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _attribute_values(self, dataset, processing_class, args):
-        rows = dataset.to_list()
+        names = dataset.column_names
+        needed = {"chosen", "rejected"} | {c for a in args.attributes for c in (a, f"chosen_{a}", f"rejected_{a}")
+                                           if c in names}
+        rows = dataset.select_columns([c for c in names if c in needed]).to_list()
         tok = processing_class if any(a == "length" or a == "length:tokens" for a in args.attributes) else None
         per_side = {}
         for side in ("chosen", "rejected"):
@@ -241,15 +243,15 @@ class CausalRewardTrainer(RewardTrainer):
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (average ranks for ties); 0 when either side is constant."""
     def rank(x):
-        order = x.argsort()
+        sorted_x, order = x.sort()
+        _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0)
+        average = (ends - counts + ends - 1).to(x.dtype) / 2  # mean of the 0-based positions of each tie run
         r = torch.empty_like(x)
-        r[order] = torch.arange(x.numel(), dtype=x.dtype, device=x.device)
-        for v in torch.unique(x):  # average ties
-            sel = x == v
-            r[sel] = r[sel].mean()
+        r[order] = average[inverse]
         return r
 
-    ra, rb = rank(a), rank(b)
+    ra, rb = rank(a.float()), rank(b.float())
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = (ra.norm() * rb.norm()).item()
     return float((ra @ rb).item() / denom) if denom > 0 else 0.0

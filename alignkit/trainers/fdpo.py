@@ -11,7 +11,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
-from ._common import default_precision_for_this_machine
+from ._common import ConfigResolverMixin, default_precision_for_this_machine
 from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
@@ -86,7 +86,7 @@ def _trl_to_ours(name: str) -> str:
     return {"js_divergence": "jsd", "alpha_divergence": "alpha"}.get(name, name)
 
 
-class FDPOTrainer(DPOTrainer):
+class FDPOTrainer(ConfigResolverMixin, DPOTrainer):
     """Drop-in replacement for TRL's `DPOTrainer` that trains under any f-divergence of Theorem 1.
 
     Everything but the loss is TRL's: dataset preparation, the collator, the fused LM head, reference
@@ -121,20 +121,6 @@ class FDPOTrainer(DPOTrainer):
     config_class = FDPOConfig
     _config_with_article = "an FDPOConfig"
     _default_run_suffix = "fDPO"
-
-    @classmethod
-    def _resolve_args(cls, model, args):
-        """`args`, or a default config named after the model (as TRL does); refuse a plain DPOConfig."""
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            return cls.config_class(f"{str(name).rstrip('/').split('/')[-1]}-{cls._default_run_suffix}")
-        if not isinstance(args, cls.config_class):
-            raise TypeError(
-                f"{cls.__name__} needs {cls._config_with_article}, got {type(args).__name__}. Build "
-                f"{cls._config_with_article} with the arguments you gave {type(args).__name__} (it is a DPOConfig "
-                "subclass)."
-            )
-        return args
 
     def __init__(self, model, ref_model=None, args: FDPOConfig | None = None, *pargs, **kwargs):
         args = self._resolve_args(model, args)

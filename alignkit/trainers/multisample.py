@@ -18,7 +18,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
-from ..losses import fdpo_scores, group_stats, mdpo_loss, mipo_loss
+from ..losses import fdpo_scores, group_mean, group_stats, mdpo_loss, mipo_loss
 from .fdpo import FDPOConfig, FDPOTrainer
 
 __all__ = ["MultiSampleDPOConfig", "MultiSampleDPOTrainer"]
@@ -324,16 +324,16 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             chosen_mask = fwd["shift_mask"][:n_c].bool()
             loss = loss + self.args.nll_weight * -fwd["per_token_logps"][:n_c][chosen_mask].mean()
         stats = {
-            "chosen_logratios": w_mean_of(logratios[:n_c].detach(), ci, num_rows),
-            "rejected_logratios": w_mean_of(logratios[n_c:].detach(), ri, num_rows),
+            "chosen_logratios": group_mean(logratios[:n_c].detach(), ci, num_rows),
+            "rejected_logratios": group_mean(logratios[n_c:].detach(), ri, num_rows),
             "chosen_link": w.mean.detach(),
             "rejected_link": l.mean.detach(),
             "num_clamped": s.num_clamped,
             "chosen_std": w.var.detach().sqrt(),
             "rejected_std": l.var.detach().sqrt(),
             "correction": (w.var / w.count + l.var / l.count).detach(),
-            "row_logps": (w_mean_of(fwd["logps"][:n_c].detach(), ci, num_rows),
-                          w_mean_of(fwd["logps"][n_c:].detach(), ri, num_rows)),
+            "row_logps": (group_mean(fwd["logps"][:n_c].detach(), ci, num_rows),
+                          group_mean(fwd["logps"][n_c:].detach(), ri, num_rows)),
         }
         return loss, stats
 
@@ -356,11 +356,6 @@ class MultiSampleDPOTrainer(FDPOTrainer):
                                      device=extra.device, dtype=torch.float))
         m["group/chosen_size"].append((counts[:, 0].sum() / max(1, extra.size(0))).item())
         m["group/rejected_size"].append((counts[:, 1].sum() / max(1, extra.size(0))).item())
-
-
-def w_mean_of(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Mean of ``values`` per row."""
-    return group_stats(values, rows, num_rows).mean
 
 
 def _equalise_halves(shift_mask, outputs, n_c):
