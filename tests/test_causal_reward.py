@@ -111,3 +111,34 @@ def test_spearman_with_ties_matches_hand_computation():
     assert _spearman(a, b) == pytest.approx((ra @ rb / (ra.norm() * rb.norm())).item(), abs=1e-6)
     assert _spearman(a, torch.ones(5)) == 0.0
     assert _spearman(torch.arange(6.0), -torch.arange(6.0)) == pytest.approx(-1.0)
+
+
+def test_eval_metrics_per_dataset_and_per_bin(reward_model, tokenizer, tmp_path):
+    """Several eval sets keep their own names (TRL's RewardTrainer writes them all as eval_accuracy), and the
+    reward correlation and per-bin means are computed over the whole eval set, by hand here."""
+    from alignkit.data.synthetic import sycophancy
+
+    evals = {"anti": sycophancy("test_anti", num_samples=24), "plain": sycophancy("test", num_samples=24)}
+    args = CausalRewardConfig(**base_args(tmp_path, attributes=["sycophantic"], per_device_eval_batch_size=5))
+    trainer = CausalRewardTrainer(model=reward_model(), args=args, train_dataset=sycophancy("train", num_samples=16),
+                                  eval_dataset=evals, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    assert "eval_anti_accuracy" in metrics and "eval_plain_accuracy" in metrics and "eval_accuracy" not in metrics
+
+    # the anti split: the prefix is always on the rejected side, so bins are [0]*n + [1]*n
+    from alignkit.trainers.causal_reward import _spearman
+    model = trainer.model.eval()
+    ds = trainer.eval_dataset["anti"]
+    rewards = {0: [], 1: []}
+    all_r, all_z = [], []
+    with torch.no_grad():
+        for row in ds:
+            for side in ("chosen", "rejected"):
+                r = model(input_ids=torch.tensor([row[f"{side}_ids"]])).logits.item()
+                rewards[row[f"{side}_z_bin"]].append(r)
+                all_r.append(r)
+                all_z.append(float(row[f"{side}_z_bin"]))
+    for b in (0, 1):
+        assert metrics[f"eval_anti_reward_by_bin/{b}"] == pytest.approx(sum(rewards[b]) / len(rewards[b]), abs=1e-4)
+    assert metrics["eval_anti_mmd/spearman_reward_bin"] == pytest.approx(
+        _spearman(torch.tensor(all_r), torch.tensor(all_z)), abs=1e-4)

@@ -145,6 +145,8 @@ class CausalRewardTrainer(ConfigResolverMixin, RewardTrainer):
                  eval_dataset=None, processing_class=None, *pargs, **kwargs):
         args = self._resolve_args(model, args)
         self.binner: AttributeBinner | None = None
+        self._window: dict[str, list] = {"train": [], "eval": []}
+        self._eval_prefix = "eval"
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
         self.data_collator = _CollatorWithBins(self.data_collator)
         if self.model.config.num_labels != 1:
@@ -204,35 +206,76 @@ class CausalRewardTrainer(ConfigResolverMixin, RewardTrainer):
         # a pair's bin for sampling: its chosen completion's bin (the penalty pools both sides)
         return BinBalancedSampler(ds[_BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed)
 
-    # Extends RewardTrainer.compute_loss: TRL's loss and metrics, plus the MMD penalty on its outputs.
+    # Extends RewardTrainer.compute_loss: TRL's loss and metrics, plus the MMD penalty on its outputs. With
+    # mmd_coef 0 the loss is TRL's, untouched; the attribute metrics are still recorded (for comparisons).
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bins = inputs.pop("z_bins", None)
-        if self.args.mmd_coef == 0 or bins is None:
+        if bins is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.args.mmd_on == "hidden":
+        penalised = self.args.mmd_coef > 0
+        if penalised and self.args.mmd_on == "hidden":
             inputs["output_hidden_states"] = True
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if self.args.mmd_on == "hidden":
-            last = inputs["attention_mask"].sum(1) - 1
-            values = outputs.hidden_states[-1][torch.arange(last.size(0), device=last.device), last]
-        else:
-            values = outputs.logits.squeeze(-1)
-        n = values.size(0) // 2
-        groups = torch.cat([torch.ones(n), torch.zeros(n)]).to(values.device) if self.args.conditional else None
-        out = binned_mmd_penalty(values, bins.to(values.device), self.args.mmd_bandwidths, groups=groups)
-        loss = loss + self.args.mmd_coef * out.penalty
+        rewards = outputs.logits.squeeze(-1)
+        bins = bins.to(rewards.device)
         mode = "train" if self.model.training else "eval"
-        m = self._metrics[mode]
-        stats = self.accelerator.gather_for_metrics(torch.tensor(
-            [[out.penalty.item(), out.bins_used, out.bins_skipped]], device=values.device))
-        m["mmd/penalty"].append(stats[:, 0].mean().item())
-        m["mmd/bins_used"].append(stats[:, 1].mean().item())
-        m["mmd/bins_skipped"].append(stats[:, 2].mean().item())
-        with torch.no_grad():
-            r = self.accelerator.gather_for_metrics(outputs.logits.squeeze(-1).detach().float())
-            z = self.accelerator.gather_for_metrics(bins.to(values.device).float())
-            m["mmd/spearman_reward_bin"].append(_spearman(r, z))
+        if penalised:
+            if self.args.mmd_on == "hidden":
+                last = inputs["attention_mask"].sum(1) - 1
+                values = outputs.hidden_states[-1][torch.arange(last.size(0), device=last.device), last]
+            else:
+                values = rewards
+            n = values.size(0) // 2
+            groups = torch.cat([torch.ones(n), torch.zeros(n)]).to(values.device) if self.args.conditional else None
+            out = binned_mmd_penalty(values, bins, self.args.mmd_bandwidths, groups=groups)
+            loss = loss + self.args.mmd_coef * out.penalty
+            stats = self.accelerator.gather_for_metrics(torch.tensor(
+                [[out.penalty.item(), out.bins_used, out.bins_skipped]], device=values.device))
+            m = self._metrics[mode]
+            m["mmd/penalty"].append(stats[:, 0].mean().item())
+            m["mmd/bins_used"].append(stats[:, 1].mean().item())
+            m["mmd/bins_skipped"].append(stats[:, 2].mean().item())
+        with torch.no_grad():  # rewards and bins since the last log (train) or over the eval set (eval)
+            # gathered per side: gather_for_metrics trims the last eval batch to the dataset's remainder in
+            # *rows*, which would cut a [chosen; rejected] tensor of twice that length in the wrong place
+            n = rewards.size(0) // 2
+            gather = self.accelerator.gather_for_metrics
+            self._window[mode].append((
+                torch.cat([gather(rewards[:n].detach().float()), gather(rewards[n:].detach().float())]).cpu(),
+                torch.cat([gather(bins[:n]), gather(bins[n:])]).cpu()))
         return (loss, outputs) if return_outputs else loss
+
+    def _window_metrics(self, mode: str) -> dict[str, float]:
+        """Spearman correlation of rewards with the bin, and the mean reward per bin, over the window."""
+        if not self._window[mode]:
+            return {}
+        r = torch.cat([w[0] for w in self._window[mode]])
+        z = torch.cat([w[1] for w in self._window[mode]])
+        self._window[mode].clear()
+        out = {"mmd/spearman_reward_bin": _spearman(r, z.float())}
+        sums = torch.zeros(self.binner.n_bins).index_add_(0, z, r)
+        counts = torch.bincount(z, minlength=self.binner.n_bins)
+        out.update({f"reward_by_bin/{b}": (sums[b] / counts[b]).item() for b in range(len(counts)) if counts[b]})
+        return out
+
+    # Replaces RewardTrainer.log's naming of eval metrics: TRL always writes "eval_<metric>", so with several
+    # eval datasets their accuracies overwrite each other; here they follow the evaluate() prefix
+    # ("eval_<dataset>_<metric>"), like the loss does. Also adds the window metrics above.
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        for key, value in self._window_metrics(mode).items():
+            self._metrics[mode][key] = [value]
+        if mode == "eval" and self._eval_prefix != "eval":
+            logs.update({f"{self._eval_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+            self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        previous, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix = previous
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
