@@ -173,3 +173,13 @@ def test_crm_recipe_trains_a_reward_model_and_saves_its_bins(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1
+
+
+def test_causal_dpo_recipe_trains_and_saves_its_bins(tmp_path):
+    out = tmp_path / "cdpo"
+    code = main(["train", str(ROOT / "recipes" / "causal-dpo-length.yaml"), "--set", f"output_dir={out}",
+                 "--set", "max_steps=2", "--set", "eval_steps=2", "--set", "dataset.builtin_kwargs={num_samples: 64}"])
+    assert code == 0
+    assert (out / "alignkit_attribute_bins.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("eval_mmd/penalty" in e for e in metrics["log_history"])

@@ -11,6 +11,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
+from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
 from ._common import ConfigResolverMixin, default_precision_for_this_machine
 from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
 
@@ -18,7 +19,7 @@ __all__ = ["FDPOConfig", "FDPOTrainer"]
 
 
 @dataclass
-class FDPOConfig(DPOConfig):
+class FDPOConfig(CausalPenaltyArguments, DPOConfig):
     r"""Configuration for [`FDPOTrainer`]: TRL's `DPOConfig` plus the f-divergence.
 
     Parameters:
@@ -32,6 +33,11 @@ class FDPOConfig(DPOConfig):
             The exponentials inside the forward-KL and alpha links are continued linearly above this
             exponent, so extreme log-ratios give a finite loss and finite gradients. The fraction of
             continued values is logged as `link/clamped_fraction`. `None` disables it.
+        mmd_coef (`float`, defaults to `0.0`):
+            Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
+            is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
+            of the spurious attribute(s). `attributes`, `num_bins`, `binning`, `conditional`,
+            `mmd_bandwidths` and `bin_balanced_sampler` mean what they mean in `CausalRewardConfig`.
 
     TRL's own `f_divergence_type` / `f_alpha_divergence_coef` must stay at their defaults: set
     `divergence` / `alpha` instead.
@@ -80,13 +86,14 @@ class FDPOConfig(DPOConfig):
             raise ValueError("`ld_alpha` (LD-DPO) is not supported by FDPOTrainer; remove it or use DPOTrainer.")
         if self.use_weighting:
             raise ValueError("`use_weighting` (WPO) is not supported by FDPOTrainer; remove it or use DPOTrainer.")
+        self._check_causal_fields()
 
 
 def _trl_to_ours(name: str) -> str:
     return {"js_divergence": "jsd", "alpha_divergence": "alpha"}.get(name, name)
 
 
-class FDPOTrainer(ConfigResolverMixin, DPOTrainer):
+class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
     """Drop-in replacement for TRL's `DPOTrainer` that trains under any f-divergence of Theorem 1.
 
     Everything but the loss is TRL's: dataset preparation, the collator, the fused LM head, reference
@@ -127,8 +134,30 @@ class FDPOTrainer(ConfigResolverMixin, DPOTrainer):
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
+        self.binner = None  # Causal DPO: fitted on the training set in _prepare_dataset
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        if self._causal_enabled():
+            self.data_collator = CollatorWithBins(self.data_collator)
+
+    # Causal DPO only: extends DPOTrainer._prepare_dataset (attribute bins computed from the raw completions
+    # and carried as two columns), its signature columns (so they survive) and the train sampler.
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self._causal_enabled(args):
+            dataset = self._add_bins_if_needed(dataset, processing_class, args, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._causal_enabled():
+            self._add_bin_signature_columns()
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return self._bin_balanced_sampler() or super()._get_train_sampler(*args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        self._save_bins(output_dir)
 
     # ------------------------------------------------------------------------------------------
     # Replaces DPOTrainer._compute_loss. TRL inlines its f-divergence scores there, and its forward-KL
@@ -152,7 +181,7 @@ class FDPOTrainer(ConfigResolverMixin, DPOTrainer):
         return loss
 
     #: batch keys that are not model inputs (TRL's collator and reference precompute add them)
-    _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+    _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "z_bins"})
 
     def _forward_logps(self, model, inputs) -> dict[str, Any]:
         """Policy forward (fused LM head) and reference log-probs, summed over completion tokens."""
@@ -216,6 +245,10 @@ class FDPOTrainer(ConfigResolverMixin, DPOTrainer):
                     rejected_lengths=rejected_len,
                 )
             loss = loss + per_pair.mean() * weight
+        if self._causal_enabled() and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
+            implicit = self.beta * torch.cat([scores.chosen, scores.rejected])
+            mode = "train" if self.model.training else "eval"
+            loss = loss + self.args.mmd_coef * self._mmd_penalty(implicit, inputs["z_bins"], mode).penalty
         stats = {
             "chosen_logratios": chosen_lr.detach(),
             "rejected_logratios": rejected_lr.detach(),

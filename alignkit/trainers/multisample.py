@@ -71,6 +71,9 @@ class MultiSampleDPOConfig(FDPOConfig):
             raise ValueError(f"completion_sub_batch_size must be >= 1, got {self.completion_sub_batch_size}.")
         if self.shared_prefix and self.completion_sub_batch_size is not None:
             raise ValueError("shared_prefix and completion_sub_batch_size cannot be combined yet; use one of them.")
+        if self.mmd_coef > 0:
+            raise ValueError("mmd_coef (Causal DPO) is not available for groups yet; use FDPOTrainer on pairs, or set "
+                             "mmd_coef: 0.")
         if self.shared_prefix and self.padding_free:
             raise ValueError("shared_prefix packs rows itself; set padding_free: false.")
 

@@ -1,0 +1,195 @@
+"""What the causal reward model and Causal DPO share: the config fields of the MMD penalty, the attribute
+bins computed from the raw dataset and carried to the batch as `z_bins`, the bin-balanced sampler, and the
+penalty itself (SPEC.md section 3; thesis 4.4 and 4.8)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
+from ..data.validation import DatasetError
+from ..losses import BinnedMMD, binned_mmd_penalty
+
+BIN_COLUMNS = ("chosen_z_bin", "rejected_z_bin")
+
+
+@dataclass
+class CausalPenaltyArguments:
+    """The MMD penalty's fields, shared by `CausalRewardConfig` and `FDPOConfig` (Causal DPO).
+
+    Parameters:
+        mmd_coef (`float`): weight `lambda` of the penalty (thesis sweeps 0.1 to 100). `0` turns it off.
+        attributes (`list[str]`, defaults to `["length"]`): the spurious attribute(s) `Z`: a column name (a
+            per-row column, or `chosen_<name>`/`rejected_<name>` per completion), `length` (tokens),
+            `length:chars`, or `regex:PATTERN` (presence). Several are binned jointly.
+        attribute_kind (`str`, *optional*): `numeric` or `categorical` for column attributes (default: guessed).
+        num_bins (`int`, defaults to `10`): bins per numeric attribute (thesis: 10, 20, 30).
+        binning (`str`, defaults to `"quantile"`): `quantile` or `equal_width`.
+        conditional (`bool`, defaults to `False`): penalty within chosen and within rejected (reward independent
+            of Z given the label) instead of on the pooled completions.
+        mmd_bandwidths (`list[float]`, *optional*): RBF bandwidths summed in the kernel; default: the median
+            heuristic on each batch.
+        bin_balanced_sampler (`bool`, defaults to `True`): batches drawn so that each holds several bins with at
+            least two examples each, so the penalty has signal with small batches.
+    """
+
+    mmd_coef: float = field(default=0.0, metadata={"help": "Weight of the MMD penalty (0: off)."})
+    attributes: list[str] = field(default_factory=lambda: ["length"], metadata={"help": "Spurious attribute(s) Z."})
+    attribute_kind: str | None = field(default=None, metadata={"help": "numeric or categorical (column attributes)."})
+    num_bins: int = field(default=10, metadata={"help": "Bins per numeric attribute."})
+    binning: str = field(default="quantile", metadata={"help": "quantile or equal_width."})
+    conditional: bool = field(default=False, metadata={"help": "Penalty within chosen and within rejected."})
+    mmd_bandwidths: list[float] | None = field(default=None, metadata={"help": "RBF bandwidths (None: median)."})
+    bin_balanced_sampler: bool = field(default=True, metadata={"help": "Batches cover bins with >= 2 examples."})
+
+    def _check_causal_fields(self):
+        if isinstance(self.attributes, str):
+            self.attributes = [self.attributes]
+        if self.mmd_coef < 0:
+            raise ValueError(f"mmd_coef must be >= 0, got {self.mmd_coef}.")
+        if not self.attributes:
+            raise ValueError("attributes must name at least one spurious attribute.")
+        for a in self.attributes:  # validates binning, kind, n_bins and regexes early
+            self.attribute_spec(a)
+
+    def attribute_spec(self, source: str) -> AttributeSpec:
+        return AttributeSpec(source, kind=self.attribute_kind, n_bins=self.num_bins, binning=self.binning)
+
+
+class BinBalancedSampler(Sampler[int]):
+    """Index stream in which every consecutive `batch_size` indices cover `batch_size // 2` bins with two
+    examples each (bins drawn in proportion to their size, so the data distribution is kept on average)."""
+
+    def __init__(self, bins: list[int], batch_size: int, seed: int = 0):
+        self.by_bin: dict[int, list[int]] = {}
+        for i, b in enumerate(bins):
+            self.by_bin.setdefault(int(b), []).append(i)
+        self.usable = [b for b, idx in self.by_bin.items() if len(idx) >= 2]
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.n = len(bins)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        if len(self.usable) < 2 or self.batch_size < 4:
+            order = list(range(self.n))
+            rng.shuffle(order)
+            yield from order
+            return
+        weights = [len(self.by_bin[b]) for b in self.usable]
+        per_batch = self.batch_size // 2
+        out: list[int] = []
+        while len(out) < self.n:
+            chosen_bins = set()
+            while len(chosen_bins) < min(per_batch, len(self.usable)):
+                chosen_bins.add(rng.choices(self.usable, weights)[0])
+            batch = []
+            for b in chosen_bins:
+                batch += rng.sample(self.by_bin[b], 2)
+            while len(batch) < self.batch_size:  # odd batch sizes / few bins: fill at random
+                batch.append(rng.randrange(self.n))
+            out += batch[: self.batch_size]
+        yield from out[: self.n]
+
+
+class CollatorWithBins:
+    """A TRL preference collator, plus the bins of the [chosen; rejected] batch as `z_bins`."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self.base([{k: v for k, v in ex.items() if k not in BIN_COLUMNS} for ex in examples])
+        if BIN_COLUMNS[0] in examples[0]:
+            out["z_bins"] = torch.tensor([ex[BIN_COLUMNS[0]] for ex in examples] +
+                                         [ex[BIN_COLUMNS[1]] for ex in examples], dtype=torch.long)
+        return out
+
+
+class AttributeBinsMixin:
+    """Trainer mixin: bins from the raw completions (before TRL tokenizes), carried as two columns, a
+    bin-balanced train sampler and the penalty. The host sets `self.binner = None` before TRL's __init__
+    and wraps `self.data_collator` in `CollatorWithBins` after it."""
+
+    binner: AttributeBinner | None
+
+    def _causal_enabled(self, args=None) -> bool:
+        return (args or self.args).mmd_coef > 0
+
+    def _add_bins_if_needed(self, dataset, processing_class, args, dataset_name):
+        names = dataset.column_names or []
+        if "chosen_ids" in names or any(c in names for c in BIN_COLUMNS):
+            return dataset
+        return self._add_bins(dataset, processing_class, args, dataset_name)
+
+    def _attribute_values(self, dataset, processing_class, args):
+        names = dataset.column_names
+        needed = {"chosen", "rejected"} | {c for a in args.attributes for c in (a, f"chosen_{a}", f"rejected_{a}")
+                                           if c in names}
+        rows = dataset.select_columns([c for c in names if c in needed]).to_list()
+        tok = processing_class if any(a in ("length", "length:tokens") for a in args.attributes) else None
+        tok = getattr(tok, "tokenizer", tok)  # processors wrap their tokenizer
+        per_side = {}
+        for side in ("chosen", "rejected"):
+            side_rows = []
+            for r in rows:
+                row = dict(r)
+                row["completion"] = r[side]
+                for a in args.attributes:  # per-completion columns chosen_<a> / rejected_<a>
+                    if f"{side}_{a}" in r:
+                        row[a] = r[f"{side}_{a}"]
+                side_rows.append(row)
+            per_side[side] = [extract_attribute(args.attribute_spec(a), side_rows, tokenizer=tok)
+                              for a in args.attributes]
+        return per_side
+
+    def _add_bins(self, dataset, processing_class, args, dataset_name):
+        values = self._attribute_values(dataset, processing_class, args)
+        if self.binner is None:
+            if dataset_name != "train":
+                raise DatasetError("the attribute bins are fitted on the training set; prepare it first.")
+            specs = [args.attribute_spec(a) for a in args.attributes]
+            pooled = [values["chosen"][k] + values["rejected"][k] for k in range(len(specs))]
+            self.binner = AttributeBinner(specs).fit(pooled)
+        chosen = self.binner.transform(values["chosen"]).tolist()
+        rejected = self.binner.transform(values["rejected"]).tolist()
+        return dataset.add_column(BIN_COLUMNS[0], chosen).add_column(BIN_COLUMNS[1], rejected)
+
+    def _add_bin_signature_columns(self):
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *BIN_COLUMNS]))
+
+    def _bin_balanced_sampler(self):
+        """The bin-balanced sampler when it applies, else None (Trainer's random sampler)."""
+        ds = self.train_dataset
+        if (not self.args.bin_balanced_sampler or not self._causal_enabled() or ds is None
+                or BIN_COLUMNS[0] not in (ds.column_names or [])):
+            return None
+        # a pair's bin for sampling: its chosen completion's bin (the penalty pools both sides)
+        return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed)
+
+    def _mmd_penalty(self, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
+        """The binned MMD^2 of `values` laid out [chosen; rejected], logged under mmd/*."""
+        n = values.size(0) // 2
+        groups = torch.cat([torch.ones(n), torch.zeros(n)]).to(values.device) if self.args.conditional else None
+        out = binned_mmd_penalty(values, bins.to(values.device), self.args.mmd_bandwidths, groups=groups)
+        stats = self.accelerator.gather_for_metrics(torch.tensor(
+            [[out.penalty.item(), out.bins_used, out.bins_skipped]], device=values.device))
+        m = self._metrics[mode]
+        m["mmd/penalty"].append(stats[:, 0].mean().item())
+        m["mmd/bins_used"].append(stats[:, 1].mean().item())
+        m["mmd/bins_skipped"].append(stats[:, 2].mean().item())
+        return out
+
+    def _save_bins(self, output_dir):
+        if self.binner is not None and self.is_world_process_zero():
+            self.binner.save(output_dir or self.args.output_dir)
