@@ -81,3 +81,16 @@ def test_length_task_correlation_and_splits():
     assert abs(longer - 0.8) < 0.03
     anti = length_bias("test_anti", num_samples=100)
     assert all(len(r["chosen"]) < len(r["rejected"]) for r in anti)
+
+
+def test_quantile_bins_with_heavy_ties_keep_every_bin_populated():
+    # a binary column: the median is one of the two values; both values must still get their own bin
+    for ones in (30, 50, 70):
+        vals = [0] * (100 - ones) + [1] * ones
+        b = AttributeBinner([AttributeSpec("flag", n_bins=2)]).fit([vals])
+        assert b.n_bins == 2 and sorted(set(b.transform([vals]).tolist())) == [0, 1], ones
+    # most values tied at the minimum / at the maximum: no bin is empty on the training values
+    for vals in ([1.0] * 80 + [float(v) for v in range(2, 22)], [float(v) for v in range(20)] + [50.0] * 80):
+        b = AttributeBinner([AttributeSpec("len", n_bins=4)]).fit([vals])
+        counts = torch.bincount(b.transform([vals]), minlength=b.n_bins)
+        assert (counts > 0).all(), counts.tolist()

@@ -120,14 +120,23 @@ class AttributeBinner:
         if kind == "numeric":
             if not numeric_values:
                 raise DatasetError(f"attribute {spec.source!r} is declared numeric but has non-numeric values.")
-            if len(distinct) < spec.n_bins:
-                warnings.warn(f"attribute {spec.source!r} has {len(distinct)} distinct values, fewer than n_bins="
-                              f"{spec.n_bins}; using one bin per value instead.", stacklevel=3)
+            if len(distinct) <= spec.n_bins:
+                if len(distinct) < spec.n_bins:
+                    warnings.warn(f"attribute {spec.source!r} has {len(distinct)} distinct values, fewer than "
+                                  f"n_bins={spec.n_bins}; using one bin per value instead.", stacklevel=3)
                 return _Fitted("categorical", categories=distinct)
             t = torch.tensor(vals, dtype=torch.float64)
             if spec.binning == "quantile":
                 qs = torch.linspace(0, 1, spec.n_bins + 1, dtype=torch.float64)[1:-1]
-                edges = torch.quantile(t, qs).tolist()
+                # each edge halfway between its quantile and the next distinct value above it: with heavy ties
+                # a raw quantile equals the minimum or maximum and would leave a bin empty by construction
+                levels = torch.tensor(distinct, dtype=torch.float64)
+                edges = []
+                for q in torch.quantile(t, qs).tolist():
+                    above = levels[levels > q]
+                    if above.numel():
+                        below = levels[levels <= q].max().item()
+                        edges.append((below + above.min().item()) / 2)
             else:
                 lo, hi = t.min().item(), t.max().item()
                 edges = [lo + (hi - lo) * i / spec.n_bins for i in range(1, spec.n_bins)]
