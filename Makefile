@@ -32,6 +32,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/fdpo_vs_trl.py
 	$(BIN)/python benchmarks/multisample_vs_trl.py
+	$(BIN)/python benchmarks/crm_vs_trl.py
+	$(BIN)/python benchmarks/crm_bias.py
 
 clean:
 	rm -rf outputs .pytest_cache
