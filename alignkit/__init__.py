@@ -3,7 +3,7 @@
 Public API::
 
     from alignkit import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
-    from alignkit import CausalRewardConfig, CausalRewardTrainer
+    from alignkit import CausalRewardConfig, CausalRewardTrainer, PPOConfig, PPOTrainer
 
 The names load lazily (importing TRL takes seconds), so `alignkit --help` and `import alignkit` are fast.
 """
@@ -19,6 +19,8 @@ _LAZY = {
     "MultiSampleDPOTrainer": ".trainers.multisample",
     "CausalRewardConfig": ".trainers.causal_reward",
     "CausalRewardTrainer": ".trainers.causal_reward",
+    "PPOConfig": ".trainers.ppo",
+    "PPOTrainer": ".trainers.ppo",
     "get_divergence": ".divergences",
 }
 

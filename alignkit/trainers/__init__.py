@@ -3,6 +3,7 @@
 from .causal_reward import CausalRewardConfig, CausalRewardTrainer
 from .fdpo import FDPOConfig, FDPOTrainer
 from .multisample import MultiSampleDPOConfig, MultiSampleDPOTrainer
+from .ppo import PPOConfig, PPOTrainer
 
 __all__ = [
     "CausalRewardConfig",
@@ -11,4 +12,6 @@ __all__ = [
     "FDPOTrainer",
     "MultiSampleDPOConfig",
     "MultiSampleDPOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
 ]

@@ -1,0 +1,545 @@
+"""PPO with f-divergence penalties (thesis 2.6.1, SPEC.md section 1), driven by (causal) reward models.
+
+TRL removed its PPOTrainer in 1.13. This one keeps the constructor and config fields of TRL's former
+`trl.experimental.ppo.PPOTrainer` (policy, ref_model, reward_model, value_model, train_dataset of prompts,
+processing_class, peft_config; kl_coef, kl_estimator, cliprange, ...), so a script that used it changes
+its import, and adds the f-divergence constraint of the thesis:
+
+* `divergence_penalty: reward` subtracts `kl_coef * [g(t) - g'(1)(t - 1)]` per token from the reward
+  (t = pi_ref / pi at the sampled token); for reverse KL `kl_estimator` picks the classic `k1`
+  (log pi - log pi_ref) or `k3` (the estimator above), exactly as TRL's PPO did;
+* `divergence_penalty: loss` keeps the reward and adds `kl_coef` times the sequence estimate (the sum of
+  the per-token estimates under the current policy) to the loss. The thesis recommends it for forward
+  KL and JS, whose reward penalty grows much faster than reverse KL's.
+
+One `global_step` is one PPO iteration: generate for a batch of prompts, score, compute advantages (GAE),
+then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from transformers import GenerationConfig, Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..divergences import get_divergence
+from ._common import ConfigResolverMixin, default_precision_for_this_machine
+
+__all__ = ["PPOConfig", "PPOTrainer"]
+
+RewardFunc = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    r"""Configuration for [`PPOTrainer`]: the fields of TRL's former `PPOConfig`, plus the f-divergence.
+
+    Batch sizes follow TRL's PPO: one iteration generates for `per_device_train_batch_size *
+    gradient_accumulation_steps * num_mini_batches` prompts per process; each mini-batch update takes
+    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`. `max_steps` counts
+    iterations (or set `total_episodes`, the number of prompts to generate for).
+
+    alignkit fields:
+        divergence (`str`, defaults to `"reverse_kl"`), alpha (`float`, *optional*): the f-divergence of the
+            constraint, as in `FDPOConfig`.
+        divergence_penalty (`str`, defaults to `"reward"`): `reward` (per-token penalty in the reward) or
+            `loss` (sequence estimate added to the loss).
+        length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
+            thesis' length-penalty baseline).
+    """
+
+    # TRL's former OnPolicyConfig / PPOConfig fields
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
+    total_episodes: int | None = field(default=None, metadata={"help": "Prompts to generate for (sets max_steps)."})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad forward."})
+    response_length: int = field(default=53, metadata={"help": "Maximum new tokens per response."})
+    stop_token: str | None = field(default=None, metadata={"help": "'eos' to stop responses at the EOS token."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "Token id that ends a response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of "
+                                                                             "responses without a stop token."})
+    max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts are truncated (left) to this."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the divergence penalty."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 or k3 (reverse KL, reward placement)."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    # alignkit
+    divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
+    alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
+    divergence_penalty: str = field(default="reward", metadata={"help": "reward or loss."})
+    length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
+
+    def __post_init__(self):
+        default_precision_for_this_machine(self)
+        if self.learning_rate == TrainingArguments.learning_rate:
+            self.learning_rate = 3e-6  # TRL's PPO default
+        super().__post_init__()
+        self.divergence = get_divergence(self.divergence, self.alpha).name
+        if self.divergence_penalty not in ("reward", "loss"):
+            raise ValueError(f"divergence_penalty must be 'reward' or 'loss', got {self.divergence_penalty!r}.")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"stop_token must be 'eos' or unset, got {self.stop_token!r}; use stop_token_id "
+                             "for another token.")
+        for name in ("num_mini_batches", "num_ppo_epochs", "response_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per process per PPO iteration."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so that one optimizer (and one checkpoint) holds both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    @property
+    def config(self):
+        return self.policy.config
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # left padding: positions count real tokens only
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = _masked_mean(x, mask)
+    var = _masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+class PPOTrainer(ConfigResolverMixin, Trainer):
+    """PPO for causal LMs with an f-divergence constraint; TRL's former experimental PPOTrainer API.
+
+    Example:
+        ```python
+        from alignkit import PPOConfig, PPOTrainer      # was: from trl.experimental.ppo import ...
+
+        trainer = PPOTrainer(args=PPOConfig(output_dir="ppo", divergence="jsd", divergence_penalty="loss"),
+                             processing_class=tokenizer, model=policy, ref_model=ref, reward_model=rm,
+                             value_model=value, train_dataset=prompts)
+        trainer.train()
+        ```
+
+    `reward_model` is a sequence-classification model with one output (e.g. a `CausalRewardTrainer`
+    output), or a callable `(prompts, completions) -> list[float]` on decoded text. `train_dataset` has
+    a `prompt` column (text or conversational) or already tokenized `input_ids`.
+    """
+
+    config_class = PPOConfig
+    _config_with_article = "a PPOConfig"
+    _default_run_suffix = "PPO"
+    _tag_names = ["trl", "ppo", "alignkit"]
+
+    def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
+                 reward_model: nn.Module | RewardFunc | None = None, train_dataset=None, value_model=None,
+                 data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
+                 peft_config=None):
+        if model is None:
+            raise ValueError("PPOTrainer needs the policy as `model`.")
+        args = self._resolve_args(model, args)
+        if processing_class is None:
+            raise ValueError("PPOTrainer needs `processing_class` (the policy's tokenizer).")
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        if tok.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one, e.g. `tokenizer.pad_token = "
+                             "tokenizer.eos_token`, before building the trainer.")
+        if reward_model is None:
+            raise ValueError("PPOTrainer needs a `reward_model` (a sequence-classification model or a callable "
+                             "(prompts, completions) -> scores).")
+        if isinstance(reward_model, nn.Module):
+            n = getattr(reward_model.config, "num_labels", 1)
+            if n != 1:
+                raise ValueError(f"the reward model must have one output (a scalar score); it has num_labels={n}.")
+        elif not callable(reward_model):
+            raise TypeError(f"reward_model must be a model or a callable, got {type(reward_model).__name__}.")
+        if value_model is None:
+            raise ValueError("PPOTrainer needs a `value_model` (e.g. AutoModelForSequenceClassification with "
+                             "num_labels=1, often initialised from the reward model).")
+        if train_dataset is None:
+            raise ValueError("PPOTrainer needs a train_dataset of prompts.")
+        self.tokenizer = tok
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.is_peft_model = hasattr(model, "disable_adapter")
+        if ref_model is None and not self.is_peft_model:
+            raise ValueError("PPOTrainer needs a `ref_model` (or a PEFT policy, whose reference is the policy "
+                             "with its adapter disabled).")
+        if ref_model is model:
+            raise ValueError("`model` and `ref_model` must not be the same object; pass a copy (or use PEFT).")
+        self.policy, self.ref_model, self.reward_model, self.value_model = model, ref_model, reward_model, value_model
+        self.divergence = get_divergence(args.divergence, args.alpha)
+        self.stop_token_id = args.stop_token_id if args.stop_token_id is not None else (
+            tok.eos_token_id if args.stop_token == "eos" else None)
+        train_dataset = self._prepare_prompts(train_dataset, tok, args)
+        if args.total_episodes is not None:
+            args.max_steps = math.ceil(args.total_episodes / (args.local_batch_size * args.world_size))
+        if args.max_steps <= 0:
+            args.max_steps = math.ceil(args.num_train_epochs * len(train_dataset) /
+                                       (args.local_batch_size * args.world_size))
+        wrapper = PolicyAndValue(model, value_model)
+        super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
+                         data_collator=data_collator or self._collate)
+        for m in (self.ref_model, self.reward_model):
+            if isinstance(m, nn.Module):
+                m.eval().requires_grad_(False).to(self.accelerator.device)
+        self.generation_config = GenerationConfig(
+            max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
+            do_sample=True, pad_token_id=tok.pad_token_id,
+            eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _prepare_prompts(self, dataset, tok, args):
+        names = dataset.column_names or []
+        if "input_ids" in names:
+            return dataset
+        if "prompt" not in names:
+            raise ValueError(f"the PPO dataset needs a 'prompt' column (or tokenized 'input_ids'); it has "
+                             f"{names}. Rename your prompt column, e.g. dataset.rename_column('query', 'prompt').")
+
+        def tokenize(row):
+            prompt = row["prompt"]
+            if isinstance(prompt, list):  # conversational
+                ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict):
+                    ids = ids["input_ids"]
+            else:
+                ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            if args.max_prompt_length is not None:
+                ids = ids[-args.max_prompt_length:]
+            return {"input_ids": list(ids)}
+
+        return dataset.map(tokenize, remove_columns=names, num_proc=args.dataset_num_proc,
+                           desc="Tokenizing prompts")
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts (generation appends on the right)."""
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r["input_ids"])) + list(r["input_ids"]) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _prompt_batches(self, start_iteration: int):
+        """Batches of `local_batch_size` prompts per process, reshuffled each pass over the data with a
+        generator of its own (so resuming reproduces the order without touching the global RNG)."""
+        n, per_iter = len(self.train_dataset), self.args.local_batch_size * self.args.world_size
+        rank = self.args.process_index
+        iteration, epoch = 0, 0
+        while True:
+            g = torch.Generator().manual_seed(self.args.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            for s in range(0, n - per_iter + 1, per_iter):
+                if iteration >= start_iteration:
+                    idx = order[s + rank * self.args.local_batch_size: s + (rank + 1) * self.args.local_batch_size]
+                    yield self._collate([self.train_dataset[i] for i in idx])
+                iteration += 1
+            epoch += 1
+            if n < per_iter:
+                raise ValueError(f"the dataset has {n} prompts, fewer than one PPO batch ({per_iter}); lower "
+                                 "per_device_train_batch_size or num_mini_batches.")
+
+    # ---- rollout ---------------------------------------------------------------------------------
+    def _ref_context(self):
+        import contextlib
+
+        if self.ref_model is None:
+            return self.accelerator.unwrap_model(self.model).policy.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _token_logprobs(self, model, ids, mask, context_len):
+        """Log-probs of the response tokens (temperature-scaled logits, as sampled) and the token entropy."""
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        logits = out.logits[:, context_len - 1:-1].float() / (self.args.temperature + 1e-7)
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, ids[:, context_len:].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+
+    def _values(self, value_model, ids, mask, context_len):
+        backbone = getattr(value_model, value_model.base_model_prefix)
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                          use_cache=False).last_hidden_state
+        head = value_model.score if hasattr(value_model, "score") else value_model.classifier
+        return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
+
+    def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
+        if isinstance(self.reward_model, nn.Module):
+            # the score at the last real token of each sequence (the RewardTrainer convention)
+            last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)
+            backbone = getattr(self.reward_model, self.reward_model.base_model_prefix)
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                              use_cache=False).last_hidden_state
+            head = self.reward_model.score if hasattr(self.reward_model, "score") else self.reward_model.classifier
+            return head(hidden[torch.arange(ids.size(0), device=ids.device), last]).squeeze(-1).float()
+        prompts = self.tokenizer.batch_decode(ids[:, :context_len], skip_special_tokens=True)
+        completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                       for r, m in zip(ids[:, context_len:], response_mask)]
+        return torch.tensor(self.reward_model(prompts, completions), dtype=torch.float, device=ids.device)
+
+    def _penalty_per_token(self, logr: torch.Tensor) -> torch.Tensor:
+        """The per-token divergence estimate: k1/k3 for reverse KL (as TRL), the unbiased estimator else."""
+        if self.divergence.name == "reverse_kl" and self.args.kl_estimator == "k1":
+            return logr
+        return self.divergence.estimator(logr)
+
+    @torch.no_grad()
+    def _rollout(self, batch) -> dict[str, torch.Tensor]:
+        args, model = self.args, self.accelerator.unwrap_model(self.model)
+        device = self.accelerator.device
+        prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        context_len = prompt_ids.size(1)
+        model.eval()
+        seqs = model.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                     generation_config=self.generation_config)
+        model.train()
+        response = seqs[:, context_len:]
+        # a response ends at its first stop token (kept); everything after is padding
+        if self.stop_token_id is not None:
+            is_stop = response == self.stop_token_id
+            after = (is_stop.cumsum(1) - is_stop.long()) > 0
+            has_stop = is_stop.any(1)
+        else:
+            after = torch.zeros_like(response, dtype=torch.bool)
+            has_stop = torch.zeros(response.size(0), dtype=torch.bool, device=device)
+        response_mask = (~after).long()
+        response = response.masked_fill(after, self.tokenizer.pad_token_id)
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+
+        chunks = {k: [] for k in ("logp", "ref_logp", "values", "scores", "entropy")}
+        bs = args.local_rollout_forward_batch_size
+        for s in range(0, ids.size(0), bs):
+            i, m, rm = ids[s:s + bs], mask[s:s + bs], response_mask[s:s + bs]
+            logp, ent = self._token_logprobs(model.policy, i, m, context_len)
+            with self._ref_context():
+                ref_logp, _ = self._token_logprobs(self.ref_model or model.policy, i, m, context_len)
+            chunks["logp"].append(logp)
+            chunks["entropy"].append(ent)
+            chunks["ref_logp"].append(ref_logp)
+            chunks["values"].append(self._values(model.value_model, i, m, context_len))
+            chunks["scores"].append(self._scores(i, m, context_len, rm))
+        r = {k: torch.cat(v) for k, v in chunks.items()}
+        lengths = response_mask.sum(1).float()
+        scores = r["scores"] - args.length_penalty * lengths
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_stop).float()
+        maskf = response_mask.float()
+        logr = (r["logp"] - r["ref_logp"]) * maskf
+        penalty = self._penalty_per_token(logr) * maskf
+        rewards = torch.zeros_like(logr)
+        if args.divergence_penalty == "reward":
+            rewards = rewards - args.kl_coef * penalty
+        last = (lengths.long() - 1).clamp(min=0)
+        rewards[torch.arange(rewards.size(0), device=device), last] += scores
+        if args.whiten_rewards:
+            rewards = _masked_whiten(rewards, maskf, shift_mean=False) * maskf
+        values = r["values"] * maskf
+        advantages = torch.zeros_like(rewards)
+        gae = torch.zeros(rewards.size(0), device=device)
+        T = rewards.size(1)
+        for t in reversed(range(T)):
+            next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(gae)
+            delta = rewards[:, t] + args.gamma * next_v - values[:, t]
+            gae = delta + args.gamma * args.lam * gae
+            gae = gae * maskf[:, t]  # nothing flows back from padding
+            advantages[:, t] = gae
+        returns = advantages + values
+        advantages = _masked_whiten(advantages, maskf) * maskf
+        return {"ids": ids, "mask": mask, "response_mask": maskf, "context_len": context_len,
+                "logp": r["logp"], "ref_logp": r["ref_logp"], "values": values, "advantages": advantages,
+                "returns": returns, "scores": scores, "raw_scores": r["scores"], "penalty": penalty,
+                "logr": logr, "entropy": r["entropy"], "lengths": lengths, "has_stop": has_stop.float(),
+                "rewards": rewards}
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    def _ppo_loss(self, ro, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        args, model = self.args, self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        ids, mask, rmask, c = ro["ids"][idx], ro["mask"][idx], ro["response_mask"][idx], ro["context_len"]
+        logp, _ = self._token_logprobs(unwrapped.policy, ids, mask, c)
+        vpred = self._values(unwrapped.value_model, ids, mask, c)
+        old_logp, old_v, adv, ret = ro["logp"][idx], ro["values"][idx], ro["advantages"][idx], ro["returns"][idx]
+        vclipped = old_v + (vpred - old_v).clamp(-args.cliprange_value, args.cliprange_value)
+        vf_losses = torch.maximum((vpred - ret) ** 2, (vclipped - ret) ** 2)
+        vf_loss = 0.5 * _masked_mean(vf_losses, rmask)
+        ratio = torch.exp((logp - old_logp) * rmask)
+        pg_losses = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+        pg_loss = _masked_mean(pg_losses, rmask)
+        loss = pg_loss + args.vf_coef * vf_loss
+        div_loss = torch.zeros((), device=loss.device)
+        if args.divergence_penalty == "loss":
+            logr = (logp - ro["ref_logp"][idx]) * rmask
+            div_loss = (self.divergence.estimator(logr) * rmask).sum(1).mean()
+            loss = loss + args.kl_coef * div_loss
+        with torch.no_grad():
+            stats = {
+                "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "div_loss": div_loss.detach(),
+                "pg_clipfrac": _masked_mean(((pg_losses - (-adv * ratio)) > 0).float(), rmask),
+                "vf_clipfrac": _masked_mean(((vclipped - ret) ** 2 > (vpred - ret) ** 2).float(), rmask),
+                "approxkl": 0.5 * _masked_mean((logp - old_logp) ** 2, rmask),
+                "ratio": _masked_mean(ratio, rmask),
+            }
+        return loss, stats
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Run `max_steps` PPO iterations (resuming from a checkpoint of this trainer if asked)."""
+        args = self.args
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {args.output_dir} to resume from.")
+        updates_per_iter = args.num_ppo_epochs * args.num_mini_batches
+        self.create_optimizer_and_scheduler(num_training_steps=args.max_steps * updates_per_iter)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model_wrapped = self.model
+        self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
+                                                      if hasattr(cb, "state")])
+        self.state.max_steps, self.state.logging_steps = args.max_steps, args.logging_steps
+        self.state.save_steps = args.save_steps
+        start = 0
+        if resume_from_checkpoint:
+            self._load_checkpoint_weights(resume_from_checkpoint)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            self._load_rng_state(resume_from_checkpoint)
+            start = self.state.global_step
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        batches = self._prompt_batches(start)
+        mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        start_time = time.time()
+        self.model.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.max_steps, initial=start, desc="PPO", disable=args.disable_tqdm
+                   or not self.is_local_process_zero())
+        for it in range(start, args.max_steps):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            ro = self._rollout(next(batches))
+            n = ro["ids"].size(0)
+            acc = {k: [] for k in ("pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
+            for _ in range(args.num_ppo_epochs):
+                order = torch.randperm(n, device=ro["ids"].device)
+                for mb in range(0, n, mb_size):
+                    mb_idx = order[mb:mb + mb_size]
+                    for micro in range(0, mb_idx.numel(), args.per_device_train_batch_size):
+                        idx = mb_idx[micro:micro + args.per_device_train_batch_size]
+                        with self.accelerator.accumulate(self.model):
+                            loss, stats = self._ppo_loss(ro, idx)
+                            self.accelerator.backward(loss)
+                            if self.accelerator.sync_gradients and args.max_grad_norm:
+                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
+                        for k, v in stats.items():
+                            acc[k].append(v)
+                    self.lr_scheduler.step()
+            self.state.global_step = it + 1
+            self.state.epoch = (it + 1) * n * args.world_size / len(self.train_dataset)
+            bar.update(1)
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_log or (it + 1) % max(args.logging_steps, 1) == 0 or it + 1 == args.max_steps:
+                self.log(self._iteration_metrics(ro, acc), start_time)
+            if args.save_strategy == "steps" and args.save_steps and (it + 1) % int(args.save_steps) == 0:
+                self._save_checkpoint(self.model, trial=None)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+        bar.close()
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self.state
+
+    @torch.no_grad()
+    def _iteration_metrics(self, ro, acc) -> dict[str, float]:
+        gather = self.accelerator.gather_for_metrics
+        rmask = ro["response_mask"]
+        seq_penalty = ro["penalty"].sum(1)
+        metrics = {
+            "objective/scores": gather(ro["raw_scores"]).mean().item(),
+            "objective/rlhf_reward": gather(ro["rewards"].sum(1)).mean().item(),
+            f"objective/{self.divergence.name}": gather(seq_penalty).mean().item(),
+            "objective/entropy": gather(_masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
+            "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
+            "response/length": gather(ro["lengths"]).mean().item(),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
+        }
+        # the unbiased estimate of every divergence of the family, from the same samples
+        for name in ("reverse_kl", "forward_kl", "jsd", "alpha"):
+            d = get_divergence(name, 0.5 if name == "alpha" else None)
+            est = (d.estimator(ro["logr"]) * rmask).sum(1)
+            metrics[f"divergence/{name}"] = gather(est).mean().item()
+        names = {"pg_loss": "loss/policy_avg", "vf_loss": "loss/value_avg", "div_loss": "loss/divergence_avg",
+                 "pg_clipfrac": "policy/clipfrac_avg", "vf_clipfrac": "val/clipfrac_avg",
+                 "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}
+        for k, v in acc.items():
+            metrics[names[k]] = gather(torch.stack(v).mean().reshape(1)).mean().item()
+        return metrics
+
+    # ---- saving ----------------------------------------------------------------------------------
+    # Replaces Trainer._save: the policy is saved as a normal Hugging Face model (loadable with
+    # from_pretrained), the value model in `value_model/`, instead of the state dict of the wrapper.
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.policy.save_pretrained(output_dir)
+        unwrapped.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_checkpoint_weights(self, checkpoint: str):
+        from safetensors.torch import load_file
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        for module, folder in ((unwrapped.policy, checkpoint), (unwrapped.value_model, os.path.join(checkpoint, "value_model"))):
+            if hasattr(module, "disable_adapter"):
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(module, load_file(os.path.join(folder, "adapter_model.safetensors")))
+            else:
+                missing, unexpected = module.load_state_dict(load_file(os.path.join(folder, "model.safetensors")),
+                                                             strict=False)
+                tied = set(getattr(module, "_tied_weights_keys", None) or [])
+                if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+                    raise ValueError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}).")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        output_dir = output_dir or self.args.output_dir
+        if self.is_world_process_zero():
+            self._save(output_dir)

@@ -1,0 +1,156 @@
+"""PPOTrainer: learns, matches the documented penalties, resumes, refuses bad input, and reward models
+from CausalRewardTrainer plug into it and into TRL's GRPOTrainer."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignkit import PPOConfig, PPOTrainer
+from alignkit.divergences import get_divergence
+from tests.conftest import base_args
+
+TARGET = "e"
+
+
+def _count_target(prompts, completions):
+    """A reward that prefers one token (here a character, frequent enough for a random-init policy to find):
+    how often TARGET appears in the completion, / 4."""
+    return [c.count(TARGET) / 4 for c in completions]
+
+
+@pytest.fixture
+def prompts():
+    from alignkit.data.synthetic import sentiment
+
+    return sentiment("train", num_samples=64).select_columns(["prompt"])
+
+
+def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target, **kw):
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    value = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    args = dict(base_args(tmp_path), per_device_train_batch_size=16, num_ppo_epochs=4, response_length=8,
+                learning_rate=1e-2, lr_scheduler_type="constant", temperature=1.0, kl_coef=0.05, logging_steps=1)
+    args.update(kw)
+    return PPOTrainer(args=PPOConfig(**args), processing_class=tokenizer, model=policy, ref_model=ref,
+                      reward_model=reward, value_model=value, train_dataset=prompts)
+
+
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd", "alpha"])
+def test_ppo_raises_the_reward_for_every_divergence(divergence, placement, tiny_model_path, tokenizer, prompts,
+                                                     tmp_path):
+    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, divergence=divergence, divergence_penalty=placement,
+                       alpha=0.5 if divergence == "alpha" else None, max_steps=24)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "objective/scores" in e]
+    first = sum(e["objective/scores"] for e in logs[:3]) / 3
+    last = sum(e["objective/scores"] for e in logs[-3:]) / 3
+    # the random-init policy starts near 0.4-0.5; 24 iterations reach 0.8-4 depending on the divergence
+    assert last > first + 0.3 and last > 1.5 * first, (first, last)
+    est = [e[f"divergence/{divergence}"] for e in logs]
+    assert abs(est[0]) < 1e-3  # the policy starts as the reference
+    assert all(torch.isfinite(torch.tensor(est))) and est[-1] > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_reverse_kl_reward_penalty_is_k1_or_k3(estimator, tiny_model_path, tokenizer, prompts, tmp_path):
+    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, kl_estimator=estimator, kl_coef=0.3)
+    with torch.no_grad():  # move the policy away from the reference so that the penalty is not 0
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [{"input_ids": tokenizer(prompts[i]["prompt"], add_special_tokens=False)["input_ids"]} for i in range(4)]
+    batch = trainer._collate(rows)
+    ro = trainer._rollout(batch)
+    ids, mask, c = ro["ids"], ro["mask"], ro["context_len"]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def logps(model):  # plain forward, independent of the trainer's helpers
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, c - 1:-1] / (1.0 + 1e-7)
+        return logits.log_softmax(-1).gather(-1, ids[:, c:, None]).squeeze(-1)
+
+    logr = logps(trainer.policy) - logps(trainer.ref_model)
+    k = logr if estimator == "k1" else (torch.exp(-logr) - 1) + logr  # TRL's k1 and k3 (Schulman's estimators)
+    expected = -0.3 * k
+    last = ro["lengths"].long() - 1
+    expected[torch.arange(4), last] += ro["scores"]
+    torch.testing.assert_close(ro["rewards"], expected, rtol=0, atol=1e-5)
+    assert (k.abs() > 1e-3).any()
+
+
+def test_per_token_estimator_is_unbiased_for_every_divergence():
+    """What PPO subtracts per token, averaged over tokens sampled from pi, is D_f(pi || pi_ref)."""
+    g = torch.Generator().manual_seed(0)
+    pi = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    ref = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    samples = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    logr = (pi.log() - ref.log())[samples].double()
+    for name, alpha in [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.3)]:
+        d = get_divergence(name, alpha)
+        est = d.estimator(logr)
+        exact = d.divergence(pi.log().double(), ref.log().double())  # D_f(pi || ref) = E_ref f(pi/ref)
+        se = est.std() / len(est) ** 0.5
+        assert abs(est.mean() - exact) < 4 * se, (name, est.mean().item(), exact.item())
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_model_path, tokenizer, prompts, tmp_path):
+    full = _trainer(tiny_model_path, tokenizer, prompts, tmp_path / "full", max_steps=4)
+    full.train()
+    part = _trainer(tiny_model_path, tokenizer, prompts, tmp_path / "part", max_steps=4, save_strategy="steps",
+                    save_steps=2)
+    part.train()  # writes checkpoint-2 and checkpoint-4
+    resumed = _trainer(tiny_model_path, tokenizer, prompts, tmp_path / "part", max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+
+    def at(trainer, step):
+        return next(e for e in trainer.state.log_history if e.get("step") == step and "objective/scores" in e)
+
+    for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "divergence/reverse_kl"):
+        assert at(resumed, 3)[key] == pytest.approx(at(full, 3)[key], rel=1e-4, abs=1e-5), key
+        assert at(resumed, 4)[key] == pytest.approx(at(full, 4)[key], rel=1e-4, abs=1e-5), key
+
+
+def test_bad_inputs(tiny_model_path, tokenizer, prompts, tmp_path):
+    two = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=2)
+    with pytest.raises(ValueError, match="one output"):
+        _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=two)
+    with pytest.raises(ValueError, match="'prompt' column"):
+        _trainer(tiny_model_path, tokenizer, Dataset.from_list([{"query": "hi"}] * 4), tmp_path)
+    import copy
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        _trainer(tiny_model_path, no_pad, prompts, tmp_path)
+    with pytest.raises(ValueError, match="divergence_penalty"):
+        PPOConfig(**base_args(tmp_path, divergence_penalty="both"))
+
+
+def test_a_saved_causal_reward_model_drives_ppo_and_trl_grpo(tiny_model_path, tokenizer, prompts, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit import CausalRewardConfig, CausalRewardTrainer
+    from alignkit.data.synthetic import sycophancy
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    crm = CausalRewardTrainer(model=rm, args=CausalRewardConfig(**base_args(tmp_path / "crm", attributes=["sycophantic"])),
+                              train_dataset=sycophancy("train", num_samples=16), processing_class=tokenizer)
+    crm.train()
+    crm.save_model(str(tmp_path / "crm" / "final"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "crm" / "final")
+
+    ppo = _trainer(tiny_model_path, tokenizer, prompts, tmp_path / "ppo", reward=loaded, max_steps=2)
+    ppo.train()
+    assert all(torch.isfinite(torch.tensor(e["objective/scores"])) for e in ppo.state.log_history
+               if "objective/scores" in e)
+
+    grpo_args = GRPOConfig(**base_args(tmp_path / "grpo", per_device_train_batch_size=4, max_steps=1),
+                           num_generations=4, max_completion_length=8)
+    grpo = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_path), reward_funcs=loaded,
+                       reward_processing_classes=tokenizer, args=grpo_args, train_dataset=prompts,
+                       processing_class=tokenizer)
+    grpo.train()
+    assert any("reward" in k for e in grpo.state.log_history for k in e)
