@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides", "METHODS"]
 
@@ -45,6 +45,8 @@ METHODS: dict[str, tuple[str, str, str]] = {
              "alignkit.data.groups:validate_group_dataset"),
     "crm": ("alignkit.trainers.causal_reward:CausalRewardConfig", "alignkit.trainers.causal_reward:CausalRewardTrainer",
             "alignkit.data.validation:validate_preference_dataset"),
+    "ppo": ("alignkit.trainers.ppo:PPOConfig", "alignkit.trainers.ppo:PPOTrainer",
+            "alignkit.data.validation:validate_prompt_dataset"),
 }
 #: methods that train a reward model (AutoModelForSequenceClassification, one output, no reference model)
 REWARD_MODEL_METHODS = {"crm"}
@@ -108,6 +110,23 @@ class DatasetSection(_Section):
         return v
 
 
+class RewardSection(_Section):
+    """PPO's reward source: a sequence-classification reward model, or a function."""
+
+    #: folder or hub id of a reward model with one output (e.g. a `method: crm` run's output_dir)
+    model: str | None = None
+    #: ``builtin:sentiment`` or ``package.module:function`` taking (prompts, completions)
+    function: str | None = None
+    #: value model to start from (default: the reward model, else the policy's weights with a new head)
+    value_model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.function is None):
+            raise ValueError("set exactly one of reward.model and reward.function")
+        return self
+
+
 class WandbSection(_Section):
     project: str | None = None
     entity: str | None = None
@@ -117,7 +136,8 @@ class WandbSection(_Section):
     mode: Literal["auto", "online", "offline"] = "auto"
 
 
-SECTIONS = {"method": None, "model": ModelSection, "dataset": DatasetSection, "peft": None, "wandb": WandbSection}
+SECTIONS = {"method": None, "model": ModelSection, "dataset": DatasetSection, "peft": None, "wandb": WandbSection,
+            "reward": RewardSection}
 
 
 @dataclasses.dataclass
@@ -130,6 +150,7 @@ class Recipe:
     training: dict[str, Any]
     peft: dict[str, Any] | None = None
     wandb: WandbSection | None = None
+    reward: RewardSection | None = None
     source: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -229,7 +250,7 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
         training["output_dir"] = str(Path("outputs") / Path(source).stem)
 
     sections = {}
-    for name in ("model", "dataset", "wandb"):
+    for name in ("model", "dataset", "wandb", "reward"):
         if name not in data or data[name] is None:
             continue
         value = data[name]
@@ -259,8 +280,12 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                 raise RecipeError(f"{where}: unknown key 'peft.{key}'.{_closest(key, lora_fields)} The peft section takes "
                                   "peft.LoraConfig fields (r, lora_alpha, lora_dropout, target_modules, ...).")
         peft = {k: _coerce(f"peft.{k}", v, lora_fields[k], where) for k, v in peft.items()}
+    if (method == "ppo") != ("reward" in sections):
+        raise RecipeError(f"{where}: " + ("method 'ppo' needs a 'reward' section (reward.model: a reward model folder, "
+                                          "or reward.function: builtin:sentiment / package.module:function)."
+                                          if method == "ppo" else f"the 'reward' section is for method 'ppo', not {method!r}."))
     return Recipe(method=method, model=sections["model"], dataset=sections["dataset"], training=training,
-                  peft=peft, wandb=sections.get("wandb"), source=source, raw=data)
+                  peft=peft, wandb=sections.get("wandb"), reward=sections.get("reward"), source=source, raw=data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -126,6 +126,35 @@ def load_model_and_tokenizer(recipe: Recipe, weights: bool = True):
     return model, ref, tokenizer
 
 
+def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
+    """PPO's reward source, value model and reference (a copy of the policy unless PEFT or given)."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from .rewards import load_reward_function
+
+    r = recipe.reward
+    dtype = policy.dtype
+
+    def seq_cls(name):
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1,
+                                                                      dtype=dtype)
+        except OSError as exc:
+            raise RecipeError(f"could not load reward/value model {name!r}: {str(exc).splitlines()[0]} Train one "
+                              "first (e.g. alignkit train recipes/crm-sycophancy.yaml) or fix the path.") from None
+
+    try:
+        reward = load_reward_function(r.function) if r.function else seq_cls(r.model)
+    except ValueError as exc:
+        raise RecipeError(f"reward.function: {exc}") from None
+    value = seq_cls(r.value_model or r.model or recipe.model.name_or_path)
+    if ref is None and peft_config is None:
+        ref = copy.deepcopy(policy)
+    return {"reward_model": reward, "value_model": value, "ref_model": ref}
+
+
 def _wants_wandb(config) -> bool:
     report_to = config.report_to or []
     return "wandb" in (report_to if isinstance(report_to, list) else [report_to]) or report_to == "all"
@@ -199,7 +228,9 @@ def train(recipe: Recipe) -> dict:
     trainer_cls = trainer_class(recipe.method)
     kwargs = dict(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   peft_config=peft_config)
-    if recipe.method not in REWARD_MODEL_METHODS:
+    if recipe.method == "ppo":
+        kwargs.update(_ppo_models(recipe, model, ref, peft_config))
+    elif recipe.method not in REWARD_MODEL_METHODS:
         kwargs["ref_model"] = ref
     trainer = trainer_cls(**kwargs)
     trainer.alignkit_recipe = recipe.to_yaml()
@@ -220,6 +251,12 @@ def train(recipe: Recipe) -> dict:
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        scores = [e for e in trainer.state.log_history if "objective/scores" in e]
+        if len(scores) >= 2:
+            div = f"divergence/{config.divergence}"
+            _info(f"mean score {scores[0]['objective/scores']:.3f} (iteration {scores[0]['step']}) -> "
+                  f"{scores[-1]['objective/scores']:.3f} (iteration {scores[-1]['step']}); {config.divergence} "
+                  f"estimate {scores[0][div]:.3f} -> {scores[-1][div]:.3f}")
         key = "eval_accuracy" if recipe.method in REWARD_MODEL_METHODS else "eval_rewards/accuracies"
         evals = [e for e in trainer.state.log_history if key in e]
         if len(evals) >= 2:

@@ -183,3 +183,35 @@ def test_causal_dpo_recipe_trains_and_saves_its_bins(tmp_path):
     assert (out / "alignkit_attribute_bins.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert any("eval_mmd/penalty" in e for e in metrics["log_history"])
+
+
+def test_ppo_recipes_train_on_a_function_and_on_a_causal_reward_model(tmp_path, capsys):
+    out = tmp_path / "ppo-fdiv"
+    assert main(["train", str(ROOT / "recipes" / "ppo-fdiv.yaml"), "--set", f"output_dir={out}", "--set", "max_steps=3",
+                 "--set", "logging_steps=1"]) == 0
+    assert "mean score" in capsys.readouterr().err
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the policy is a normal Hugging Face model
+
+    rm = tmp_path / "crm"
+    assert main(["train", str(ROOT / "recipes" / "crm-sycophancy.yaml"), "--set", f"output_dir={rm}",
+                 "--set", "max_steps=2", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+                 "--set", "dataset.builtin_kwargs={num_samples: 64}"]) == 0
+    out = tmp_path / "ppo-crm"
+    assert main(["train", str(ROOT / "recipes" / "ppo-crm-sycophancy.yaml"), "--set", f"output_dir={out}",
+                 "--set", f"reward.model={rm}", "--set", "max_steps=2", "--set", "logging_steps=1",
+                 "--set", "dataset.builtin_kwargs={num_samples: 32}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("objective/scores" in e for e in metrics["log_history"])
+
+
+def test_ppo_recipe_errors(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: ppo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "needs a 'reward' section" in capsys.readouterr().err
+    recipe.write_text("method: ppo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\n"
+                      "reward: {function: builtin:nope}\nmax_steps: 1\nreport_to: none\n")
+    assert main(["train", str(recipe), "--set", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "unknown built-in reward" in capsys.readouterr().err

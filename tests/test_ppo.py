@@ -154,3 +154,20 @@ def test_a_saved_causal_reward_model_drives_ppo_and_trl_grpo(tiny_model_path, to
                        processing_class=tokenizer)
     grpo.train()
     assert any("reward" in k for e in grpo.state.log_history for k in e)
+
+
+def test_lora_policy_uses_the_disabled_adapter_as_reference(tiny_model_path, tokenizer, prompts, tmp_path):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    args = PPOConfig(**dict(base_args(tmp_path), per_device_train_batch_size=16, num_ppo_epochs=4, response_length=8,
+                            learning_rate=1e-2, temperature=1.0, logging_steps=1, max_steps=3))
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                         reward_model=_count_target,
+                         value_model=AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1),
+                         train_dataset=prompts, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    est = [e["divergence/reverse_kl"] for e in trainer.state.log_history if "divergence/reverse_kl" in e]
+    assert abs(est[0]) < 1e-6 and est[-1] > 1e-4  # LoRA B starts at 0: policy == reference, then moves away
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists()

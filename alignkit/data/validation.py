@@ -74,3 +74,14 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
         for c in required:
             if kinds[c] == "text" and not row[c].strip():
                 raise DatasetError(f"{where}, row {i}: column {c!r} is empty.")
+
+
+def validate_prompt_dataset(dataset, where: str = "dataset") -> None:
+    """Check that ``dataset`` holds prompts for on-policy training (PPO): a ``prompt`` column (text or
+    conversational), or tokenized ``input_ids``."""
+    names = dataset.column_names or []
+    if "prompt" not in names and "input_ids" not in names:
+        raise DatasetError(f"{where} has no 'prompt' column (it has {names}); map yours with dataset.columns, "
+                           "e.g. columns: {prompt: question}.")
+    if len(dataset) == 0:
+        raise DatasetError(f"{where} is empty.")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from transformers import GenerationConfig, Trainer, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..divergences import get_divergence
 from ._common import ConfigResolverMixin, default_precision_for_this_machine
@@ -480,7 +480,11 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 break
         bar.close()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return self.state
+        runtime = time.time() - start_time
+        metrics = {"train_runtime": runtime, "train_iterations": self.state.global_step - start,
+                   "train_iterations_per_second": (self.state.global_step - start) / max(runtime, 1e-9)}
+        self.log(metrics)
+        return TrainOutput(self.state.global_step, 0.0, metrics)
 
     @torch.no_grad()
     def _iteration_metrics(self, ro, acc) -> dict[str, float]:
@@ -538,6 +542,24 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
                     raise ValueError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]}).")
+
+    def create_model_card(self, model_name: str | None = None, **_):
+        """A short model card: the method, divergence, penalty placement and (when trained from one) the recipe."""
+        if not self.is_world_process_zero():
+            return
+        alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
+        reward = type(self.reward_model).__name__ if isinstance(self.reward_model, nn.Module) else \
+            getattr(self.reward_model, "__name__", "a reward function")
+        lines = [f"# {model_name or os.path.basename(os.path.abspath(self.args.output_dir))}", "",
+                 "Policy trained with PPO by alignkit (`PPOTrainer`), on top of TRL.", "",
+                 f"- divergence: `{self.divergence.name}`{alpha}, penalty in the {self.args.divergence_penalty}, "
+                 f"kl_coef {self.args.kl_coef}", f"- reward: {reward}",
+                 f"- iterations: {self.state.global_step}", ""]
+        recipe = getattr(self, "alignkit_recipe", None)
+        if recipe:
+            lines += ["Recipe:", "", "```yaml", recipe.rstrip(), "```", ""]
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         output_dir = output_dir or self.args.output_dir

@@ -1,0 +1,46 @@
+"""Reward functions for PPOTrainer (and TRL's GRPO/RLOO `reward_funcs`): `(prompts, completions) -> scores`.
+
+Built-in ones score the built-in synthetic tasks; recipes name them `builtin:<name>`, or any importable
+callable as `package.module:function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+from .data.synthetic import NEGATIVE, POSITIVE
+
+_POS, _NEG = set(POSITIVE), set(NEGATIVE)
+
+
+def sentiment(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """The sentiment task's rule as a reward: praising words minus panning words in the completion."""
+    out = []
+    for text in completions:
+        words = re.findall(r"[a-z]+", text.lower())
+        out.append(float(sum(w in _POS for w in words) - sum(w in _NEG for w in words)))
+    return out
+
+
+BUILTIN_REWARDS = {"sentiment": sentiment}
+
+
+def load_reward_function(spec: str):
+    """`builtin:<name>` or `package.module:function`."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_REWARDS:
+            raise ValueError(f"unknown built-in reward {spec!r}; available: "
+                             f"{', '.join('builtin:' + n for n in BUILTIN_REWARDS)}.")
+        return BUILTIN_REWARDS[name]
+    if ":" not in spec:
+        raise ValueError(f"reward function {spec!r}: write it as 'package.module:function' or 'builtin:<name>'.")
+    module, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward function {spec!r} could not be imported: {exc}.") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is not callable.")
+    return fn
