@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/multisample_vs_trl.py
 	$(BIN)/python benchmarks/crm_vs_trl.py
 	$(BIN)/python benchmarks/crm_bias.py
+	$(BIN)/python benchmarks/ppo_profile.py
 
 clean:
 	rm -rf outputs .pytest_cache

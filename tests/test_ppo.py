@@ -169,5 +169,9 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(tiny_model_path, tok
     trainer.train()
     est = [e["divergence/reverse_kl"] for e in trainer.state.log_history if "divergence/reverse_kl" in e]
     assert abs(est[0]) < 1e-6 and est[-1] > 1e-4  # LoRA B starts at 0: policy == reference, then moves away
+    log = next(e for e in trainer.state.log_history if "objective/scores" in e)
+    for key in ("time/generation", "time/forward", "time/scoring", "time/optimisation", "objective/entropy",
+                "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "response/length", "divergence/jsd"):
+        assert key in log, key
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()

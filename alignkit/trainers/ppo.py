@@ -125,6 +125,12 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -211,6 +217,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
+        self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
         for m in (self.ref_model, self.reward_model):
             if isinstance(m, nn.Module):
                 m.eval().requires_grad_(False).to(self.accelerator.device)
@@ -320,10 +327,12 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         device = self.accelerator.device
         prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         context_len = prompt_ids.size(1)
+        t0 = _now()
         model.eval()
         seqs = model.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                      generation_config=self.generation_config)
         model.train()
+        self._timings["generation"] += _now() - t0
         response = seqs[:, context_len:]
         # a response ends at its first stop token (kept); everything after is padding
         if self.stop_token_id is not None:
@@ -342,6 +351,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         bs = args.local_rollout_forward_batch_size
         for s in range(0, ids.size(0), bs):
             i, m, rm = ids[s:s + bs], mask[s:s + bs], response_mask[s:s + bs]
+            t0 = _now()
             logp, ent = self._token_logprobs(model.policy, i, m, context_len)
             with self._ref_context():
                 ref_logp, _ = self._token_logprobs(self.ref_model or model.policy, i, m, context_len)
@@ -349,7 +359,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             chunks["entropy"].append(ent)
             chunks["ref_logp"].append(ref_logp)
             chunks["values"].append(self._values(model.value_model, i, m, context_len))
+            t1 = _now()
             chunks["scores"].append(self._scores(i, m, context_len, rm))
+            self._timings["forward"] += t1 - t0
+            self._timings["scoring"] += _now() - t1
         r = {k: torch.cat(v) for k, v in chunks.items()}
         lengths = response_mask.sum(1).float()
         scores = r["scores"] - args.length_penalty * lengths
@@ -448,7 +461,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                    or not self.is_local_process_zero())
         for it in range(start, args.max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
             ro = self._rollout(next(batches))
+            t_opt = _now()
             n = ro["ids"].size(0)
             acc = {k: [] for k in ("pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
             for _ in range(args.num_ppo_epochs):
@@ -467,6 +482,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                         for k, v in stats.items():
                             acc[k].append(v)
                     self.lr_scheduler.step()
+            self._timings["optimisation"] = _now() - t_opt
             self.state.global_step = it + 1
             self.state.epoch = (it + 1) * n * args.world_size / len(self.train_dataset)
             bar.update(1)
@@ -501,6 +517,8 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             "lr": self.lr_scheduler.get_last_lr()[0],
             "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
         }
+        # seconds of this iteration: sampling, no-grad forwards (policy, reference, value), reward, updates
+        metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         # the unbiased estimate of every divergence of the family, from the same samples
         for name in ("reverse_kl", "forward_kl", "jsd", "alpha"):
             d = get_divergence(name, 0.5 if name == "alpha" else None)
