@@ -175,3 +175,16 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(tiny_model_path, tok
         assert key in log, key
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_config_takes_the_fields_of_trls_former_ppo_config(tmp_path):
+    """A script written for trl.experimental.ppo.PPOConfig (TRL <= 1.12) builds our config unchanged."""
+    former = dict(exp_name="ppo", reward_model_path="rm", sft_model_path="sft", num_ppo_epochs=4, whiten_rewards=False,
+                  kl_coef=0.05, kl_estimator="k3", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0,
+                  lam=0.95, ds3_gather_for_generation=True, dataset_num_proc=None, num_mini_batches=1,
+                  total_episodes=None, local_rollout_forward_batch_size=64, num_sample_generations=10,
+                  response_length=53, stop_token="eos", stop_token_id=None, temperature=0.7, missing_eos_penalty=1.0)
+    cfg = PPOConfig(**base_args(tmp_path), **former)
+    assert cfg.kl_estimator == "k3" and cfg.divergence == "reverse_kl" and cfg.divergence_penalty == "reward"
+    with pytest.raises(ValueError, match="not supported"):
+        PPOConfig(**base_args(tmp_path), ref_adapter_name="ref")

@@ -56,6 +56,16 @@ class PPOConfig(TrainingArguments):
     """
 
     # TRL's former OnPolicyConfig / PPOConfig fields
+    exp_name: str = field(default="ppo", metadata={"help": "Experiment name (kept for TRL compatibility)."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "Accepted for TRL compatibility; "
+                                                                          "pass the model as reward_model."})
+    sft_model_path: str | None = field(default=None, metadata={"help": "Accepted for TRL compatibility; pass "
+                                                                       "the policy as model."})
+    model_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
+    ref_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
+    num_sample_generations: int = field(default=10, metadata={"help": "Accepted for TRL compatibility; no effect "
+                                                                      "(samples are not printed during training)."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "Accepted for TRL compatibility."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
     num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
     total_episodes: int | None = field(default=None, metadata={"help": "Prompts to generate for (sets max_steps)."})
@@ -100,6 +110,10 @@ class PPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+        if self.model_adapter_name or self.ref_adapter_name:
+            raise ValueError("model_adapter_name/ref_adapter_name (several adapters on one model) are not supported; "
+                             "pass peft_config (the reference is the policy with its adapter disabled) or a "
+                             "ref_model.")
 
     @property
     def local_batch_size(self) -> int:
