@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="path to the recipe YAML")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value; dotted keys reach into sections (model.dtype=bfloat16)")
+        if name == "train":
+            p.add_argument("--dry-run", action="store_true",
+                           help="print the multi-process launch command of the recipe's distributed section, "
+                                "and exit")
     return parser
 
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true", category=UserWarning)
     try:
         from . import runner
-        from .recipes import load_recipe
+        from .recipes import RecipeError, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
@@ -77,6 +81,29 @@ def main(argv: list[str] | None = None) -> int:
             datasets.disable_progress_bars()
             summary = runner.validate(recipe)
             print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+            return 0
+        dist = recipe.distributed
+        from .distributed import format_command, is_launched_worker, launch_command
+
+        if dist is not None and dist.num_processes * dist.num_machines > 1 and not is_launched_worker():
+            if dist.deepspeed:  # fail here, not in N workers, on a bad name or file
+                from .distributed import deepspeed_config
+
+                try:
+                    deepspeed_config(dist.deepspeed, dist.offload_optimizer, dist.offload_params)
+                except ValueError as exc:
+                    raise RecipeError(str(exc)) from None
+            cmd, env = launch_command(dist, args.recipe, args.overrides)
+            if args.dry_run:
+                print(format_command(cmd, env))
+                return 0
+            import subprocess
+
+            print(f"[alignkit] launching {dist.num_processes} processes: {format_command(cmd, env)}", file=sys.stderr)
+            return subprocess.call(cmd, env={**os.environ, **env})
+        if getattr(args, "dry_run", False):
+            print(f"{args.recipe}: single process (no distributed section with num_processes > 1); run "
+                  f"alignkit train {args.recipe}")
             return 0
         runner.train(recipe)
         return 0

@@ -127,6 +127,28 @@ class RewardSection(_Section):
         return self
 
 
+class DistributedSection(_Section):
+    """Multi-process training: `alignkit train` relaunches itself under torchrun (see alignkit.distributed)."""
+
+    num_processes: int = 1
+    #: zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON | null (plain DDP)
+    deepspeed: str | None = None
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int = 29500
+
+    @field_validator("num_processes", "num_machines")
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
 class WandbSection(_Section):
     project: str | None = None
     entity: str | None = None
@@ -137,7 +159,7 @@ class WandbSection(_Section):
 
 
 SECTIONS = {"method": None, "model": ModelSection, "dataset": DatasetSection, "peft": None, "wandb": WandbSection,
-            "reward": RewardSection}
+            "reward": RewardSection, "distributed": DistributedSection}
 
 
 @dataclasses.dataclass
@@ -151,14 +173,24 @@ class Recipe:
     peft: dict[str, Any] | None = None
     wandb: WandbSection | None = None
     reward: RewardSection | None = None
+    distributed: DistributedSection | None = None
     source: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def build_config(self):
-        """The method's config object (e.g. FDPOConfig). Raises RecipeError on a bad value."""
+        """The method's config object (e.g. FDPOConfig). Raises RecipeError on a bad value. Inside a process
+        launched for the `distributed` section, DeepSpeed and accelerate's state are set up first."""
         cls = config_class(self.method)
+        training = self.training
+        from .distributed import is_launched_worker, prepare_worker
+
+        if self.distributed is not None and is_launched_worker():
+            try:
+                training = prepare_worker(self.distributed, training)
+            except ValueError as exc:
+                raise RecipeError(f"{self._where()}: {exc}") from None
         try:
-            return cls(**self.training)
+            return cls(**training)
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{self._where()}: {exc}") from None
 
@@ -250,7 +282,7 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
         training["output_dir"] = str(Path("outputs") / Path(source).stem)
 
     sections = {}
-    for name in ("model", "dataset", "wandb", "reward"):
+    for name in ("model", "dataset", "wandb", "reward", "distributed"):
         if name not in data or data[name] is None:
             continue
         value = data[name]
@@ -285,7 +317,8 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                                           "or reward.function: builtin:sentiment / package.module:function)."
                                           if method == "ppo" else f"the 'reward' section is for method 'ppo', not {method!r}."))
     return Recipe(method=method, model=sections["model"], dataset=sections["dataset"], training=training,
-                  peft=peft, wandb=sections.get("wandb"), reward=sections.get("reward"), source=source, raw=data)
+                  peft=peft, wandb=sections.get("wandb"), reward=sections.get("reward"),
+                  distributed=sections.get("distributed"), source=source, raw=data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

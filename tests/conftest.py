@@ -13,6 +13,9 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 os.environ.setdefault("ALIGNKIT_CACHE", os.path.join(tempfile.gettempdir(), "alignkit-test-cache"))
+# DeepSpeed JIT-compiles its CPU shared-memory collective once (~40 s where a C++ compiler exists); keep the
+# build next to the model cache so that later test runs (and the launched processes) load it instead.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.environ["ALIGNKIT_CACHE"], "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

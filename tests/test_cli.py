@@ -215,3 +215,29 @@ def test_ppo_recipe_errors(tmp_path, capsys):
                       "reward: {function: builtin:nope}\nmax_steps: 1\nreport_to: none\n")
     assert main(["train", str(recipe), "--set", f"output_dir={tmp_path / 'o'}"]) == 2
     assert "unknown built-in reward" in capsys.readouterr().err
+
+
+def test_distributed_dry_run_prints_the_launch_command(capsys):
+    code = main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "distributed.num_processes=2",
+                 "--set", "distributed.deepspeed=zero2", "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run" in out and "--nproc_per_node=2" in out and "ACCELERATE_USE_DEEPSPEED=true" in out
+    assert "--set distributed.deepspeed=zero2" in out
+
+
+def test_bad_distributed_sections_fail_with_exit_2(tmp_path, capsys):
+    base = ["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "distributed.num_processes=2"]
+    assert main(base + ["--set", "distributed.deepspeed=zero9", "--dry-run"]) == 2
+    assert "neither one of zero2, zero3, zero3_offload nor a JSON file" in capsys.readouterr().err
+    assert main(base + ["--set", "distributed.deepspeed=zero2", "--set", "distributed.offload_params=true",
+                        "--dry-run"]) == 2
+    assert "needs ZeRO stage 3" in capsys.readouterr().err
+    assert main(base + ["--set", "distributed.num_processes=0", "--dry-run"]) == 2
+
+
+def test_shipped_deepspeed_files_are_the_named_configs():
+    from alignkit.distributed import ZERO_CONFIGS
+
+    for name, cfg in ZERO_CONFIGS.items():
+        assert json.loads((ROOT / "recipes" / "deepspeed" / f"{name}.json").read_text()) == cfg, name
