@@ -59,6 +59,7 @@ def test_two_processes_under_zero_match_one_process(stage, port, single_process_
     # resume from a ZeRO checkpoint continues as the uninterrupted run
     assert res["resume_resumed"][2:] == pytest.approx(res["resume_full"][2:], rel=1e-6)
     assert (tmp_path / "resume" / "checkpoint-2").is_dir()
+    assert "precompute_ref_log_probs is not supported with 2 processes under DeepSpeed" in res["precompute_error"]
 
 
 def test_alignkit_train_launches_two_processes_under_zero3(tmp_path):

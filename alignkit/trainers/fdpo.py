@@ -129,8 +129,13 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
     _config_with_article = "an FDPOConfig"
     _default_run_suffix = "fDPO"
 
+    #: whether reference precomputation goes through TRL's dataset cache files (shared between ranks)
+    _precompute_uses_dataset_cache = True
+
     def __init__(self, model, ref_model=None, args: FDPOConfig | None = None, *pargs, **kwargs):
         args = self._resolve_args(model, args)
+        train_dataset = kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)
+        self._check_precompute_is_possible(args, train_dataset)
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
@@ -139,6 +144,27 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         if self._causal_enabled():
             self.data_collator = CollatorWithBins(self.data_collator)
+
+    @classmethod
+    def _check_precompute_is_possible(cls, args, train_dataset):
+        """`precompute_ref_log_probs` with several processes: TRL documents that it never worked under
+        DeepSpeed, and its precompute hands results between ranks through dataset cache files, which an
+        in-memory dataset does not have (rank 1 then fails on rank 0's missing temp file). Refuse both with
+        the fix instead of failing mid-way."""
+        if not args.precompute_ref_log_probs or args.world_size <= 1:
+            return
+        reason = None
+        if args.deepspeed:
+            reason = "under DeepSpeed"
+        elif cls._precompute_uses_dataset_cache and train_dataset is not None and not getattr(
+                train_dataset, "cache_files", None):
+            reason = "with an in-memory dataset (no cache files the ranks can share)"
+        if reason:
+            raise ValueError(
+                f"precompute_ref_log_probs is not supported with {args.world_size} processes {reason}. Set "
+                "precompute_ref_log_probs: false (the reference then runs in each step, sharded like the policy "
+                "under ZeRO-3), or precompute on one process" + (", or save the dataset to disk first" if
+                                                                  "in-memory" in reason else "") + ".")
 
     # Causal DPO only: extends DPOTrainer._prepare_dataset (attribute bins computed from the raw completions
     # and carried as two columns), its signature columns (so they survive) and the train sampler.

@@ -95,6 +95,9 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         ```
     """
 
+    # our precompute keeps the reference log-probs in memory on each rank (no cache files)
+    _precompute_uses_dataset_cache = False
+
     config_class = MultiSampleDPOConfig
     _config_with_article = "a MultiSampleDPOConfig"
     _default_run_suffix = "mDPO"

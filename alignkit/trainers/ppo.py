@@ -186,6 +186,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         if model is None:
             raise ValueError("PPOTrainer needs the policy as `model`.")
         args = self._resolve_args(model, args)
+        if args.world_size > 1 or args.deepspeed:
+            raise ValueError("PPOTrainer runs on one process for now: its update loop does not synchronise "
+                             "gradients across ranks (DDP) or drive a DeepSpeed engine yet. Run it without torchrun "
+                             "and without a distributed/deepspeed setting.")
         if processing_class is None:
             raise ValueError("PPOTrainer needs `processing_class` (the policy's tokenizer).")
         tok = getattr(processing_class, "tokenizer", processing_class)

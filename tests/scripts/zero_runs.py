@@ -82,6 +82,11 @@ def main(stage: str, out: str) -> None:
     resumed = build("fdpo", os.path.join(out, "resume"), world, stage, max_steps=4)
     resumed.train(resume_from_checkpoint=os.path.join(out, "resume", "checkpoint-2"))
     result["resume_full"], result["resume_resumed"] = losses(full), losses(resumed)
+    try:  # refused with a clear error rather than failing mid-way
+        build("fdpo", os.path.join(out, "pre"), world, stage, precompute_ref_log_probs=True)
+        result["precompute_error"] = None
+    except ValueError as exc:
+        result["precompute_error"] = str(exc)
     if dist.get_rank() == 0:
         with open(os.path.join(out, "result.json"), "w") as fh:
             json.dump(result, fh)
