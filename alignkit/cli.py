@@ -20,10 +20,13 @@ examples:
   alignkit train recipes/quickstart.yaml
   alignkit train recipes/quickstart.yaml --set divergence=jsd --set beta=0.2
   alignkit validate recipes/quickstart.yaml --set model.dtype=bfloat16
+  alignkit train recipes/quickstart.yaml --set distributed.num_processes=2 --set distributed.deepspeed=zero3
+  alignkit train recipes/quickstart.yaml --set distributed.num_processes=8 --dry-run
 
-A recipe is YAML: `method`, `model`, `dataset` and optional `peft` and `wandb` sections, and any field
-of the method's config class at the top level (fdpo: DPOConfig fields plus divergence/alpha; mdpo: those
-plus unbiased/nll_weight/shared_prefix/completion_sub_batch_size).
+A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo
+`reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
+plus divergence/alpha and the MMD penalty of Causal DPO; mdpo: those plus unbiased/nll_weight/...; crm:
+RewardConfig plus mmd_coef/attributes/...; ppo: TRL's former PPOConfig plus divergence/...).
 See README.md for the format.
 """
 
@@ -33,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="alignkit",
-        description="Robust preference alignment on top of TRL: f-DPO (method: fdpo), mDPO/mIPO (method: mdpo).",
+        description="Robust preference alignment on top of TRL: f-DPO and Causal DPO (method: fdpo), mDPO/mIPO "
+                    "(mdpo), causal reward models (crm), PPO with f-divergence penalties (ppo).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import format_command, is_launched_worker, launch_command
 
         if dist is not None and dist.num_processes * dist.num_machines > 1 and not is_launched_worker():
-            if dist.deepspeed:  # fail here, not in N workers, on a bad name or file
+            # fail here with one line, not in N workers with N tracebacks
+            if recipe.method == "ppo":
+                raise RecipeError("method 'ppo' runs on one process for now (PPOTrainer's loop is not DDP/DeepSpeed-"
+                                  "aware yet); remove the distributed section or set distributed.num_processes: 1.")
+            if recipe.training.get("precompute_ref_log_probs") and dist.deepspeed:
+                raise RecipeError("precompute_ref_log_probs is not supported under DeepSpeed with several processes; "
+                                  "set precompute_ref_log_probs: false (the reference then runs each step, sharded "
+                                  "under ZeRO-3).")
+            if dist.deepspeed:
                 from .distributed import deepspeed_config
 
                 try:

@@ -241,3 +241,12 @@ def test_shipped_deepspeed_files_are_the_named_configs():
 
     for name, cfg in ZERO_CONFIGS.items():
         assert json.loads((ROOT / "recipes" / "deepspeed" / f"{name}.json").read_text()) == cfg, name
+
+
+def test_distributed_combinations_that_are_not_supported_fail_before_launching(capsys):
+    assert main(["train", str(ROOT / "recipes" / "ppo-fdiv.yaml"), "--set", "distributed.num_processes=2",
+                 "--dry-run"]) == 2
+    assert "runs on one process for now" in capsys.readouterr().err
+    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "distributed.num_processes=2",
+                 "--set", "distributed.deepspeed=zero3", "--set", "precompute_ref_log_probs=true", "--dry-run"]) == 2
+    assert "precompute_ref_log_probs is not supported under DeepSpeed" in capsys.readouterr().err
