@@ -19,6 +19,22 @@ def _count_target(prompts, completions):
     return [c.count(TARGET) / 4 for c in completions]
 
 
+def _token_reward_model(tiny_model_path, tokenizer, token=" great"):
+    """A sequence-classification reward model that prefers one token: its transformer blocks are silenced (the
+    residual stream stays the token embedding) and the score head reads the agreement of the last token's
+    normalised embedding with the target's: 5 for the target, about -2..2 for other tokens."""
+    (target,) = tokenizer(token, add_special_tokens=False)["input_ids"]
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    with torch.no_grad():
+        for layer in rm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        e = rm.model.norm(rm.model.embed_tokens.weight[target][None])[0]
+        rm.score.weight.copy_(5 * e / e.norm() ** 2)
+    assert rm(input_ids=torch.tensor([[5, 6, target]])).logits.item() == pytest.approx(5.0, rel=1e-4)
+    return rm
+
+
 @pytest.fixture
 def prompts():
     from alignkit.data.synthetic import sentiment
@@ -42,17 +58,29 @@ def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd", "alpha"])
 def test_ppo_raises_the_reward_for_every_divergence(divergence, placement, tiny_model_path, tokenizer, prompts,
                                                      tmp_path):
-    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, divergence=divergence, divergence_penalty=placement,
-                       alpha=0.5 if divergence == "alpha" else None, max_steps=24)
+    rm = _token_reward_model(tiny_model_path, tokenizer)
+    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=rm, divergence=divergence,
+                       divergence_penalty=placement, alpha=0.5 if divergence == "alpha" else None, max_steps=32,
+                       response_length=2)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "objective/scores" in e]
     first = sum(e["objective/scores"] for e in logs[:3]) / 3
     last = sum(e["objective/scores"] for e in logs[-3:]) / 3
-    # the random-init policy starts near 0.4-0.5; 24 iterations reach 0.8-4 depending on the divergence
-    assert last > first + 0.3 and last > 1.5 * first, (first, last)
+    # measured over 32 iterations: 0.16 -> 1.39-1.68 with the penalty in the reward, 0.24-0.30 -> 0.75-1.03 in
+    # the loss (slower: the loss penalty of forward KL, JS and alpha grows fast, as the thesis notes)
+    assert last > first + 0.35 and last > 2.5 * first, (first, last)
     est = [e[f"divergence/{divergence}"] for e in logs]
     assert abs(est[0]) < 1e-3  # the policy starts as the reference
     assert all(torch.isfinite(torch.tensor(est))) and est[-1] > 1e-3
+
+
+def test_ppo_with_a_reward_function(tiny_model_path, tokenizer, prompts, tmp_path):
+    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, divergence="jsd", divergence_penalty="loss",
+                       max_steps=24)
+    trainer.train()
+    scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
+    # the random-init policy starts near 0.4-0.5 "e" per 4 characters; measured ~2 after 24 iterations
+    assert sum(scores[-3:]) / 3 > 1.5 * sum(scores[:3]) / 3 + 0.3, scores
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
