@@ -267,3 +267,20 @@ def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None
     mmd = within.unsqueeze(1) + within.unsqueeze(0) - 2.0 * cross  # (B, B)
     upper = torch.triu(torch.ones_like(mmd, dtype=torch.bool), diagonal=1)
     return BinnedMMD(mmd[upper].sum(), n_bins, skipped, int(upper.sum()))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties); 0 when either side is constant."""
+    def rank(x):
+        sorted_x, order = x.sort()
+        _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0)
+        average = (ends - counts + ends - 1).to(x.dtype) / 2  # mean of the 0-based positions of each tie run
+        r = torch.empty_like(x)
+        r[order] = average[inverse]
+        return r
+
+    ra, rb = rank(a.float()), rank(b.float())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denom) if denom > 0 else 0.0

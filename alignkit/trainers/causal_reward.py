@@ -15,6 +15,7 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
+from ..losses import spearman as _spearman
 from ._common import ConfigResolverMixin, default_precision_for_this_machine
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
@@ -146,20 +147,3 @@ class CausalRewardTrainer(AttributeBinsMixin, ConfigResolverMixin, RewardTrainer
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
         self._save_bins(output_dir)
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties); 0 when either side is constant."""
-    def rank(x):
-        sorted_x, order = x.sort()
-        _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0)
-        average = (ends - counts + ends - 1).to(x.dtype) / 2  # mean of the 0-based positions of each tie run
-        r = torch.empty_like(x)
-        r[order] = average[inverse]
-        return r
-
-    ra, rb = rank(a.float()), rank(b.float())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb).item() / denom) if denom > 0 else 0.0
