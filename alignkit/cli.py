@@ -9,9 +9,11 @@ User errors (bad recipe, bad data, bad values) print one line, `alignkit: error:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -22,6 +24,7 @@ examples:
   alignkit validate recipes/quickstart.yaml --set model.dtype=bfloat16
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=2 --set distributed.deepspeed=zero3
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=8 --dry-run
+  alignkit eval outputs/quickstart --ref builtin:tiny-llama --pairs builtin:sentiment -k 4
 
 A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo
 `reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
@@ -52,15 +55,66 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="print the multi-process launch command of the recipe's distributed section, "
                                 "and exit")
+    ev = sub.add_parser("eval", help="sample from a policy and report diversity, divergences, calibration, reward "
+                                     "and its bias (JSON, PNGs, optionally W&B)",
+                        description="Sample k completions per prompt from a policy and report what alignment changed.")
+    ev.add_argument("model", help="policy folder (or builtin:tiny-llama)")
+    ev.add_argument("--ref", help="reference model: enables the f-divergence estimates and pair calibration")
+    ev.add_argument("--prompts", default="builtin:sentiment", help="builtin:<task>, a data file or a saved dataset")
+    ev.add_argument("--split", default="test", help="split of a built-in task (default: test)")
+    ev.add_argument("--num-prompts", type=int, default=32)
+    ev.add_argument("-k", "--k", type=int, default=4, help="samples per prompt (self-BLEU needs k >= 2)")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--pairs", help="preference pairs (same forms as --prompts) for calibration and RM bias")
+    ev.add_argument("--pairs-split", default="test")
+    ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward for pair calibration")
+    ev.add_argument("--reward-model", help="sequence-classification reward model to score the samples")
+    ev.add_argument("--compare-model", help="another policy; with --reward-model, gives the win-rate score")
+    ev.add_argument("--attribute", help="spurious attribute for reward-model bias (length, a column, regex:...)")
+    ev.add_argument("--output", default="outputs/eval", help="folder for report.json, samples.jsonl and PNGs")
+    ev.add_argument("--report-to", choices=["none", "wandb"], default="none")
+    ev.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _run_eval(args) -> int:
+    from .metrics.evaluate import EvalError, evaluate, load_prompts, log_to_wandb, write_report
+
+    if args.k < 2:
+        raise EvalError(f"-k {args.k}: self-BLEU and distinct-n compare the samples of a prompt with each other; "
+                        "use k >= 2.")
+    prompts = load_prompts(args.prompts, args.split, args.num_prompts)
+    pairs = load_prompts(args.pairs, args.pairs_split, args.num_prompts) if args.pairs else None
+    report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, reward_model=args.reward_model, compare_model=args.compare_model,
+                      pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed)
+    files = write_report(report, args.output)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()
+             if k not in ("samples",) and not isinstance(v, dict)}
+    print(json.dumps(shown))
+    for key in ("divergence", "pairs", "reward", "reward_model_bias", "random_numbers"):
+        if key in report:
+            print(f"{key}: " + json.dumps({k: round(v, 4) for k, v in report[key].items()}))
+    print(f"[alignkit] wrote {', '.join(p.name for p in files)} to {args.output}", file=sys.stderr)
+    if args.report_to == "wandb":
+        from .runner import _has_wandb_key
+
+        if not _has_wandb_key() and os.environ.get("WANDB_MODE") != "online":
+            os.environ["WANDB_MODE"] = "offline"
+            os.environ.setdefault("WANDB_DIR", str(Path(args.output).resolve()))
+        run = log_to_wandb(report, files)
+        print(f"[alignkit] W&B run {run.id} ({os.environ.get('WANDB_MODE', 'online')})", file=sys.stderr)
+    return 0
 
 
 def _user_errors():
     from .data.validation import DatasetError
     from .divergences import UnsupportedDivergenceError
+    from .metrics.evaluate import EvalError
     from .recipes import RecipeError
 
-    return (RecipeError, DatasetError, UnsupportedDivergenceError)
+    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true", category=UserWarning)
     try:
+        if args.command == "eval":
+            return _run_eval(args)
         from . import runner
         from .recipes import RecipeError, load_recipe
 

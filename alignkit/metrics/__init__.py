@@ -113,7 +113,8 @@ def number_uniformity(numbers: Sequence[int | None], low: int, high: int) -> dic
 
 
 def win_rate_score(scores: Sequence[float], other_scores: Sequence[float]) -> float:
-    """`50 + (wins - losses) / N * 100` of paired scores (thesis 4.6.2): 50 is a tie, 100 always better."""
+    """`50 + (wins - losses) / N * 100` of paired scores, as SPEC.md gives it (thesis 4.6.2): 50 when wins and
+    losses balance, 150 when always better, -50 when always worse."""
     if len(scores) != len(other_scores) or not scores:
         raise ValueError("win rate needs two equally long, non-empty lists of paired scores.")
     wins = sum(a > b for a, b in zip(scores, other_scores))

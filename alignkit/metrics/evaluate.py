@@ -1,0 +1,339 @@
+"""`alignkit eval` as a Python API: sample k completions per prompt from a policy and measure what
+alignment changed (diversity, divergence from the reference, calibration, reward and its bias).
+
+    from alignkit.metrics.evaluate import evaluate
+    report = evaluate("outputs/quickstart", prompts, ref="builtin:tiny-llama", k=4)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import (distinct_n, divergence_estimates, number_uniformity, predictive_entropy, preference_ece,
+               self_bleu, simpson_diversity, spearman, win_rate_score)
+
+
+class EvalError(ValueError):
+    """Bad input to `alignkit eval`; the message names the problem and the fix."""
+
+
+def _load_causal_lm(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import resolve_model_path
+
+    path = resolve_model_path(name) if isinstance(name, str) else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise EvalError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def _prompt_text(tok, prompt) -> str:
+    if isinstance(prompt, list):  # conversational
+        return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], k: int, max_new_tokens: int, temperature: float, batch_size: int = 16,
+           desc: str = "Sampling") -> dict[str, Any]:
+    """k completions per prompt (left-padded batched generation); returns texts, token ids and masks."""
+    from tqdm.auto import tqdm
+
+    tok.padding_side = "left"
+    rows = [p for p in prompts for _ in range(k)]
+    out = {"completions": [], "prompt_ids": [], "completion_ids": []}
+    for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=len(rows) <= batch_size):
+        enc = tok(rows[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        for i in range(gen.size(0)):
+            prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            comp = gen[i, enc["input_ids"].size(1):].tolist()
+            if tok.eos_token_id in comp:
+                comp = comp[: comp.index(tok.eos_token_id) + 1]
+            out["prompt_ids"].append(prompt_ids)
+            out["completion_ids"].append(comp)
+            out["completions"].append(tok.decode(comp, skip_special_tokens=True))
+    return out
+
+
+@torch.no_grad()
+def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
+    """Per sequence: sum of completion log-probs; and the completion tokens' mean predictive entropy."""
+    logps, ents, counts = [], [], []
+    for s in range(0, len(prompt_ids), batch_size):
+        seqs = [p + c for p, c in zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])]
+        width = max(len(x) for x in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        comp = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            attn[i, :len(p) + len(c)] = 1
+            comp[i, len(p):len(p) + len(c)] = 1
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        mask = comp[:, 1:]
+        lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logps += (lp * mask).sum(1).tolist()
+        ents.append(predictive_entropy(logits, mask) * mask.sum().item())
+        counts.append(mask.sum().item())
+    return torch.tensor(logps), sum(ents) / max(sum(counts), 1)
+
+
+@torch.no_grad()
+def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batch_size=16) -> list[float]:
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        texts = [p + c + (tok.eos_token or "") for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
+        tok.padding_side = "right"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out += reward_model(**enc).logits.squeeze(-1).float().tolist()
+    return out
+
+
+def _first_int(text: str) -> int | None:
+    m = re.search(r"-?\d+", text)
+    return int(m.group()) if m else None
+
+
+def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
+             reward_model=None, compare_model=None, pairs=None, beta: float = 0.1, attribute: str | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Sample `k` completions for each prompt of `prompts` (a datasets.Dataset with a `prompt` column, or
+    a list of strings) and report the metrics that apply:
+
+    * always: predictive entropy, distinct-1/2, self-BLEU (k >= 2), completion length;
+    * `ref` (model or path): estimates of every f-divergence D_f(policy || ref) from the samples;
+    * prompts with `low`/`high` columns (random numbers): entropy and KL to uniform of the sampled numbers;
+    * `pairs` (+ `ref`): accuracy and ECE of the policy's implicit reward `beta * log(pi/pi_ref)` on them;
+    * `reward_model`: mean reward of the samples; with `compare_model`, the win-rate score against its
+      samples; with `pairs`, the reward model's accuracy, and with `attribute` its Spearman correlation
+      with the attribute, accuracy where the attribute sits on the rejected side, and the Simpson
+      diversity of the attribute over the policy's samples.
+    """
+    from ..data.attributes import AttributeSpec, extract_attribute
+
+    if k < 1:
+        raise EvalError(f"k must be >= 1, got {k}.")
+    if hasattr(prompts, "column_names"):
+        if "prompt" not in prompts.column_names:
+            raise EvalError(f"the prompts have no 'prompt' column (columns: {prompts.column_names}).")
+        rows = prompts.to_list()
+    else:
+        rows = [{"prompt": p} for p in (prompts or [])]
+    if not rows:
+        raise EvalError("no prompts to evaluate on; give a dataset with a 'prompt' column and at least one row.")
+    torch.manual_seed(seed)
+    policy, tok = _load_causal_lm(model) if isinstance(model, (str, os.PathLike)) else (model.eval(), None)
+    if tok is None:
+        raise EvalError("pass the policy as a path (its tokenizer is loaded from there).")
+    texts = [_prompt_text(tok, r["prompt"]) for r in rows]
+    s = sample(policy, tok, texts, k, max_new_tokens, temperature)
+    comps = s["completions"]
+    groups = [comps[i * k:(i + 1) * k] for i in range(len(rows))]
+    logp, entropy = _sequence_stats(policy, s["prompt_ids"], s["completion_ids"])
+    report: dict[str, Any] = {
+        "num_prompts": len(rows), "k": k, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "entropy": entropy,
+        "distinct_1": sum(distinct_n(g, 1) for g in groups) / len(groups),
+        "distinct_2": sum(distinct_n(g, 2) for g in groups) / len(groups),
+        "completion_length": sum(len(c) for c in s["completion_ids"]) / len(comps),
+    }
+    if k >= 2:
+        report["self_bleu"] = sum(self_bleu(g) for g in groups) / len(groups)
+    ref_model = None
+    if ref is not None:
+        ref_model, _ = _load_causal_lm(ref) if isinstance(ref, (str, os.PathLike)) else (ref.eval(), None)
+        ref_logp, _ = _sequence_stats(ref_model, s["prompt_ids"], s["completion_ids"])
+        report["divergence"] = divergence_estimates(logp - ref_logp)
+    if "low" in rows[0] and "high" in rows[0]:
+        per = [number_uniformity([_first_int(c) for c in g], r["low"], r["high"]) for g, r in zip(groups, rows)]
+        report["random_numbers"] = {key: sum(p[key] for p in per) / len(per) for key in per[0]}
+    samples = [{"prompt": texts[i // k], "completion": c} for i, c in enumerate(comps)]
+    if pairs is not None and ref_model is not None:
+        report["pairs"] = _pair_calibration(policy, ref_model, tok, pairs, beta)
+    if reward_model is not None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..models import resolve_model_path
+
+        rm_path = resolve_model_path(reward_model) if isinstance(reward_model, str) else reward_model
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+        rm_tok = AutoTokenizer.from_pretrained(rm_path)
+        if rm_tok.pad_token is None:
+            rm_tok.pad_token = rm_tok.eos_token
+        prompts_rep = [texts[i // k] for i in range(len(comps))]
+        scores = _rewards(rm, rm_tok, prompts_rep, comps)
+        for smp, sc in zip(samples, scores):
+            smp["reward"] = sc
+        report["reward"] = {"mean": sum(scores) / len(scores)}
+        if compare_model is not None:
+            other, other_tok = _load_causal_lm(compare_model)
+            o = sample(other, other_tok, texts, k, max_new_tokens, temperature, desc="Sampling (compare)")
+            other_scores = _rewards(rm, rm_tok, prompts_rep, o["completions"])
+            report["reward"]["win_rate_score"] = win_rate_score(scores, other_scores)
+            report["reward"]["compare_mean"] = sum(other_scores) / len(other_scores)
+        if pairs is not None:
+            report["reward_model_bias"] = _reward_bias(rm, rm_tok, pairs, attribute)
+        if attribute is not None and (attribute.startswith("length") or attribute.startswith("regex:")):
+            spec = AttributeSpec(attribute)  # an extractor: it applies to the samples too
+            values = extract_attribute(spec, [{"completion": c} for c in comps],
+                                       tokenizer=tok if attribute.startswith("length") else None)
+            report.setdefault("reward_model_bias", {})["simpson_attribute_samples"] = simpson_diversity(values)
+    report["samples"] = samples
+    return report
+
+
+@torch.no_grad()
+def _pair_calibration(policy, ref, tok, pairs, beta: float) -> dict[str, float]:
+    prompts = [_prompt_text(tok, r["prompt"]) for r in pairs]
+    enc = lambda texts: [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
+    p_ids = enc(prompts)
+    out = {}
+    for side in ("chosen", "rejected"):
+        c_ids = [ids + [tok.eos_token_id] for ids in enc([r[side] if isinstance(r[side], str) else
+                                                          r[side][0]["content"] for r in pairs])]
+        lp, _ = _sequence_stats(policy, p_ids, c_ids)
+        rp, _ = _sequence_stats(ref, p_ids, c_ids)
+        out[side] = lp - rp
+    logits = beta * (out["chosen"] - out["rejected"])
+    return {"accuracy": (logits > 0).float().mean().item(),
+            "ece": preference_ece(logits, torch.zeros_like(logits), beta=1.0).item()}
+
+
+@torch.no_grad()
+def _reward_bias(rm, tok, pairs, attribute: str | None) -> dict[str, float]:
+    from ..data.attributes import AttributeSpec, extract_attribute
+
+    prompts = [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"] for r in pairs]
+    chosen = [r["chosen"] for r in pairs]
+    rejected = [r["rejected"] for r in pairs]
+    rc, rr = _rewards(rm, tok, prompts, chosen), _rewards(rm, tok, prompts, rejected)
+    right = [a > b for a, b in zip(rc, rr)]
+    out = {"accuracy": sum(right) / len(right)}
+    if attribute is not None:
+        spec = AttributeSpec(attribute)
+        names = pairs.column_names if hasattr(pairs, "column_names") else list(pairs[0])
+
+        def values(side, texts):
+            rows = [{"completion": t, **({attribute: r[f"{side}_{attribute}"]} if f"{side}_{attribute}" in names
+                                        else {attribute: r.get(attribute)} if attribute in names else {})}
+                    for t, r in zip(texts, pairs)]
+            return extract_attribute(spec, rows, tokenizer=tok if attribute.startswith("length") else None)
+
+        zc, zr = values("chosen", chosen), values("rejected", rejected)
+        z = [float(v) for v in zc + zr]
+        out["spearman_reward_attribute"] = spearman(rc + rr, z)
+        anti = [ok for ok, a, b in zip(right, zc, zr) if float(b) > float(a)]
+        if anti:
+            out["accuracy_attribute_on_rejected"] = sum(anti) / len(anti)
+    return out
+
+
+def write_report(report: dict[str, Any], output_dir: str | os.PathLike) -> list[Path]:
+    """report.json, samples.jsonl and PNG plots in `output_dir`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    summary = {k: v for k, v in report.items() if k != "samples"}
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    files.append(out / "report.json")
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as fh:
+        for smp in report["samples"]:
+            fh.write(json.dumps(smp) + "\n")
+    files.append(out / "samples.jsonl")
+
+    names = [n for n in ("entropy", "distinct_1", "distinct_2", "self_bleu") if n in report]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(names, [report[n] for n in names], color="#4C72B0")
+    ax.set_title(f"Diversity ({report['num_prompts']} prompts x {report['k']} samples)")
+    fig.tight_layout()
+    fig.savefig(out / "diversity.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "diversity.png")
+    if "divergence" in report:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        d = report["divergence"]
+        ax.bar(list(d), list(d.values()), color="#DD8452")
+        ax.set_title("D_f(policy || reference), estimated from samples")
+        fig.tight_layout()
+        fig.savefig(out / "divergences.png", dpi=100)
+        plt.close(fig)
+        files.append(out / "divergences.png")
+    rewards = [smp["reward"] for smp in report["samples"] if "reward" in smp]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    if rewards:
+        ax.hist(rewards, bins=20, color="#55A868")
+        ax.set_title("Reward of the samples")
+        name = "rewards.png"
+    else:
+        ax.hist([len(smp["completion"].split()) for smp in report["samples"]], bins=20, color="#55A868")
+        ax.set_title("Completion length (words)")
+        name = "lengths.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    files.append(out / name)
+    return files
+
+
+def log_to_wandb(report: dict[str, Any], files: list[Path], project: str = "alignkit", name: str | None = None):
+    """The report's numbers as a W&B summary, the samples as a table and the plots as images."""
+    import wandb
+
+    run = wandb.init(project=project, name=name, job_type="eval")
+    flat = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            flat.update({f"eval/{k}/{kk}": vv for kk, vv in v.items()})
+        elif isinstance(v, (int, float)):
+            flat[f"eval/{k}"] = v
+    run.log(flat)
+    cols = ["prompt", "completion"] + (["reward"] if report["samples"] and "reward" in report["samples"][0] else [])
+    run.log({"eval/samples": wandb.Table(columns=cols, data=[[s.get(c) for c in cols] for s in report["samples"]])})
+    run.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
+    run.finish()
+    return run
+
+
+
+def load_prompts(spec: str, split: str = "test", num: int | None = None):
+    """`builtin:<task>` (a split of a built-in task), a .json/.jsonl/.parquet/.csv file, or a saved dataset."""
+    import datasets
+
+    if spec.startswith("builtin:"):
+        from ..data.synthetic import load_builtin_dataset
+
+        try:
+            ds = load_builtin_dataset(spec.split(":", 1)[1], split)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
+    elif Path(spec).is_dir():
+        ds = datasets.load_from_disk(spec)
+    elif Path(spec).is_file():
+        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(spec).suffix)
+        if fmt is None:
+            raise EvalError(f"{spec}: use a .json, .jsonl, .parquet or .csv file, or a saved dataset folder.")
+        ds = datasets.load_dataset(fmt, data_files=spec, split="train")
+    else:
+        raise EvalError(f"prompts {spec!r}: no such file or folder, and not builtin:<task>.")
+    if num is not None:
+        ds = ds.select(range(min(num, len(ds))))
+    return ds

@@ -1,0 +1,72 @@
+"""`alignkit eval`: the report on a trained quickstart model, reward-model figures, W&B, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quickstart_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "model"
+    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"output_dir={out}", "--set", "max_steps=8",
+                 "--set", "eval_strategy=no", "--set", "eval_on_start=false"]) == 0
+    return out
+
+
+def test_eval_writes_the_report_and_plots(quickstart_model, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", str(quickstart_model), "--ref", "builtin:tiny-llama", "--pairs", "builtin:sentiment",
+                 "-k", "3", "--num-prompts", "8", "--max-new-tokens", "16", "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("entropy", "distinct_1", "distinct_2", "self_bleu", "completion_length"):
+        assert isinstance(report[key], float), key
+    assert set(report["divergence"]) == {"reverse_kl", "forward_kl", "jsd", "alpha_0.5"}
+    assert report["divergence"]["reverse_kl"] > 0  # trained away from the reference
+    assert 0 <= report["pairs"]["ece"] <= 1 and report["pairs"]["accuracy"] > 0.5
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 8 * 3
+    assert (out / "diversity.png").stat().st_size > 0 and (out / "divergences.png").exists()
+    assert "divergence:" in capsys.readouterr().out
+
+
+def test_eval_with_a_reward_model_random_numbers_and_wandb(tmp_path, monkeypatch):
+    rm = tmp_path / "rm"
+    assert main(["train", str(ROOT / "recipes" / "crm-sycophancy.yaml"), "--set", f"output_dir={rm}", "--set", "max_steps=2",
+                 "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+                 "--set", "dataset.builtin_kwargs={num_samples: 32}"]) == 0
+    out = tmp_path / "eval"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:sycophancy", "--num-prompts", "6", "-k", "2",
+                 "--max-new-tokens", "8", "--reward-model", str(rm), "--compare-model", "builtin:tiny-llama",
+                 "--pairs", "builtin:sycophancy", "--pairs-split", "test_anti", "--attribute", "sycophantic",
+                 "--output", str(out), "--report-to", "wandb"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert -50 <= report["reward"]["win_rate_score"] <= 150
+    bias = report["reward_model_bias"]
+    assert 0 <= bias["accuracy"] <= 1 and "spearman_reward_attribute" in bias
+    assert bias["accuracy_attribute_on_rejected"] == bias["accuracy"]  # test_anti: the prefix is always on rejected
+    assert (out / "rewards.png").exists()
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+    rn = tmp_path / "rn"
+    assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:random_numbers", "--num-prompts", "4", "-k", "4",
+                 "--max-new-tokens", "4", "--output", str(rn)]) == 0
+    numbers = json.loads((rn / "report.json").read_text())["random_numbers"]
+    assert set(numbers) == {"entropy", "kl_to_uniform", "invalid_fraction"}
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    assert main(["eval", "builtin:tiny-llama", "-k", "1", "--output", str(tmp_path)]) == 2
+    assert "use k >= 2" in capsys.readouterr().err
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"question": "hi"}\n')
+    assert main(["eval", "builtin:tiny-llama", "--prompts", str(data), "--output", str(tmp_path)]) == 2
+    assert "no 'prompt' column" in capsys.readouterr().err
+    assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:nope", "--output", str(tmp_path)]) == 2
+    assert main(["eval", "builtin:tiny-llama", "--prompts", str(tmp_path / "missing.jsonl"), "--output",
+                 str(tmp_path)]) == 2
