@@ -294,11 +294,16 @@ def write_report(report: dict[str, Any], output_dir: str | os.PathLike) -> list[
     return files
 
 
-def log_to_wandb(report: dict[str, Any], files: list[Path], project: str = "alignkit", name: str | None = None):
-    """The report's numbers as a W&B summary, the samples as a table and the plots as images."""
+def log_to_wandb(report: dict[str, Any], files: list[Path], project: str = "alignkit", name: str | None = None,
+                 directory: str | os.PathLike | None = None):
+    """The report's numbers as a W&B summary, the samples as a table and the plots as images. `directory`
+    (default: $WANDB_DIR) is passed to `wandb.init` explicitly: wandb keeps the settings of an earlier run in
+    the same process otherwise."""
     import wandb
 
-    run = wandb.init(project=project, name=name, job_type="eval")
+    directory = directory or os.environ.get("WANDB_DIR")
+    run = wandb.init(project=project, name=name, job_type="eval", dir=str(directory) if directory else None,
+                     reinit="finish_previous")
     flat = {}
     for k, v in report.items():
         if isinstance(v, dict):
