@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # DeepSpeed compiles its ops at first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench reproduce clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ bench: setup
 	$(BIN)/python benchmarks/crm_vs_trl.py
 	$(BIN)/python benchmarks/crm_bias.py
 	$(BIN)/python benchmarks/ppo_profile.py
+
+reproduce: setup
+	$(BIN)/python examples/reproduce/fdpo_diversity.py
 
 clean:
 	rm -rf outputs .pytest_cache
