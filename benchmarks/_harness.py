@@ -108,3 +108,61 @@ def saved_activation_mb(trainer, batch) -> float:
     loss.backward()
     trainer.model.zero_grad(set_to_none=True)
     return sum(seen.values()) / 2**20
+
+
+def comparison_main(script: str, doc: str, label: str, choices: list[str], time_worker, memory_worker, title,
+                    target: float) -> None:
+    """The driver shared by the ours-vs-TRL benchmarks: parse the common options, run (in fresh processes)
+    one timing worker per choice and `--rounds` memory workers per (trainer, choice), print the table.
+
+    `label` names what varies (`divergence`, `variant`): `--<label>s` picks the choices, and the workers read
+    `opts.<label>`. `title(opts)` is the table's heading; `target` the ratio the verdict is checked against."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60, help="alternating timed steps per trainer")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    p.add_argument("--rounds", type=int, default=3, help=f"processes per (trainer, {label}) for peak memory")
+    p.add_argument("--memory-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="model folder (default: builtin small-llama, 4 layers x 256)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument(f"--{label}s", nargs="*", default=list(choices))
+    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--trainer", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    p.add_argument(f"--{label}", help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    if opts.worker:
+        result = time_worker(opts) if opts.worker == "time" else memory_worker(opts)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    common = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size),
+              "--threads", str(opts.threads), "--memory-steps", str(opts.memory_steps)]
+    common += (["--model", opts.model] if opts.model else []) + (["--bf16"] if opts.bf16 else [])
+    rows = []
+    for choice in getattr(opts, f"{label}s"):
+        print(f"timing {choice} ...", file=sys.stderr, flush=True)
+        t = run_worker(script, ["--worker", "time", f"--{label}", choice, *common])
+        mem = {"trl": [], "alignkit": []}
+        for r in range(opts.rounds):
+            for k in (("trl", "alignkit") if r % 2 == 0 else ("alignkit", "trl")):
+                print(f"  memory {choice} {k} round {r + 1}", file=sys.stderr, flush=True)
+                mem[k].append(run_worker(script, ["--worker", "memory", "--trainer", k, f"--{label}", choice,
+                                                  *common])["peak_mb"])
+        rows.append((choice, t, {k: statistics.median(v) for k, v in mem.items()}))
+
+    print(f"\n{title(opts)}")
+    print(f"{label:20s} {'TRL ms/step':>12s} {'ours ms/step':>13s} {'time ratio':>11s} {'TRL act MB':>11s} "
+          f"{'ours act MB':>12s} {'act ratio':>10s} {'TRL peak MB':>12s} {'ours peak MB':>13s} {'peak ratio':>11s}")
+    worst = 0.0
+    for choice, t, m in rows:
+        tr, ar, mr = t["alignkit"] / t["trl"], t["saved_alignkit"] / t["saved_trl"], m["alignkit"] / m["trl"]
+        # the verdict uses the deterministic figures: time, saved activations, and on a GPU the CUDA peak
+        worst = max(worst, tr, ar, mr if cuda() else 0.0)
+        print(f"{choice:20s} {t['trl']:12.1f} {t['alignkit']:13.1f} {tr:11.3f} {t['saved_trl']:11.1f} "
+              f"{t['saved_alignkit']:12.1f} {ar:10.3f} {m['trl']:12.1f} {m['alignkit']:13.1f} {mr:11.3f}")
+    print("act = tensors saved for backward in one step (deterministic); peak = CUDA peak, or on a CPU the peak "
+          "RSS rise during training (varies +-3% between processes, shown for reference)")
+    print(f"\nworst ratio: {worst:.3f} (target <= {target:g})")

@@ -12,12 +12,9 @@ Target: ratio <= 1.05.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 
-from _harness import alternate_steps, cuda, offline_setup, peak_memory_of_training, run_worker, saved_activation_mb
+from _harness import (alternate_steps, comparison_main, cuda, offline_setup, peak_memory_of_training,
+                      saved_activation_mb)
 
 VARIANTS = {
     "reward": dict(mmd_on="reward"),
@@ -68,52 +65,10 @@ def memory_worker(opts) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--memory-steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=None, help="model folder (default: builtin small-llama, 4 layers x 256)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
-    p.add_argument("--trainer", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    opts = p.parse_args()
-    if opts.worker:
-        result = time_worker(opts) if opts.worker == "time" else memory_worker(opts)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-
-    common = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size),
-              "--threads", str(opts.threads), "--memory-steps", str(opts.memory_steps)]
-    common += (["--model", opts.model] if opts.model else []) + (["--bf16"] if opts.bf16 else [])
-    rows = []
-    for v in opts.variants:
-        print(f"timing {v} ...", file=sys.stderr, flush=True)
-        t = run_worker(__file__, ["--worker", "time", "--variant", v, *common])
-        mem = {"trl": [], "alignkit": []}
-        for r in range(opts.rounds):
-            for k in (("trl", "alignkit") if r % 2 == 0 else ("alignkit", "trl")):
-                mem[k].append(run_worker(__file__, ["--worker", "memory", "--trainer", k, "--variant", v,
-                                                    *common])["peak_mb"])
-        rows.append((v, t, {k: statistics.median(x) for k, x in mem.items()}))
-
-    print(f"\nCausalRewardTrainer vs TRL RewardTrainer ({'GPU' if cuda() else 'CPU'}): batch {opts.batch_size} pairs, "
-          f"{opts.steps} alternating steps each (median), Z = length, 10 bins, peak memory median of {opts.rounds}")
-    print(f"{'variant':20s} {'TRL ms/step':>12s} {'ours ms/step':>13s} {'time ratio':>11s} {'TRL act MB':>11s} "
-          f"{'ours act MB':>12s} {'act ratio':>10s} {'TRL peak MB':>12s} {'ours peak MB':>13s} {'peak ratio':>11s}")
-    worst = 0.0
-    for v, t, m in rows:
-        tr, ar, mr = t["alignkit"] / t["trl"], t["saved_alignkit"] / t["saved_trl"], m["alignkit"] / m["trl"]
-        worst = max(worst, tr, ar, mr if cuda() else 0.0)
-        print(f"{v:20s} {t['trl']:12.1f} {t['alignkit']:13.1f} {tr:11.3f} {t['saved_trl']:11.1f} "
-              f"{t['saved_alignkit']:12.1f} {ar:10.3f} {m['trl']:12.1f} {m['alignkit']:13.1f} {mr:11.3f}")
-    print("act = tensors saved for backward in one step (deterministic); peak = CUDA peak, or on a CPU the peak "
-          "RSS rise during training (varies +-3% between processes, shown for reference)")
-    print(f"\nworst ratio: {worst:.3f} (target <= 1.05)")
+    comparison_main(__file__, __doc__, "variant", list(VARIANTS), time_worker, memory_worker,
+                    lambda o: (f"CausalRewardTrainer vs TRL RewardTrainer ({'GPU' if cuda() else 'CPU'}): batch {o.batch_size} "
+                   f"pairs, {o.steps} alternating steps each (median), Z = length, 10 bins, peak memory median of "
+                   f"{o.rounds} processes"), target=1.05)
 
 
 if __name__ == "__main__":

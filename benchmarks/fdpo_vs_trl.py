@@ -22,12 +22,9 @@ Printed: ms/step, MB, and the ratios ours/TRL (target <= 1.03).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 
-from _harness import alternate_steps, cuda, offline_setup, peak_memory_of_training, run_worker, saved_activation_mb
+from _harness import (alternate_steps, comparison_main, cuda, offline_setup, peak_memory_of_training,
+                      saved_activation_mb)
 
 DIVERGENCES = {
     "reverse_kl": (dict(divergence="reverse_kl"), dict()),
@@ -78,59 +75,10 @@ def memory_worker(opts) -> dict:
     return {"peak_mb": peak_memory_of_training(trainer)}
 
 
-def _run(args: list[str]) -> dict:
-    return run_worker(__file__, args)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="alternating timed steps per trainer")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
-    p.add_argument("--rounds", type=int, default=3, help="processes per (trainer, divergence) for peak memory")
-    p.add_argument("--memory-steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=None, help="model folder (default: builtin small-llama, 4 layers x 256)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--divergences", nargs="*", default=list(DIVERGENCES))
-    p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
-    p.add_argument("--trainer", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--divergence", help=argparse.SUPPRESS)
-    opts = p.parse_args()
-    if opts.worker:
-        result = time_worker(opts) if opts.worker == "time" else memory_worker(opts)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-
-    common = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size),
-              "--threads", str(opts.threads), "--memory-steps", str(opts.memory_steps)]
-    common += (["--model", opts.model] if opts.model else []) + (["--bf16"] if opts.bf16 else [])
-    rows = []
-    for div in opts.divergences:
-        print(f"timing {div} ...", file=sys.stderr, flush=True)
-        t = _run(["--worker", "time", "--divergence", div, *common])
-        mem = {"trl": [], "alignkit": []}
-        for r in range(opts.rounds):
-            for k in (("trl", "alignkit") if r % 2 == 0 else ("alignkit", "trl")):
-                print(f"  memory {div} {k} round {r + 1}", file=sys.stderr, flush=True)
-                mem[k].append(_run(["--worker", "memory", "--trainer", k, "--divergence", div, *common])["peak_mb"])
-        rows.append((div, t, {k: statistics.median(v) for k, v in mem.items()}))
-
-    print(f"\nFDPOTrainer vs TRL DPOTrainer ({'GPU' if cuda() else 'CPU'}): batch {opts.batch_size} pairs, "
-          f"{opts.steps} alternating steps each (median), peak memory median of {opts.rounds} processes")
-    print(f"{'divergence':12s} {'TRL ms/step':>12s} {'ours ms/step':>13s} {'time ratio':>11s} "
-          f"{'TRL act MB':>11s} {'ours act MB':>12s} {'act ratio':>10s} "
-          f"{'TRL peak MB':>12s} {'ours peak MB':>13s} {'peak ratio':>11s}")
-    worst = 0.0
-    for div, t, m in rows:
-        tr, ar, mr = t["alignkit"] / t["trl"], t["saved_alignkit"] / t["saved_trl"], m["alignkit"] / m["trl"]
-        # The verdict uses the deterministic figures: time, saved activations, and on a GPU the CUDA peak.
-        worst = max(worst, tr, ar, mr if cuda() else 0.0)
-        print(f"{div:12s} {t['trl']:12.1f} {t['alignkit']:13.1f} {tr:11.3f} {t['saved_trl']:11.1f} "
-              f"{t['saved_alignkit']:12.1f} {ar:10.3f} {m['trl']:12.1f} {m['alignkit']:13.1f} {mr:11.3f}")
-    print("act = tensors saved for backward in one step (deterministic); peak = CUDA peak, or on a CPU the peak "
-          "RSS rise during training (varies +-3% between processes, shown for reference)")
-    print(f"\nworst ratio: {worst:.3f} (target <= 1.03)")
+    comparison_main(__file__, __doc__, "divergence", list(DIVERGENCES), time_worker, memory_worker,
+                    lambda o: (f"FDPOTrainer vs TRL DPOTrainer ({'GPU' if cuda() else 'CPU'}): batch {o.batch_size} pairs, "
+                   f"{o.steps} alternating steps each (median), peak memory median of {o.rounds} processes"), target=1.03)
 
 
 if __name__ == "__main__":
