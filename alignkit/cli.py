@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist is not None and dist.num_processes * dist.num_machines > 1 and not is_launched_worker():
             # fail here with one line, not in N workers with N tracebacks
-            if recipe.method == "ppo":
-                raise RecipeError("method 'ppo' runs on one process for now (PPOTrainer's loop is not DDP/DeepSpeed-"
-                                  "aware yet); remove the distributed section or set distributed.num_processes: 1.")
+            if recipe.method == "ppo" and dist.deepspeed:
+                raise RecipeError("method 'ppo' does not run under DeepSpeed yet; remove distributed.deepspeed (plain "
+                                  "DDP over several processes works).")
             if recipe.training.get("precompute_ref_log_probs") and dist.deepspeed:
                 raise RecipeError("precompute_ref_log_probs is not supported under DeepSpeed with several processes; "
                                   "set precompute_ref_log_probs: false (the reference then runs each step, sharded "

@@ -216,3 +216,25 @@ def test_config_takes_the_fields_of_trls_former_ppo_config(tmp_path):
     assert cfg.kl_estimator == "k3" and cfg.divergence == "reverse_kl" and cfg.divergence_penalty == "reward"
     with pytest.raises(ValueError, match="not supported"):
         PPOConfig(**base_args(tmp_path), ref_adapter_name="ref")
+
+
+def test_ppo_under_ddp_keeps_the_ranks_in_sync(tmp_path):
+    """2 CPU processes, different prompts per rank; after 3 iterations every rank holds the same weights (the
+    update goes through the DDP wrapper), and they moved."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29551", str(root / "tests" / "scripts" / "ppo_ddp.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["iterations"] == r1["iterations"] == 3
+    assert r0["first_batch"] != r1["first_batch"]  # each rank generated for its own prompts
+    assert r0["before"] == pytest.approx(r1["before"], abs=1e-9)
+    assert r0["after"] == pytest.approx(r1["after"], rel=1e-9) and abs(r0["after"] - r0["before"]) > 1e-3

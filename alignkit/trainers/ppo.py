@@ -121,8 +121,33 @@ class PPOConfig(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # left padding: positions count real tokens only
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, ids, mask, context_len: int, temperature: float):
+    """Log-probs of the response tokens under temperature-scaled logits (as sampled), and the token entropy."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+    logits = out.logits[:, context_len - 1:-1].float() / (temperature + 1e-7)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, ids[:, context_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def response_values(value_model, ids, mask, context_len: int):
+    """Per-token values: the value model's score head applied to every position's last hidden state."""
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      use_cache=False).last_hidden_state
+    head = value_model.score if hasattr(value_model, "score") else value_model.classifier
+    return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
+
+
 class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so that one optimizer (and one checkpoint) holds both."""
+    """Policy and value model as one module, so that one optimizer (and one checkpoint) holds both, and the
+    training forward goes through the (DDP-)wrapped module, which is what synchronises gradients."""
 
     def __init__(self, policy, value_model):
         super().__init__()
@@ -133,10 +158,9 @@ class PolicyAndValue(nn.Module):
     def config(self):
         return self.policy.config
 
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    # left padding: positions count real tokens only
-    return (mask.cumsum(1) - 1).clamp(min=0)
+    def forward(self, input_ids, attention_mask, context_len: int, temperature: float):
+        logp, _ = response_logprobs(self.policy, input_ids, attention_mask, context_len, temperature)
+        return logp, response_values(self.value_model, input_ids, attention_mask, context_len)
 
 
 def _now() -> float:
@@ -186,10 +210,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         if model is None:
             raise ValueError("PPOTrainer needs the policy as `model`.")
         args = self._resolve_args(model, args)
-        if args.world_size > 1 or args.deepspeed:
-            raise ValueError("PPOTrainer runs on one process for now: its update loop does not synchronise "
-                             "gradients across ranks (DDP) or drive a DeepSpeed engine yet. Run it without torchrun "
-                             "and without a distributed/deepspeed setting.")
+        if args.deepspeed:
+            raise ValueError("PPOTrainer does not drive a DeepSpeed engine yet (generation under ZeRO-3 needs the "
+                             "parameters gathered); run it on one process or with plain DDP (several processes, no "
+                             "deepspeed setting).")
         if processing_class is None:
             raise ValueError("PPOTrainer needs `processing_class` (the policy's tokenizer).")
         tok = getattr(processing_class, "tokenizer", processing_class)
@@ -304,20 +328,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         return contextlib.nullcontext()
 
     def _token_logprobs(self, model, ids, mask, context_len):
-        """Log-probs of the response tokens (temperature-scaled logits, as sampled) and the token entropy."""
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
-        logits = out.logits[:, context_len - 1:-1].float() / (self.args.temperature + 1e-7)
-        logp_all = logits.log_softmax(-1)
-        logp = logp_all.gather(-1, ids[:, context_len:].unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
+        return response_logprobs(model, ids, mask, context_len, self.args.temperature)
 
     def _values(self, value_model, ids, mask, context_len):
-        backbone = getattr(value_model, value_model.base_model_prefix)
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                          use_cache=False).last_hidden_state
-        head = value_model.score if hasattr(value_model, "score") else value_model.classifier
-        return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
+        return response_values(value_model, ids, mask, context_len)
 
     def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
         if isinstance(self.reward_model, nn.Module):
@@ -416,11 +430,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def _ppo_loss(self, ro, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        args, model = self.args, self.model
-        unwrapped = self.accelerator.unwrap_model(model)
+        args = self.args
         ids, mask, rmask, c = ro["ids"][idx], ro["mask"][idx], ro["response_mask"][idx], ro["context_len"]
-        logp, _ = self._token_logprobs(unwrapped.policy, ids, mask, c)
-        vpred = self._values(unwrapped.value_model, ids, mask, c)
+        logp, vpred = self.model(ids, mask, c, args.temperature)  # through DDP when there are several ranks
         old_logp, old_v, adv, ret = ro["logp"][idx], ro["values"][idx], ro["advantages"][idx], ro["returns"][idx]
         vclipped = old_v + (vpred - old_v).clamp(-args.cliprange_value, args.cliprange_value)
         vf_losses = torch.maximum((vpred - ret) ** 2, (vclipped - ret) ** 2)
