@@ -232,7 +232,10 @@ def train(recipe: Recipe) -> dict:
         kwargs.update(_ppo_models(recipe, model, ref, peft_config))
     elif recipe.method not in REWARD_MODEL_METHODS:
         kwargs["ref_model"] = ref
-    trainer = trainer_cls(**kwargs)
+    try:
+        trainer = trainer_cls(**kwargs)
+    except ValueError as exc:  # the trainers' own checks of data and arguments: one line, not a traceback
+        raise RecipeError(f"{recipe.source or 'recipe'}: {exc}") from None
     trainer.alignkit_recipe = recipe.to_yaml()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

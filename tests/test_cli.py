@@ -250,3 +250,10 @@ def test_distributed_combinations_that_are_not_supported_fail_before_launching(c
     assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "distributed.num_processes=2",
                  "--set", "distributed.deepspeed=zero3", "--set", "precompute_ref_log_probs=true", "--dry-run"]) == 2
     assert "precompute_ref_log_probs is not supported under DeepSpeed" in capsys.readouterr().err
+
+
+def test_trainer_checks_reach_the_cli_as_one_line(tmp_path, capsys):
+    # 4 prompts cannot fill one PPO batch of 16: PPOTrainer's own check, reported without a traceback
+    assert main(["train", str(ROOT / "recipes" / "ppo-fdiv.yaml"), "--set", f"output_dir={tmp_path}",
+                 "--set", "dataset.builtin_kwargs={num_samples: 4}"]) == 2
+    assert "fewer than one PPO batch" in capsys.readouterr().err

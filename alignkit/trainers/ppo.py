@@ -255,6 +255,11 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         if args.max_steps <= 0:
             args.max_steps = math.ceil(args.num_train_epochs * len(train_dataset) /
                                        (args.local_batch_size * args.world_size))
+        per_iter = args.local_batch_size * args.world_size
+        if len(train_dataset) < per_iter:
+            raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one PPO batch ({per_iter} = "
+                             "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
+                             "processes); lower one of them or add prompts.")
         wrapper = PolicyAndValue(model, value_model)
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
@@ -315,9 +320,6 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                     yield self._collate([self.train_dataset[i] for i in idx])
                 iteration += 1
             epoch += 1
-            if n < per_iter:
-                raise ValueError(f"the dataset has {n} prompts, fewer than one PPO batch ({per_iter}); lower "
-                                 "per_device_train_batch_size or num_mini_batches.")
 
     # ---- rollout ---------------------------------------------------------------------------------
     def _ref_context(self):
