@@ -85,7 +85,7 @@ def deepspeed_config(spec: str, offload_optimizer: bool = False, offload_params:
 
 def is_launched_worker() -> bool:
     """True inside a process started by torchrun / accelerate / deepspeed."""
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1
+    return "LOCAL_RANK" in os.environ
 
 
 def launch_command(section, recipe_path: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -95,9 +95,9 @@ def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
 @torch.no_grad()
 def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batch_size=16) -> list[float]:
     out = []
+    tok.padding_side = "right"
     for s in range(0, len(prompts), batch_size):
         texts = [p + c + (tok.eos_token or "") for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
-        tok.padding_side = "right"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out += reward_model(**enc).logits.squeeze(-1).float().tolist()
     return out
