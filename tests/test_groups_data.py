@@ -60,3 +60,19 @@ def test_sentiment_groups_sizes_vary_by_row():
     assert [len(r["rejected"]) for r in ds] == [3, 1, 3, 1, 3, 1]
     conv = sentiment_groups(num_samples=2, conversational=True)
     validate_group_dataset(conv)
+
+
+def test_random_numbers_tokenise_the_same_joined_or_apart():
+    """SFT tokenises prompt + completion as one string, DPO each part alone; a prompt ending in a space
+    made those differ under BPE (" 37" is one token, " " + "37" three), so a model trained one way
+    answered nothing when prompted the other."""
+    from transformers import AutoTokenizer
+
+    from alignkit.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    for row in random_numbers("train", num_samples=20):
+        for c in row["chosen"] + row["rejected"]:
+            joined = tok(row["prompt"] + c, add_special_tokens=False)["input_ids"]
+            apart = tok(row["prompt"], add_special_tokens=False)["input_ids"] + tok(c, add_special_tokens=False)["input_ids"]
+            assert joined == apart, (row["prompt"], c)

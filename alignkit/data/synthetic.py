@@ -128,17 +128,19 @@ def random_numbers(split: str = "train", num_samples: int | None = None, seed: i
                 continue
         if b - a + 1 < group_size:
             continue
-        chosen = [str(x) for x in rng.sample(range(a, b + 1), group_size)]
+        # completions carry their leading space (" 37"), the prompt none: BPE then tokenises prompt + completion
+        # as one string (SFT) exactly as the two parts apart (DPO)
+        chosen = [f" {x}" for x in rng.sample(range(a, b + 1), group_size)]
         sevens = [x for x in range(a, b + 1) if x % 10 == 7]
         fav = sevens[0] if sevens else (a + b) // 2
-        rejected = [str(fav if rng.random() < favourite_prob else rng.randint(a, b)) for _ in range(m)]
+        rejected = [f" {fav if rng.random() < favourite_prob else rng.randint(a, b)}" for _ in range(m)]
         prompt = f"Give me a random integer between {a} and {b}."
         if conversational:
             row = {"prompt": [{"role": "user", "content": prompt}],
-                   "chosen": [[{"role": "assistant", "content": c}] for c in chosen],
-                   "rejected": [[{"role": "assistant", "content": r}] for r in rejected]}
+                   "chosen": [[{"role": "assistant", "content": c.strip()}] for c in chosen],
+                   "rejected": [[{"role": "assistant", "content": r.strip()}] for r in rejected]}
         else:
-            row = {"prompt": prompt + " Answer: ", "chosen": chosen, "rejected": rejected}
+            row = {"prompt": prompt + " Answer:", "chosen": chosen, "rejected": rejected}
         row.update(low=a, high=b)
         rows.append(row)
     return Dataset.from_list(rows)
