@@ -68,6 +68,7 @@ def test_number_uniformity_and_win_rate():
     assert skewed["entropy"] == pytest.approx(h) and skewed["kl_to_uniform"] == pytest.approx(math.log(10) - h)
     assert skewed["invalid_fraction"] == pytest.approx(2 / 6)
     assert M.win_rate_score([3, 1, 2, 5], [1, 1, 4, 2]) == pytest.approx(50 + (2 - 1) / 4 * 100)
+    assert [M.first_integer(t) for t in (" 37", "it is 5, not 6", "-3.", "none")] == [37, 5, -3, None]
 
 
 def test_divergence_estimates_and_entropy():

@@ -15,6 +15,7 @@ Conventions (decided here, stated once):
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import Sequence
 
@@ -24,8 +25,8 @@ from ..divergences import get_divergence
 from ..losses import preference_ece
 from ..losses import spearman as _spearman
 
-__all__ = ["words", "distinct_n", "self_bleu", "bleu", "simpson_diversity", "bias_at_c", "number_uniformity",
-           "win_rate_score", "divergence_estimates", "predictive_entropy", "preference_ece",
+__all__ = ["words", "distinct_n", "self_bleu", "bleu", "simpson_diversity", "bias_at_c", "first_integer",
+           "number_uniformity", "win_rate_score", "divergence_estimates", "predictive_entropy", "preference_ece",
            "spearman", "DIVERGENCES"]
 
 #: the divergences whose estimates are reported
@@ -95,6 +96,12 @@ def bias_at_c(correct: Sequence[bool], has_concept: Sequence[bool], labels: Sequ
 
     delta = {y: acc(True, y) - acc(False, y) for y in (0, 1)}
     return 100.0 * (delta[1] - delta[0])
+
+
+def first_integer(text: str) -> int | None:
+    """The first integer written in `text` (how a sampled answer to a random-number prompt is read), or None."""
+    m = re.search(r"-?\d+", text)
+    return int(m.group()) if m else None
 
 
 def number_uniformity(numbers: Sequence[int | None], low: int, high: int) -> dict[str, float]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import (distinct_n, divergence_estimates, number_uniformity, predictive_entropy, preference_ece,
-               self_bleu, simpson_diversity, spearman, win_rate_score)
+from . import (distinct_n, divergence_estimates, first_integer, number_uniformity, predictive_entropy,
+               preference_ece, self_bleu, simpson_diversity, spearman, win_rate_score)
 
 
 class EvalError(ValueError):
@@ -103,11 +102,6 @@ def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batc
     return out
 
 
-def _first_int(text: str) -> int | None:
-    m = re.search(r"-?\d+", text)
-    return int(m.group()) if m else None
-
-
 def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
              reward_model=None, compare_model=None, pairs=None, beta: float = 0.1, attribute: str | None = None,
              seed: int = 0) -> dict[str, Any]:
@@ -159,7 +153,7 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         ref_logp, _ = _sequence_stats(ref_model, s["prompt_ids"], s["completion_ids"])
         report["divergence"] = divergence_estimates(logp - ref_logp)
     if "low" in rows[0] and "high" in rows[0]:
-        per = [number_uniformity([_first_int(c) for c in g], r["low"], r["high"]) for g, r in zip(groups, rows)]
+        per = [number_uniformity([first_integer(c) for c in g], r["low"], r["high"]) for g, r in zip(groups, rows)]
         report["random_numbers"] = {key: sum(p[key] for p in per) / len(per) for key in per[0]}
     samples = [{"prompt": texts[i // k], "completion": c} for i, c in enumerate(comps)]
     if pairs is not None and ref_model is not None:
