@@ -1,0 +1,76 @@
+"""What the reproduction scripts share: offline set-up, the SFT starting policy, tables and figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def setup(threads: int | None = None) -> None:
+    """Offline, quiet, and (optionally) a fixed number of CPU threads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def sft(rows: list[dict], out: Path, steps: int, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
+        model: str = "builtin:tiny-llama") -> str:
+    """Fine-tune `model` on prompt/completion `rows` with TRL's SFTTrainer; returns the saved folder.
+    A model trained from scratch has nothing to align yet: this gives it the task's language first."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    args = SFTConfig(output_dir=str(out / "sft"), max_steps=steps, per_device_train_batch_size=batch_size,
+                     learning_rate=lr, report_to=[], save_strategy="no", logging_steps=max(steps // 4, 1),
+                     disable_tqdm=True, bf16=False, seed=seed)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(path))
+    trainer.train()
+    trainer.save_model(str(out / "sft" / "final"))
+    return str(out / "sft" / "final")
+
+
+def sentiment_sft_rows(num_samples: int = 512, seed: int = 7) -> list[dict]:
+    """Prompt/completion rows of the built-in sentiment task, both sides of every pair: an SFT on them teaches
+    the language of the task without a preference (the neutral start the f-DPO reproductions align)."""
+    from alignkit.data.synthetic import sentiment
+
+    data = sentiment("train", num_samples=num_samples, seed=seed)
+    return [{"prompt": r["prompt"], "completion": c} for r in data for c in (r["chosen"], r["rejected"])]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], columns: Sequence[str], out: Path, name: str = "table") -> str:
+    """`rows` as `<name>.json` and as a Markdown table `<name>.md` (the given columns); returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(md)
+    return md
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,61 @@
+"""The thesis reproductions (examples/reproduce/) run end to end in their CI-sized form (`--quick`: fewer
+steps, prompts and seeds) and show the direction of the effects that hold at that size. Full forms: `make
+reproduce`; their figures and tables are in docs/results.md."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPRO = Path(__file__).resolve().parents[1] / "examples" / "reproduce"
+
+
+def _run(name, tmp_path, *extra):
+    spec = importlib.util.spec_from_file_location(name, REPRO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--quick", "--output", str(tmp_path), *extra])
+
+
+def test_fdpo_diversity(tmp_path):
+    """Table 2.2's ordering is not asserted: the full form does not reproduce it (docs/results.md)."""
+    result = _run("fdpo_diversity", tmp_path)
+    assert [r["divergence"] for r in result["rows"]] == ["reverse_kl", "jsd", "alpha 0.5", "forward_kl"]
+    assert (tmp_path / "table.md").exists() and (tmp_path / "fdpo_diversity.png").exists()
+    assert all(0 < r["entropy"] < 10 and 0 <= r["distinct_2"] <= 1 for r in result["rows"])
+
+
+def test_fdpo_frontier(tmp_path):
+    rows = _run("fdpo_frontier", tmp_path)["rows"]
+    sft = rows[0]
+    assert sft["method"] == "SFT (reference)" and sft["D_f"] == pytest.approx(0.0, abs=1e-6)
+    last = {r["method"]: r for r in rows[1:]}  # rows are in training order: the last of each method
+    assert set(last) == {"f-DPO", "PPO (reward)", "PPO (loss)"}
+    # every method moves the policy away from the reference and raises the reward (quick form measured
+    # f-DPO -0.06 -> 0.20 at lr 2e-5; PPO much further); the frontier comparison itself needs the full form
+    for method, r in last.items():
+        assert r["D_f"] > 0 and r["reward"] > sft["reward"], method
+    assert (tmp_path / "fdpo_frontier.png").exists()
+
+
+def test_random_numbers(tmp_path):
+    result = _run("random_numbers", tmp_path)
+    ent = {(r["eval prompts"], r["method"]): r["entropy"] for r in result["methods"]}
+    win = {(r["eval prompts"], r["comparison"]): r["win rate"] for r in result["win_rates"]}
+    # preference training on uniform-vs-biased groups makes the favouring SFT start more uniform, single- and
+    # multi-sample alike (the thesis' mIPO > IPO, mDPO > DPO is not reproduced at this size: docs/results.md)
+    for method in ("DPO", "mDPO"):
+        assert ent["training widths", method] > ent["training widths", "SFT"] + 0.2, method
+    assert win["training widths", "mDPO vs SFT"] >= 0.7 and win["training widths", "DPO vs SFT"] >= 0.7
+    assert (tmp_path / "random_numbers.png").exists() and (tmp_path / "win_rates.md").exists()
+
+
+def test_crm_sweep(tmp_path):
+    result = _run("crm_sweep", tmp_path)
+    rows = {(r["variant"], r["mmd_coef"]): r for r in result["rows"]}
+    assert set(rows) == {("vanilla", 0.0), ("unconditional", 3.0)}
+    van, crm = rows["vanilla", 0.0], rows["unconditional", 3.0]
+    # sycophancy, 100 steps, seed 0: measured 0.00 -> 0.61 (1 thread; tests/test_crm_bias.py saw 0.00 -> 0.37):
+    # a loose margin
+    assert crm["test_anti"] >= van["test_anti"] + 0.15
+    assert (tmp_path / "table.md").exists() and (tmp_path / "crm_sweep.png").exists()
