@@ -36,8 +36,11 @@ bench: setup
 	$(BIN)/python benchmarks/crm_bias.py
 	$(BIN)/python benchmarks/ppo_profile.py
 
+# the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md
+REPRODUCTIONS := fdpo_diversity fdpo_frontier random_numbers label_noise crm_sweep
+
 reproduce: setup
-	$(BIN)/python examples/reproduce/fdpo_diversity.py
+	for r in $(REPRODUCTIONS); do $(BIN)/python examples/reproduce/$$r.py || exit 1; done
 
 clean:
 	rm -rf outputs .pytest_cache
