@@ -51,6 +51,11 @@ def sentiment_sft_rows(num_samples: int = 512, seed: int = 7) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": c} for r in data for c in (r["chosen"], r["rejected"])]
 
 
+def checkpoints(run: Path) -> list[tuple[int, str]]:
+    """The `checkpoint-<step>` folders a Trainer saved under `run`, as (step, path), in step order."""
+    return sorted((int(p.name.split("-")[1]), str(p)) for p in Path(run).glob("checkpoint-*"))
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 

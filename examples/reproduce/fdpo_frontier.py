@@ -29,18 +29,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
 DIVERGENCES = [("reverse_kl", None), ("jsd", None), ("alpha", 0.5), ("forward_kl", None)]
 
 
 def _key(divergence, alpha):
     return divergence if alpha is None else f"alpha_{alpha:g}"
-
-
-def _checkpoints(run: Path) -> list[tuple[int, str]]:
-    found = [(int(p.name.split("-")[1]), str(p)) for p in run.glob("checkpoint-*")]
-    return sorted(found)
 
 
 def train_fdpo(start: str, out: Path, divergence, alpha, steps: int, save_every: int, beta: float, lr: float) -> Path:
@@ -142,14 +137,14 @@ def main(argv=None) -> dict:
     for divergence, alpha in divergences:
         name = _key(divergence, alpha)
         run = train_fdpo(start, out, divergence, alpha, dpo_steps, dpo_steps // 4, a.beta, a.lr)
-        for step, ckpt in _checkpoints(run):
+        for step, ckpt in checkpoints(run):
             rows.append({"divergence": name, "method": "f-DPO", "setting": f"beta {a.beta:g}", "step": step,
                          **point(ckpt, start, prompts, k, divergence, alpha)})
             print(rows[-1], flush=True)
         for placement in ("reward", "loss"):
             for coef in coefs:
                 run = train_ppo(start, out, divergence, alpha, placement, coef, ppo_iters, a.ppo_lr)
-                for step, ckpt in _checkpoints(run):
+                for step, ckpt in checkpoints(run):
                     rows.append({"divergence": name, "method": f"PPO ({placement})", "setting": f"coef {coef:g}",
                                  "step": step, **point(ckpt, start, prompts, k, divergence, alpha)})
                     print(rows[-1], flush=True)
