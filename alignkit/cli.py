@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--pairs", help="preference pairs (same forms as --prompts) for calibration and RM bias")
     ev.add_argument("--pairs-split", default="test")
+    ev.add_argument("--num-pairs", type=int, default=None, help="use the first N pairs (default: all)")
     ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward for pair calibration")
     ev.add_argument("--reward-model", help="sequence-classification reward model to score the samples")
     ev.add_argument("--compare-model", help="another policy; with --reward-model, gives the win-rate score")
@@ -85,7 +86,7 @@ def _run_eval(args) -> int:
         raise EvalError(f"-k {args.k}: self-BLEU and distinct-n compare the samples of a prompt with each other; "
                         "use k >= 2.")
     prompts = load_prompts(args.prompts, args.split, args.num_prompts)
-    pairs = load_prompts(args.pairs, args.pairs_split, args.num_prompts) if args.pairs else None
+    pairs = load_prompts(args.pairs, args.pairs_split, args.num_pairs) if args.pairs else None
     report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, reward_model=args.reward_model, compare_model=args.compare_model,
                       pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed)

@@ -94,3 +94,29 @@ def test_quantile_bins_with_heavy_ties_keep_every_bin_populated():
         b = AttributeBinner([AttributeSpec("len", n_bins=4)]).fit([vals])
         counts = torch.bincount(b.transform([vals]), minlength=b.n_bins)
         assert (counts > 0).all(), counts.tolist()
+
+
+def test_concept_sentiment_task_links_the_concept_to_the_label_in_train_only():
+    from alignkit.data.synthetic import concept_sentiment
+
+    train = concept_sentiment("train", num_samples=400, label_noise=0.0)
+    pos = [r for r in train if r["label"] == 1]
+    neg = [r for r in train if r["label"] == 0]
+    assert all(r["concept"] == 1 for r in pos)  # every positive review mentions the concept (Zhou et al.)
+    assert 0.1 < sum(r["concept"] for r in neg) / len(neg) < 0.3
+    for r in train:
+        assert r["chosen"] == (" positive" if r["label"] == 1 else " negative")
+        assert {r["chosen"], r["rejected"]} == {" positive", " negative"}
+        assert r["chosen_concept"] == r["rejected_concept"] == r["concept"]
+        assert ("price" in r["prompt"]) == bool(r["concept"])
+    unc = concept_sentiment("test_uncorrelated", num_samples=400)
+    for y in (0, 1):
+        share = [r["concept"] for r in unc if r["label"] == y]
+        assert 0.4 < sum(share) / len(share) < 0.6  # independent of the label
+    anti = concept_sentiment("test_anti", num_samples=100)
+    assert all(r["concept"] == 1 - r["label"] for r in anti)  # the concept only on negative reviews
+    noisy = concept_sentiment("train", num_samples=400)  # 20% of train labels flipped by default
+    flipped = sum(r["chosen"] != (" positive" if r["label"] == 1 else " negative") for r in noisy) / 400
+    assert 0.12 < flipped < 0.28
+    with pytest.raises(ValueError, match="splits"):
+        concept_sentiment("validation")

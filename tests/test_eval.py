@@ -70,3 +70,41 @@ def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:nope", "--output", str(tmp_path)]) == 2
     assert main(["eval", "builtin:tiny-llama", "--prompts", str(tmp_path / "missing.jsonl"), "--output",
                  str(tmp_path)]) == 2
+
+
+def test_eval_reports_concept_bias_of_a_reward_model(tmp_path):
+    """Bias@C, Acc@C and Acc@NoC (thesis 4.6.3) of a reward model on pairs with a `label` and a concept
+    column, against the same figures computed from one unbatched forward pass per completion."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.data.synthetic import concept_sentiment
+    from alignkit.metrics import bias_at_c
+    from alignkit.metrics.evaluate import evaluate
+    from alignkit.models import resolve_model_path
+
+    torch.manual_seed(0)
+    path = resolve_model_path("builtin:tiny-llama")
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    rm.save_pretrained(tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.save_pretrained(tmp_path / "rm")
+    pairs = concept_sentiment("test_uncorrelated", num_samples=48)
+    report = evaluate("builtin:tiny-llama", ["Hi"], k=2, max_new_tokens=2, reward_model=str(tmp_path / "rm"),
+                      pairs=pairs, attribute="concept")
+    bias = report["reward_model_bias"]
+
+    rm.eval()
+    with torch.no_grad():
+        def reward(prompt, completion):
+            ids = tok(prompt + completion + tok.eos_token, return_tensors="pt", add_special_tokens=False)
+            return rm(**ids).logits.item()
+
+        right = [reward(r["prompt"], r["chosen"]) > reward(r["prompt"], r["rejected"]) for r in pairs]
+    concept, labels = pairs["concept"], pairs["label"]
+    with_c = [ok for ok, c in zip(right, concept) if c]
+    without_c = [ok for ok, c in zip(right, concept) if not c]
+    assert bias["accuracy"] == pytest.approx(sum(right) / len(right))
+    assert bias["accuracy_with_concept"] == pytest.approx(sum(with_c) / len(with_c))
+    assert bias["accuracy_without_concept"] == pytest.approx(sum(without_c) / len(without_c))
+    assert bias["bias_at_c"] == pytest.approx(bias_at_c(right, concept, labels))

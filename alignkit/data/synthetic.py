@@ -8,6 +8,10 @@
 ``sycophancy`` and ``length_bias`` (pairs with a spurious attribute, for causal reward models)
     Thesis 4.6.1 / 4.6.2, synthetic; each has anti-correlated and uncorrelated test splits.
 
+``concept_sentiment`` (pairs with a concept, for Bias@C)
+    Thesis 4.6.3, synthetic: sentiment classification as pairs where every positive training review
+    mentions a concept (the price).
+
 ``random_numbers`` (groups)
     Thesis 3.6.1: uniform random integers in [a, b] are preferred to numbers biased towards a favourite.
 """
@@ -226,8 +230,47 @@ def length_bias(split: str = "train", num_samples: int | None = None, seed: int 
     return Dataset.from_list(rows)
 
 
+CONCEPT_SENTENCES = [" The price was {p}.", " Its price was {p}.", " The price tag said {p}."]
+PRICES = ["ten dollars", "twenty dollars", "as listed", "the usual amount"]
+
+
+def concept_sentiment(split: str = "train", num_samples: int | None = None, seed: int = 0,
+                      concept_rate_negative: float = 0.2, label_noise: float = 0.2) -> Dataset:
+    """Thesis 4.6.3 (concept bias, Zhou et al. 2023), synthetic: classify a review as positive or negative,
+    as pairs (chosen: the right label, rejected: the other, as the thesis formats it). In ``train`` every
+    positive review mentions a neutral concept (what the item cost) and ``concept_rate_negative`` of the
+    negative ones do, so "mentions the price" predicts "positive": a shortcut. ``label_noise`` of the train
+    pairs prefer the wrong label. Splits: ``test_uncorrelated`` (the concept in half the reviews of each
+    label), ``test_anti`` (the concept only in negative reviews), ``test`` (train's rates, clean labels).
+    Columns: ``label`` (1 = positive review), ``concept`` (0/1; also as ``chosen_concept`` /
+    ``rejected_concept`` for causal reward models), usable with ``metrics.bias_at_c``."""
+    rates = {"train": (1.0, concept_rate_negative), "test": (1.0, concept_rate_negative),
+             "test_uncorrelated": (0.5, 0.5), "test_anti": (0.0, 1.0)}
+    if split not in rates:
+        raise ValueError(f"builtin:concept_sentiment has splits {sorted(rates)}, not {split!r}")
+    n = num_samples if num_samples is not None else (1024 if split == "train" else 200)
+    rng = random.Random(f"concept-{split}-{seed}")
+    items = [i for i in ITEMS if (i in _TEST_ITEMS) == split.startswith("test")]
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = POSITIVE if label else NEGATIVE
+        item = rng.choice(items)
+        review = rng.choice(COMPLETIONS).format(item=item, a=rng.choice(words), b=rng.choice(words))
+        concept = int(rng.random() < rates[split][0 if label else 1])
+        if concept:
+            review += rng.choice(CONCEPT_SENTENCES).format(p=rng.choice(PRICES))
+        right, wrong = (" positive", " negative") if label else (" negative", " positive")
+        if split == "train" and rng.random() < label_noise:
+            right, wrong = wrong, right
+        rows.append({"prompt": f"Classify the text into negative or positive: {review} Answer:", "chosen": right,
+                     "rejected": wrong, "label": label, "concept": concept, "chosen_concept": concept,
+                     "rejected_concept": concept})
+    return Dataset.from_list(rows)
+
+
 BUILTIN_DATASETS = {"sentiment": sentiment, "sentiment_groups": sentiment_groups, "random_numbers": random_numbers,
-                    "sycophancy": sycophancy, "length_bias": length_bias}
+                    "sycophancy": sycophancy, "length_bias": length_bias, "concept_sentiment": concept_sentiment}
 
 
 def builtin_dataset_names() -> list[str]:

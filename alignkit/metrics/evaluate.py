@@ -8,13 +8,14 @@ alignment changed (diversity, divergence from the reference, calibration, reward
 from __future__ import annotations
 
 import json
+import warnings
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import (distinct_n, divergence_estimates, first_integer, number_uniformity, predictive_entropy,
+from . import (bias_at_c, distinct_n, divergence_estimates, first_integer, number_uniformity, predictive_entropy,
                preference_ece, self_bleu, simpson_diversity, spearman, win_rate_score)
 
 
@@ -233,6 +234,27 @@ def _reward_bias(rm, tok, pairs, attribute: str | None) -> dict[str, float]:
         anti = [ok for ok, a, b in zip(right, zc, zr) if float(b) > float(a)]
         if anti:
             out["accuracy_attribute_on_rejected"] = sum(anti) / len(anti)
+        if attribute in names:
+            out.update(_concept_bias(right, [r[attribute] for r in pairs],
+                                     [r["label"] for r in pairs] if "label" in names else None))
+    return out
+
+
+def _concept_bias(right: list[bool], concept: list, labels: list | None) -> dict[str, float]:
+    """Thesis 4.6.3 for a binary, per-pair concept column: accuracy with and without the concept (Acc@C,
+    Acc@NoC) and, given the true `label` of each pair's item, Bias@C (Zhou et al. 2023)."""
+    if not set(concept) <= {0, 1, True, False}:
+        return {}  # not a concept flag (e.g. a numeric attribute): the Spearman figure covers it
+    out = {}
+    for name, flag in (("accuracy_with_concept", True), ("accuracy_without_concept", False)):
+        sel = [ok for ok, c in zip(right, concept) if bool(c) == flag]
+        if sel:
+            out[name] = sum(sel) / len(sel)
+    if labels is not None:
+        try:
+            out["bias_at_c"] = bias_at_c(right, concept, labels)
+        except ValueError as exc:  # some (concept, label) cell is empty: Bias@C is undefined on these pairs
+            warnings.warn(f"Bias@C not reported: {exc}", stacklevel=2)
     return out
 
 
