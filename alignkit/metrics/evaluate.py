@@ -331,6 +331,9 @@ def log_to_wandb(report: dict[str, Any], files: list[Path], project: str = "alig
     run.log({"eval/samples": wandb.Table(columns=cols, data=[[s.get(c) for c in cols] for s in report["samples"]])})
     run.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
     run.finish()
+    # drop wandb's process-wide settings (its directory among them), so that a later run in this process,
+    # e.g. a training run started from the same notebook, reads its own environment instead of ours
+    wandb.teardown()
     return run
 
 
