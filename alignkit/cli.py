@@ -85,6 +85,9 @@ def _run_eval(args) -> int:
     if args.k < 2:
         raise EvalError(f"-k {args.k}: self-BLEU and distinct-n compare the samples of a prompt with each other; "
                         "use k >= 2.")
+    for flag, value in (("--num-prompts", args.num_prompts), ("--num-pairs", args.num_pairs)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} {value}: give at least 1 (or leave --num-pairs out to use every pair).")
     prompts = load_prompts(args.prompts, args.split, args.num_prompts)
     pairs = load_prompts(args.pairs, args.pairs_split, args.num_pairs) if args.pairs else None
     report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,

@@ -70,6 +70,10 @@ def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:nope", "--output", str(tmp_path)]) == 2
     assert main(["eval", "builtin:tiny-llama", "--prompts", str(tmp_path / "missing.jsonl"), "--output",
                  str(tmp_path)]) == 2
+    for flag in ("--num-prompts", "--num-pairs"):
+        assert main(["eval", "builtin:tiny-llama", "--pairs", "builtin:sentiment", flag, "0", "--output",
+                     str(tmp_path)]) == 2
+        assert f"{flag} 0" in capsys.readouterr().err
 
 
 def test_eval_reports_concept_bias_of_a_reward_model(tmp_path):
