@@ -36,11 +36,12 @@ bench: setup
 	$(BIN)/python benchmarks/crm_bias.py
 	$(BIN)/python benchmarks/ppo_profile.py
 
-# the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md
+# the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md.
+# One torch thread: the float rounding, hence the figures, then match the docs on the same machine.
 REPRODUCTIONS := fdpo_diversity fdpo_frontier random_numbers label_noise crm_sweep
 
 reproduce: setup
-	for r in $(REPRODUCTIONS); do $(BIN)/python examples/reproduce/$$r.py || exit 1; done
+	for r in $(REPRODUCTIONS); do $(BIN)/python examples/reproduce/$$r.py --threads 1 || exit 1; done
 
 clean:
 	rm -rf outputs .pytest_cache

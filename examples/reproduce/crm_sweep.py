@@ -10,7 +10,7 @@ model that rewards the shortcut fails there), on `test_uncorrelated` (attribute 
 cost on ordinary data) and by Spearman(reward, attribute) on `test_uncorrelated`. Writes table.json, table.md
 and crm_sweep.png (per task: accuracies against mmd_coef on a log axis, vanilla as horizontal lines).
 
-    python examples/reproduce/crm_sweep.py             # full form: 2 tasks x 13 runs of 200 steps, ~8.5 min, 1 thread
+    python examples/reproduce/crm_sweep.py --threads 1 # full form: 2 tasks x 13 runs of 200 steps, ~8.5 min
     python examples/reproduce/crm_sweep.py --quick     # CI-sized: sycophancy, vanilla + unconditional at 3, ~25 s
     python examples/reproduce/crm_sweep.py --seeds 3 --coefs 1 3 10 --threads 2
 

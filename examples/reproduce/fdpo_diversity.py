@@ -6,16 +6,16 @@ task's language by SFT on both sides of the pairs (a random-init model has nothi
 then f-DPO with each divergence on the built-in sentiment task, same beta, data, steps and seed; then
 `alignkit.metrics.evaluate` on held-out prompts. Writes a table (JSON + Markdown) and a figure.
 
-    python examples/reproduce/fdpo_diversity.py                 # full form, about 2 minutes on 2 CPU cores
+    python examples/reproduce/fdpo_diversity.py --threads 1     # full form (docs/results.md), about 3 minutes
     python examples/reproduce/fdpo_diversity.py --quick         # CI-sized (a smoke run: too short to mean much)
 
-Status (full form, 3 seeds, 2 min 16 s on 2 cores; table in docs/results.md): not reproduced. Entropy / distinct-2 /
-reverse KL from the start: SFT start 1.21 / 0.81 / 0, reverse KL 1.20 / 0.79 / 1.8, JSD 0.99 / 0.48 / 24, alpha 0.5
-0.87 / 0.15 / 67, forward KL 1.20 / 0.43 / 38. At equal beta the runs end at very different distances from the
-reference: the JSD, alpha and forward-KL links are bounded above, so the loss falls only by pushing the rejected
-log-ratios to minus infinity, and they saturate far from the start. Equal beta is not an equal constraint here.
-Along training (seed 0, `trajectory.md`), up to a reverse KL of ~8 every divergence keeps the start's diversity,
-JSD and alpha slightly above reverse KL on entropy (the thesis' direction, within one seed's noise).
+Status (full form with --threads 1, 3 seeds, 2 min 40 s on 2 cores; table in docs/results.md): not reproduced.
+Entropy / distinct-2 / reverse KL from the start: SFT start 1.22 / 0.81 / 0, reverse KL 1.20 / 0.80 / 1.8, JSD
+1.12 / 0.46 / 28, alpha 0.5 0.63 / 0.12 / 68, forward KL 1.30 / 0.43 / 33. At equal beta the runs end at very
+different distances from the reference: the JSD, alpha and forward-KL links are bounded above, so the loss falls
+only by pushing the rejected log-ratios to minus infinity, and they saturate far from the start. Along training
+(seed 0, `trajectory.md`), up to a reverse KL of ~10 every divergence stays near the start's diversity, with no
+consistent order between them.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ function (the ground truth, as in the thesis) for each penalty placement and coe
 half-way and at the end. Every point: `alignkit.metrics.evaluate` on held-out prompts (mean reward of the
 samples, and the estimate of the same f-divergence from the reference on those samples).
 
-    python examples/reproduce/fdpo_frontier.py            # full form (make reproduce)
+    python examples/reproduce/fdpo_frontier.py --threads 1   # full form (make reproduce)
     python examples/reproduce/fdpo_frontier.py --quick    # CI-sized
 
 Status (full form, 4 min 47 s on 2 shared cores; table and figure in docs/results.md): not reproduced. For every

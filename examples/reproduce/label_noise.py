@@ -39,7 +39,7 @@ the strong source (100 steps: k=1 +0.81, k=5 +0.80, all pairs +0.90, no effect);
 has a finite optimum (mislabelled pairs push back), groups of 5 a larger one, so a larger beta, which keeps
 that optimum short of saturation, is where the difference shows.
 
-    python examples/reproduce/label_noise.py                      # full form: mDPO, 3 seeds, ~4 min at 1 thread
+    python examples/reproduce/label_noise.py --threads 1          # full form: mDPO, 3 seeds, ~4 min
     python examples/reproduce/label_noise.py --quick              # CI-sized: k=1 and k=5, 60 steps, 1 seed, ~26 s
     python examples/reproduce/label_noise.py --losses ipo --output outputs/reproduce/label_noise_ipo
 
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--nll-weight", type=float, default=1.0, help="NLL of the chosen group (keeps the policy fluent)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
     t0 = time.time()
     setup(a.threads)

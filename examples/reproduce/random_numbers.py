@@ -20,7 +20,7 @@ Here, at toy scale, everything is built locally:
   per prompt the entropy of the sampled numbers (`metrics.number_uniformity`); "A vs B" is the fraction of
   prompts where A's entropy is higher (ties count half).
 
-    python examples/reproduce/random_numbers.py              # full form (make reproduce)
+    python examples/reproduce/random_numbers.py --threads 1  # full form (make reproduce)
     python examples/reproduce/random_numbers.py --quick      # CI-sized
 
 Status (full form, 2 seeds, 6 min 24 s on 2 shared cores; table in docs/results.md): every method makes the
