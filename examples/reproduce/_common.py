@@ -42,6 +42,20 @@ def sft(rows: list[dict], out: Path, steps: int, lr: float = 3e-3, batch_size: i
     return str(out / "sft" / "final")
 
 
+def align(trainer_cls, start: str, args, train_dataset) -> str:
+    """Train a preference trainer (FDPOTrainer, MultiSampleDPOTrainer) from the model in `start`, which is also
+    its reference; save the result to `<args.output_dir>/final` and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = trainer_cls(model=AutoModelForCausalLM.from_pretrained(start),
+                          ref_model=AutoModelForCausalLM.from_pretrained(start), args=args,
+                          train_dataset=train_dataset, processing_class=AutoTokenizer.from_pretrained(start))
+    trainer.train()
+    final = str(Path(args.output_dir) / "final")
+    trainer.save_model(final)
+    return final
+
+
 def sentiment_sft_rows(num_samples: int = 512, seed: int = 7) -> list[dict]:
     """Prompt/completion rows of the built-in sentiment task, both sides of every pair: an SFT on them teaches
     the language of the task without a preference (the neutral start the f-DPO reproductions align)."""

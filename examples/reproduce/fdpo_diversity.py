@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import align, checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
 DIVERGENCES = [("reverse_kl", None), ("jsd", None), ("alpha", 0.5), ("forward_kl", None)]
 METRICS = ("entropy", "distinct_1", "distinct_2", "self_bleu")
@@ -37,23 +37,15 @@ def train(start: str, out: Path, divergence: str, alpha, steps: int, beta: float
           seed: int = 0, save_every: int | None = None) -> str:
     """f-DPO from `start`; returns the final model's folder. `save_every`: also keep a checkpoint every that
     many steps (for the trajectory)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from alignkit import FDPOConfig, FDPOTrainer
     from alignkit.data.synthetic import sentiment
 
-    tok = AutoTokenizer.from_pretrained(start)
     name = divergence if alpha is None else f"alpha{alpha:g}"
     args = FDPOConfig(output_dir=str(out / name), divergence=divergence, alpha=alpha, beta=beta, max_steps=steps,
                       per_device_train_batch_size=16, learning_rate=a_lr, lr_scheduler_type="constant", report_to=[],
                       save_strategy="steps" if save_every else "no", save_steps=save_every or 500, save_only_model=True,
                       logging_steps=max(steps // 4, 1), disable_tqdm=True, bf16=False, seed=seed)
-    trainer = FDPOTrainer(model=AutoModelForCausalLM.from_pretrained(start),
-                          ref_model=AutoModelForCausalLM.from_pretrained(start), args=args,
-                          train_dataset=sentiment("train", num_samples=512), processing_class=tok)
-    trainer.train()
-    trainer.save_model(str(out / name / "final"))
-    return str(out / name / "final")
+    return align(FDPOTrainer, start, args, sentiment("train", num_samples=512))
 
 
 def main(argv=None) -> dict:

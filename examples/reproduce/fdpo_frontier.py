@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import align, checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
 DIVERGENCES = [("reverse_kl", None), ("jsd", None), ("alpha", 0.5), ("forward_kl", None)]
 
@@ -39,8 +39,6 @@ def _key(divergence, alpha):
 
 
 def train_fdpo(start: str, out: Path, divergence, alpha, steps: int, save_every: int, beta: float, lr: float) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from alignkit import FDPOConfig, FDPOTrainer
     from alignkit.data.synthetic import sentiment
 
@@ -49,9 +47,7 @@ def train_fdpo(start: str, out: Path, divergence, alpha, steps: int, save_every:
                       per_device_train_batch_size=16, learning_rate=lr, lr_scheduler_type="constant", report_to=[],
                       save_strategy="steps", save_steps=save_every, save_only_model=True, logging_steps=save_every,
                       disable_tqdm=True, bf16=False, seed=0)
-    FDPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), ref_model=AutoModelForCausalLM.from_pretrained(start),
-                args=args, train_dataset=sentiment("train", num_samples=512),
-                processing_class=AutoTokenizer.from_pretrained(start)).train()
+    align(FDPOTrainer, start, args, sentiment("train", num_samples=512))
     return run
 
 

@@ -102,7 +102,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pyplot, setup, sft, write_table  # noqa: E402
+from _common import align, pyplot, setup, sft, write_table  # noqa: E402
 
 N_REVIEWS = 5
 PROMPTS_PER_STEP = 16
@@ -159,7 +159,6 @@ def preference_rows(task: list[dict], k: int, all_pairs: bool) -> list[dict]:
 def train(start: str, out: Path, rows: list[dict], loss_type: str, batch_size: int, steps: int, seed: int,
           beta: float, lr: float, nll_weight: float) -> str:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
 
@@ -168,13 +167,7 @@ def train(start: str, out: Path, rows: list[dict], loss_type: str, batch_size: i
         per_device_train_batch_size=batch_size, max_steps=steps, lr_scheduler_type="constant", report_to=[],
         save_strategy="no",
         logging_steps=max(steps // 4, 1), disable_tqdm=True, bf16=False, seed=seed)
-    trainer = MultiSampleDPOTrainer(model=AutoModelForCausalLM.from_pretrained(start),
-                                    ref_model=AutoModelForCausalLM.from_pretrained(start), args=args,
-                                    train_dataset=Dataset.from_list(rows),
-                                    processing_class=AutoTokenizer.from_pretrained(start))
-    trainer.train()
-    trainer.save_model(str(out / "final"))
-    return str(out / "final")
+    return align(MultiSampleDPOTrainer, start, args, Dataset.from_list(rows))
 
 
 def well_formed(text: str) -> bool:

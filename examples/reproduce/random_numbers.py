@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pyplot, setup, sft, write_table  # noqa: E402
+from _common import align, pyplot, setup, sft, write_table  # noqa: E402
 
 METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
 COMPARISONS = [("mIPO", "IPO"), ("mIPO", "SFT"), ("IPO", "SFT"), ("mDPO", "DPO"), ("mDPO", "SFT"), ("DPO", "SFT")]
@@ -53,8 +53,6 @@ def as_pairs(groups):
 
 
 def train(start: str, out: Path, name: str, steps: int, seed: int, beta: float, lr: float, nll: float) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
     from alignkit.data.synthetic import random_numbers
 
@@ -68,12 +66,7 @@ def train(start: str, out: Path, name: str, steps: int, seed: int, beta: float, 
         per_device_train_batch_size=32 // k,  # 32 chosen and 32 rejected completions per step for every method
         max_steps=steps, lr_scheduler_type="constant", report_to=[], save_strategy="no",
         logging_steps=max(steps // 4, 1), disable_tqdm=True, bf16=False, seed=seed)
-    trainer = MultiSampleDPOTrainer(model=AutoModelForCausalLM.from_pretrained(start),
-                                    ref_model=AutoModelForCausalLM.from_pretrained(start), args=args,
-                                    train_dataset=data, processing_class=AutoTokenizer.from_pretrained(start))
-    trainer.train()
-    trainer.save_model(str(out / name / "final"))
-    return str(out / name / "final")
+    return align(MultiSampleDPOTrainer, start, args, data)
 
 
 def per_prompt_entropy(model: str, prompts, k: int, seed: int) -> tuple[list[float], dict]:
