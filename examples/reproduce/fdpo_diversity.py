@@ -76,13 +76,18 @@ def main(argv=None) -> dict:
         for seed in range(seeds):
             model = train(start, out / f"seed{seed}", div, alpha, steps, a.beta, a.lr, seed,
                           save_every=steps // 5 if seed == 0 else None)
-            runs.append(evaluate(model, prompts, ref=start, k=k, max_new_tokens=24, temperature=1.0, seed=seed))
+            rep = None
             if seed == 0:
                 for step, ckpt in checkpoints(Path(model).parent):
                     rep = evaluate(ckpt, prompts, ref=start, k=k, max_new_tokens=24, temperature=1.0, seed=0)
                     trajectory.append({"divergence": name, "step": step, "entropy": rep["entropy"],
                                        "distinct_2": rep["distinct_2"],
                                        "reverse KL from SFT": rep["divergence"]["reverse_kl"]})
+                if step != steps:
+                    rep = None  # the last checkpoint is not the final model
+            # the checkpoint at the last step holds the final weights: its report is the final one
+            runs.append(rep or evaluate(model, prompts, ref=start, k=k, max_new_tokens=24, temperature=1.0,
+                                        seed=seed))
         rows.append({"divergence": name, **{m: statistics.mean(r[m] for r in runs) for m in METRICS},
                      "reverse KL from SFT": statistics.mean(r["divergence"]["reverse_kl"] for r in runs),
                      "entropy per seed": " ".join(f"{r['entropy']:.2f}" for r in runs)})
