@@ -95,8 +95,9 @@ def build_tiny_model(name: str = "tiny-llama", path: str | os.PathLike | None = 
         tie_word_embeddings=True,
         **_TINY_MODELS[name],
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # building on first use must not move the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # Write to a temporary sibling then rename, so concurrent builders (pytest-xdist, DDP ranks) never

@@ -224,6 +224,11 @@ def train(recipe: Recipe) -> dict:
         raise RecipeError(f"eval_strategy is {config.eval_strategy!r} but the dataset section names no eval split; "
                           "set dataset.eval_split or dataset.test_size, or eval_strategy: 'no'.")
     wandb_dir = setup_wandb(recipe, config)
+    # Seed before any model is built: a newly initialised head (PPO's value and reward heads, a reward
+    # model's score) draws from the global RNG. Trainer seeds again in its __init__, too late for those.
+    from transformers import enable_full_determinism, set_seed
+
+    enable_full_determinism(config.seed) if config.full_determinism else set_seed(config.seed)
     model, ref, tokenizer = load_model_and_tokenizer(recipe)
     trainer_cls = trainer_class(recipe.method)
     kwargs = dict(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
