@@ -116,9 +116,10 @@ def _user_errors():
     from .data.validation import DatasetError
     from .divergences import UnsupportedDivergenceError
     from .metrics.evaluate import EvalError
+    from .models import ModelError
     from .recipes import RecipeError
 
-    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError)
+    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,34 +148,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
             return 0
         dist = recipe.distributed
-        from .distributed import format_command, is_launched_worker, launch_command
+        from .distributed import check_distributed, format_command, is_launched_worker, launch_command, needs_launch
 
-        if dist is not None and dist.num_processes * dist.num_machines > 1 and not is_launched_worker():
+        if needs_launch(dist) and not is_launched_worker():
             # fail here with one line, not in N workers with N tracebacks
-            if recipe.method == "ppo" and dist.deepspeed:
-                raise RecipeError("method 'ppo' does not run under DeepSpeed yet; remove distributed.deepspeed (plain "
-                                  "DDP over several processes works).")
-            if recipe.training.get("precompute_ref_log_probs") and dist.deepspeed:
-                raise RecipeError("precompute_ref_log_probs is not supported under DeepSpeed with several processes; "
-                                  "set precompute_ref_log_probs: false (the reference then runs each step, sharded "
-                                  "under ZeRO-3).")
-            if dist.deepspeed:
-                from .distributed import deepspeed_config
-
-                try:
-                    deepspeed_config(dist.deepspeed, dist.offload_optimizer, dist.offload_params)
-                except ValueError as exc:
-                    raise RecipeError(str(exc)) from None
+            try:
+                check_distributed(recipe)
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
             cmd, env = launch_command(dist, args.recipe, args.overrides)
             if args.dry_run:
                 print(format_command(cmd, env))
                 return 0
             import subprocess
 
-            print(f"[alignkit] launching {dist.num_processes} processes: {format_command(cmd, env)}", file=sys.stderr)
+            print(f"[alignkit] launching {dist.num_processes} process(es): {format_command(cmd, env)}", file=sys.stderr)
             return subprocess.call(cmd, env={**os.environ, **env})
         if getattr(args, "dry_run", False):
-            print(f"{args.recipe}: single process (no distributed section with num_processes > 1); run "
+            print(f"{args.recipe}: single process (no distributed section with num_processes > 1 or deepspeed); run "
                   f"alignkit train {args.recipe}")
             return 0
         runner.train(recipe)

@@ -15,6 +15,15 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message names the recipe key or flag, the path and the fix."""
+
+
+#: files of which one means "this folder holds a tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -120,3 +129,50 @@ def resolve_model_path(name_or_path: str) -> str:
     if is_builtin(name_or_path):
         return str(build_tiny_model(name_or_path[len(BUILTIN_PREFIX):]))
     return name_or_path
+
+
+def _in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(name: str, key: str, need_tokenizer: bool = True, revision: str | None = None) -> None:
+    """Check, without loading weights, that ``name`` (the value of recipe key or flag ``key``) names a model
+    that can be loaded: a built-in, a local folder with ``config.json`` (and a tokenizer when
+    ``need_tokenizer``), or a hub id (present in the local cache when offline). Raises ModelError."""
+    if is_builtin(name):
+        short = name[len(BUILTIN_PREFIX):]
+        if short not in _TINY_MODELS:
+            import difflib
+
+            close = difflib.get_close_matches(short, list(_TINY_MODELS), n=1)
+            hint = f" Did you mean 'builtin:{close[0]}'?" if close else ""
+            raise ModelError(f"{key}: unknown built-in model {name!r}.{hint} Available: "
+                             f"{', '.join(BUILTIN_PREFIX + n for n in builtin_model_names())}.")
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{key}: {name!r} is a file; give the model's folder (the one holding config.json).")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{key}: {name!r} has no config.json, so it is not a Hugging Face model folder; save one "
+                             "there with model.save_pretrained(folder), or point at the folder that has it.")
+        if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{key}: {name!r} has no tokenizer (no tokenizer.json or tokenizer_config.json); save "
+                             "the model's tokenizer there with tokenizer.save_pretrained(folder).")
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+    if looks_local:
+        raise ModelError(f"{key}: no such folder {name!r}; check the path (relative paths start from the current "
+                         f"directory, {os.getcwd()}).")
+    if _offline() and not _in_hub_cache(name, revision):
+        raise ModelError(f"{key}: {name!r} is neither a local folder nor a hub model in the local cache, and the hub "
+                         "is offline (HF_HUB_OFFLINE); give a local folder, a builtin: model, or download it first.")

@@ -160,6 +160,9 @@ class WandbSection(_Section):
 
 SECTIONS = {"method": None, "model": ModelSection, "dataset": DatasetSection, "peft": None, "wandb": WandbSection,
             "reward": RewardSection, "distributed": DistributedSection}
+#: top-level keys of alignkit's own that are not config fields: `overwrite_output_dir: true` lets a run
+#: replace another run in its output_dir (transformers 5 dropped TrainingArguments.overwrite_output_dir)
+RECIPE_KEYS: dict[str, Any] = {"overwrite_output_dir": bool}
 
 
 @dataclasses.dataclass
@@ -174,6 +177,7 @@ class Recipe:
     wandb: WandbSection | None = None
     reward: RewardSection | None = None
     distributed: DistributedSection | None = None
+    overwrite_output_dir: bool = False
     source: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -224,33 +228,93 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
+def _members(tp: Any) -> tuple:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(m for a in typing.get_args(tp) for m in _members(a))
+    return (tp,)
+
+
+def _accepts(members: tuple, kind: type) -> bool:
+    """Whether a field whose type has these union members takes a YAML list or mapping."""
+    for m in members:
+        if m is Any or m is kind or typing.get_origin(m) is kind:
+            return True
+        if kind is dict and isinstance(m, type) and m not in (str, int, float, bool, type(None)) and \
+                not issubclass(m, (str, list)):
+            return True  # a config object (e.g. accelerate's ParallelismConfig) built from a mapping
+    return False
+
+
+def _expected(members: tuple) -> str:
+    names = []
+    for m in members:
+        if m is type(None):
+            continue
+        if typing.get_origin(m) is Literal:
+            names.append("one of " + ", ".join(repr(a) for a in typing.get_args(m)))
+        elif m in (int, float):
+            names.append("a number" if m is float else "an integer")
+        elif m is bool:
+            names.append("true or false")
+        elif m is str or (isinstance(m, type) and issubclass(m, str)):
+            names.append("a string")
+        elif typing.get_origin(m) is list or m is list:
+            names.append("a list")
+        elif typing.get_origin(m) is dict or m is dict:
+            names.append("a mapping")
+    return " or ".join(dict.fromkeys(names)) or "a value of another kind"
+
+
 def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
-    """Coerce YAML values to the field's type (YAML reads ``5e-4`` as a string, for one)."""
+    """Coerce a YAML value to the field's type (YAML reads ``5e-4`` as a string, for one), or raise
+    RecipeError naming the key and what it takes."""
     if value is None:
         return None
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    if isinstance(value, bool) and bool not in args and Any not in args:
-        # YAML 1.1 reads an unquoted `no`/`off` as False: `eval_strategy: no` means the string "no".
-        return "no" if value is False else "yes"
-    if bool in args:
-        if isinstance(value, bool):
+    args = _members(tp)
+    if Any in args:
+        return value
+
+    def wrong():
+        shown = "true" if value is True else "false" if value is False else repr(value)
+        return RecipeError(f"{where}: {name} must be {_expected(args)}, got {shown}.")
+
+    if name == "resume_from_checkpoint" and isinstance(value, bool):
+        return "true" if value else None  # `resume_from_checkpoint: true` (YAML bool) means the latest checkpoint
+    if isinstance(value, (dict, list)):
+        if not _accepts(args, type(value)):
+            raise wrong()
+        return value
+    if isinstance(value, bool):
+        if bool in args:
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-    if float in args and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if value is False and str in args:
+            return "no"  # YAML 1.1 reads an unquoted `no`/`off` as False: `eval_strategy: no` means "no"
+        raise wrong()
+    if bool in args and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    if float in args and isinstance(value, (int, float, str)):
+        if int in args and isinstance(value, int):
+            return value
         try:
-            return float(value) if not (int in args and isinstance(value, int)) else value
+            return float(value)
         except ValueError:
             if str not in args:
                 raise RecipeError(f"{where}: {name} must be a number, got {value!r}.") from None
-    if int in args and float not in args and isinstance(value, str):
+    if int in args and float not in args and isinstance(value, (str, float)):
         try:
-            return int(value)
+            as_float = float(value)
         except ValueError:
-            if str not in args:
-                raise RecipeError(f"{where}: {name} must be an integer, got {value!r}.") from None
-    if args == (bool,) and not isinstance(value, bool):
+            as_float = None
+        if as_float is not None and as_float.is_integer():
+            return int(as_float)
+        if str not in args:
+            raise RecipeError(f"{where}: {name} must be an integer, got {value!r}.")
+    if args == (bool,) or (set(args) <= {bool, type(None)}):
         raise RecipeError(f"{where}: {name} must be true or false, got {value!r}.")
+    if isinstance(value, (int, float)) and not any(m in (int, float) for m in args):
+        if str in args:
+            return str(value)
+        raise wrong()
     return value
 
 
@@ -261,21 +325,27 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
     method = data.get("method")
     if method is None:
         raise RecipeError(f"{where}: missing 'method'. Set it to one of: {', '.join(METHODS)}.")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{where}: unknown method {method!r}.{_closest(str(method), METHODS)} Methods: {', '.join(METHODS)}.")
+    examples = {"model": "model: {name_or_path: builtin:tiny-llama}", "dataset": "dataset: {name: builtin:sentiment}"}
     for required in ("model", "dataset"):
-        if required not in data:
-            raise RecipeError(f"{where}: missing section {required!r}.")
+        if data.get(required) is None:
+            raise RecipeError(f"{where}: missing section {required!r}, e.g. {examples[required]}.")
     cfg_cls = config_class(method)
     fields = _field_types(cfg_cls)
     training = {}
+    own = {}
     for key, value in data.items():
         if key in SECTIONS:
             continue
+        if key in RECIPE_KEYS:
+            own[key] = _coerce(key, value, RECIPE_KEYS[key], where)
+            continue
         if key not in fields:
             raise RecipeError(
-                f"{where}: unknown key {key!r}.{_closest(key, list(fields) + list(SECTIONS))} A recipe's top-level keys "
-                f"are the sections {', '.join(SECTIONS)} and the fields of {cfg_cls.__name__}."
+                f"{where}: unknown key {key!r}.{_closest(key, list(fields) + list(SECTIONS) + list(RECIPE_KEYS))} A "
+                f"recipe's top-level keys are the sections {', '.join(SECTIONS)}, {', '.join(RECIPE_KEYS)} and the "
+                f"fields of {cfg_cls.__name__}."
             )
         training[key] = _coerce(key, value, fields[key], where)
     if "output_dir" not in training and source:
@@ -318,7 +388,8 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                                           if method == "ppo" else f"the 'reward' section is for method 'ppo', not {method!r}."))
     return Recipe(method=method, model=sections["model"], dataset=sections["dataset"], training=training,
                   peft=peft, wandb=sections.get("wandb"), reward=sections.get("reward"),
-                  distributed=sections.get("distributed"), source=source, raw=data)
+                  distributed=sections.get("distributed"), overwrite_output_dir=bool(own.get("overwrite_output_dir")),
+                  source=source, raw=data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -346,20 +417,79 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+#: deeper nesting than this is refused (a recipe is a few levels deep; YAML parsers recurse per level)
+MAX_DEPTH = 32
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently) and
+    nesting deeper than MAX_DEPTH."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise RecipeError(f"{self.name}: nested more than {MAX_DEPTH} levels deep at line {mark.line + 1}; a "
+                                  "recipe is a mapping of sections and values, a few levels deep.")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except TypeError:
+                    continue  # unhashable keys: SafeLoader reports them itself
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise RecipeError(f"{self.name}: key {key!r} appears twice in the same mapping (lines "
+                                      f"{seen[key]} and {line}); YAML would keep only the last. Keep one of them.")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "recipe") -> Any:
+    """Parse a YAML file strictly: UTF-8, no duplicate keys, bounded depth. Errors are RecipeError."""
     path = str(path)
     if not os.path.exists(path):
-        raise RecipeError(f"recipe file {path!r} does not exist.")
+        raise RecipeError(f"{what} file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise RecipeError(f"{path!r} is a folder, not a {what} file; give the path of the YAML file, e.g. "
+                          "recipes/quickstart.yaml.")
+    raw = Path(path).read_bytes()
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); save the file as "
+                          "UTF-8.") from None
+    loader = _RecipeLoader(text)
+    loader.name = path
+    try:
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}: malformed YAML{at}: {problem}. Check indentation and quoting there.") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to read; a recipe is a mapping of sections and values, a few "
+                          "levels deep.") from None
+    finally:
+        loader.dispose()
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = str(path)
+    data = read_yaml(path)
     if data is None:
-        raise RecipeError(f"{path}: the recipe is empty.")
+        raise RecipeError(f"{path}: the recipe is empty; start from recipes/quickstart.yaml.")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values.")
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values (method: ..., model: ..., "
+                          f"dataset: ...), got a {type(data).__name__}.")
     return parse_recipe(apply_overrides(data, overrides or []), source=path)

@@ -39,8 +39,10 @@ def load_reward_function(spec: str):
     module, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward function {spec!r} could not be imported: {exc}.") from None
+    except Exception as exc:  # ImportError, AttributeError, or an error inside the module
+        raise ValueError(f"reward function {spec!r} could not be imported ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); check the module path and that it is "
+                         "importable from the current directory.") from None
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable.")
     return fn

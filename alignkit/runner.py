@@ -1,19 +1,23 @@
-"""Run a recipe: load the model and data it names, build the trainer, train, save."""
+"""Run a recipe: check everything, load the model and data it names, build the trainer, train, save."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from .data.synthetic import load_builtin_dataset
-from .data.validation import apply_column_mapping
-from .models import BUILTIN_PREFIX, resolve_model_path
-from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, dataset_validator, trainer_class
+from .data.validation import DatasetError, apply_column_mapping, check_data_file, iter_rows
+from .models import BUILTIN_PREFIX, ModelError, check_model_source, resolve_model_path
+from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
-__all__ = ["load_datasets", "load_model_and_tokenizer", "validate", "train"]
+__all__ = ["load_datasets", "load_tokenizer", "load_models", "preflight", "validate", "train", "run_status",
+           "STATUS_FILE"]
 
 _DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -30,37 +34,47 @@ def _load_split(recipe: Recipe, split: str):
             return load_builtin_dataset(name[len(BUILTIN_PREFIX):], split, **ds.builtin_kwargs)
         except TypeError as exc:
             raise RecipeError(f"dataset.builtin_kwargs: {exc}") from None
+        except ValueError as exc:
+            raise RecipeError(f"dataset.name: {exc}") from None
     import datasets
 
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (path.suffix.lower() in _DATA_EXTENSIONS or name.startswith((".", "/", "~"))
+                              or name.count("/") > 1):
+        raise RecipeError(f"dataset.name: no such file or folder {name!r}; check the path (relative paths start "
+                          f"from the current directory, {os.getcwd()}).")
     try:
         if path.is_file():
             fmt = _DATA_EXTENSIONS.get(path.suffix.lower())
             if fmt is None:
-                raise RecipeError(f"dataset.name: {name!r} has an unknown extension; use one of {sorted(_DATA_EXTENSIONS)}.")
+                raise RecipeError(f"dataset.name: {name!r} has an unknown extension; use one of "
+                                  f"{sorted(_DATA_EXTENSIONS)}.")
+            check_data_file(path)
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise RecipeError(f"dataset {name!r} has splits {list(loaded)}, not {split!r}.")
+                    raise RecipeError(f"dataset {name!r} has splits {list(loaded)}, not {split!r}; set "
+                                      "dataset.train_split / dataset.eval_split to one of them.")
                 return loaded[split]
             return loaded
         return datasets.load_dataset(name, ds.config, split=split)
-    except RecipeError:
+    except (RecipeError, DatasetError):
         raise
     except ValueError as exc:  # unknown split and the like
-        raise RecipeError(f"dataset {name!r}, split {split!r}: {exc}") from None
-    except Exception as exc:  # hub errors: offline, missing repo
+        raise RecipeError(f"dataset {name!r}, split {split!r}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # hub errors: offline, missing repo; parser errors
         raise RecipeError(
             f"could not load dataset {name!r} (split {split!r}): {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-            "Use a built-in dataset (builtin:sentiment), a local .json/.jsonl/.parquet file, or a hub id that is "
-            "cached when running offline."
+            "Use a built-in dataset (builtin:sentiment), a local .json/.jsonl/.parquet/.csv file, or a hub id that "
+            "is cached when running offline."
         ) from None
 
 
-def load_datasets(recipe: Recipe):
-    """Return ``(train_dataset, eval_dataset_or_None)``, mapped and validated."""
+def load_datasets(recipe: Recipe, with_reports: bool = False):
+    """Return ``(train_dataset, eval_dataset_or_None)``, mapped and validated row by row (and, with
+    ``with_reports``, the validators' warnings as a third element)."""
     ds = recipe.dataset
     train = _load_split(recipe, ds.train_split)
     eval_ = None
@@ -74,56 +88,67 @@ def load_datasets(recipe: Recipe):
     if ds.test_size:
         if eval_ is not None:
             raise RecipeError("dataset: set either eval_split or test_size, not both.")
+        if len(train) < 2:
+            raise RecipeError(f"dataset.test_size: the train split has {len(train)} row(s), too few to split off an "
+                              "eval set; add rows or remove test_size.")
         parts = train.train_test_split(test_size=ds.test_size, seed=recipe.training.get("seed", 42))
         train, eval_ = parts["train"], parts["test"]
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(ds, key)
+        if value is not None and value < 1:
+            raise RecipeError(f"dataset.{key} must be >= 1, got {value}; remove it to use every row.")
     if ds.max_train_samples:
         train = train.select(range(min(ds.max_train_samples, len(train))))
     if eval_ is not None and ds.max_eval_samples:
         eval_ = eval_.select(range(min(ds.max_eval_samples, len(eval_))))
     check = dataset_validator(recipe.method)
-    check(train, "train dataset")
+    warnings = list(check(train, "train dataset").warnings)
     if eval_ is not None:
-        check(eval_, "eval dataset")
-    return train, eval_
+        warnings += check(eval_, "eval dataset").warnings
+    return (train, eval_, warnings) if with_reports else (train, eval_)
 
 
-def load_model_and_tokenizer(recipe: Recipe, weights: bool = True):
-    """Policy, reference (or None) and tokenizer. With ``weights=False`` only configs are loaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(recipe: Recipe):
+    """The policy's tokenizer, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
 
     m = recipe.model
-    path = resolve_model_path(m.name_or_path)
-    common = dict(trust_remote_code=m.trust_remote_code, revision=m.revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        if not weights:
-            AutoConfig.from_pretrained(path, **common)
-            if m.ref_name_or_path:
-                AutoConfig.from_pretrained(resolve_model_path(m.ref_name_or_path), **common)
-            return None, None, tokenizer
-        dtype = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
-        kwargs = dict(common, dtype=dtype)
-        if m.attn_implementation:
-            kwargs["attn_implementation"] = m.attn_implementation
+        check_model_source(m.name_or_path, "model.name_or_path", need_tokenizer=True, revision=m.revision)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(m.name_or_path),
+                                                  trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except ModelError as exc:
+        raise RecipeError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"model.name_or_path: could not load the tokenizer of {m.name_or_path!r}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_models(recipe: Recipe):
+    """The policy (or, for reward-model methods, the reward model being trained) and the reference (or None)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = recipe.model
+    dtype = m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)
+    kwargs = dict(trust_remote_code=m.trust_remote_code, revision=m.revision, dtype=dtype)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    path = resolve_model_path(m.name_or_path)
+    try:
         if recipe.method in REWARD_MODEL_METHODS:
-            if m.ref_name_or_path:
-                raise RecipeError(f"model.ref_name_or_path: method {recipe.method!r} trains a reward model and uses no "
-                                  "reference model; remove it.")
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         ref = None
         if m.ref_name_or_path:
             ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.ref_name_or_path), **kwargs)
-    except OSError as exc:
-        raise RecipeError(
-            f"could not load model {m.name_or_path!r}: {str(exc).splitlines()[0]} Use a local folder, a hub id "
-            "that is cached when running offline, or builtin:tiny-llama."
-        ) from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, ref, tokenizer
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"model.name_or_path: could not load {m.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    return model, ref
 
 
 def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
@@ -137,19 +162,19 @@ def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
     r = recipe.reward
     dtype = policy.dtype
 
-    def seq_cls(name):
+    def seq_cls(key, name):
         try:
             return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1,
                                                                       dtype=dtype)
-        except OSError as exc:
-            raise RecipeError(f"could not load reward/value model {name!r}: {str(exc).splitlines()[0]} Train one "
-                              "first (e.g. alignkit train recipes/crm-sycophancy.yaml) or fix the path.") from None
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{key}: could not load {name!r}: {str(exc).splitlines()[0]}") from None
 
     try:
-        reward = load_reward_function(r.function) if r.function else seq_cls(r.model)
+        reward = load_reward_function(r.function) if r.function else seq_cls("reward.model", r.model)
     except ValueError as exc:
         raise RecipeError(f"reward.function: {exc}") from None
-    value = seq_cls(r.value_model or r.model or recipe.model.name_or_path)
+    value_key = "reward.value_model" if r.value_model else "reward.model" if r.model else "model.name_or_path"
+    value = seq_cls(value_key, r.value_model or r.model or recipe.model.name_or_path)
     if ref is None and peft_config is None:
         ref = copy.deepcopy(policy)
     return {"reward_model": reward, "value_model": value, "ref_model": ref}
@@ -200,41 +225,386 @@ def setup_wandb(recipe: Recipe, config) -> str | None:
     return None
 
 
-def validate(recipe: Recipe) -> dict:
-    """Check everything a run needs without training: config, PEFT, datasets, tokenizer and model config."""
-    config = recipe.build_config()
-    recipe.build_peft_config()
-    train_ds, eval_ds = load_datasets(recipe)
-    load_model_and_tokenizer(recipe, weights=False)
-    return {
-        "method": recipe.method,
-        "config": type(config).__name__,
-        "train_examples": len(train_ds),
-        "eval_examples": len(eval_ds) if eval_ds is not None else 0,
-        "output_dir": config.output_dir,
-    }
+# ---- what a run writes, and how a new run treats what is already there ---------------------------------
+
+#: the run's status file: {"status": "running" | "complete" | "interrupted" | "failed", ...}; a run is
+#: finished only when it says "complete" (written last, after the model, the card and metrics.json)
+STATUS_FILE = "alignkit_run.json"
+#: files and folders a run writes into output_dir; any of them there means the folder holds a run
+RUN_ARTIFACTS = ("alignkit_recipe.yaml", STATUS_FILE, "metrics.json", "config.json", "model.safetensors",
+                 "pytorch_model.bin", "adapter_config.json", "adapter_model.safetensors", "training_args.bin",
+                 "trainer_state.json", "value_model", "alignkit_attribute_bins.json")
+#: recipe keys that do not change what is trained: a checkpoint may be resumed with other values for them
+NOT_TRAINING_KEYS = {
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "run_name", "project",
+    "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica", "log_on_each_node", "logging_dir",
+    "logging_strategy", "logging_first_step", "logging_steps", "logging_nan_inf_filter", "save_strategy",
+    "save_steps", "save_total_limit", "save_only_model", "save_safetensors", "save_on_each_node", "eval_strategy",
+    "eval_steps", "eval_on_start", "eval_delay", "per_device_eval_batch_size", "eval_accumulation_steps",
+    "prediction_loss_only", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+    "hub_revision", "include_num_input_tokens_seen", "generate_during_eval", "num_sample_generations",
+    "wandb", "dataset.eval_split", "dataset.max_eval_samples", "dataset_num_proc",
+    "distributed.main_process_ip", "distributed.main_process_port",
+}
 
 
-def train(recipe: Recipe) -> dict:
-    """Train as the recipe says; save model, tokenizer, recipe and metrics to ``output_dir``."""
+def _run_artifacts(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    found += sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir())
+    return found
+
+
+def _write_status(out: Path, status: str, **extra) -> None:
+    from . import __version__
+
+    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "alignkit": __version__, **extra}
+    tmp = out / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / STATUS_FILE)
+
+
+def run_status(output_dir: str | os.PathLike) -> dict | None:
+    """The status record of the run in ``output_dir`` (``None`` if none): a run is finished only when its
+    ``status`` is ``"complete"``."""
+    try:
+        return json.loads((Path(output_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints of ``out`` that were written to the end (Trainer writes trainer_state.json last), oldest first."""
+    found = []
+    for p in out.glob("checkpoint-*") if out.is_dir() else []:
+        step = p.name.split("-", 1)[1]
+        if p.is_dir() and step.isdigit() and (p / "trainer_state.json").is_file():
+            found.append((int(step), p))
+    return [p for _, p in sorted(found)]
+
+
+def _fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's settings as flat ``key -> value`` (sections as ``section.key``), config fields filled with
+    their defaults, so that two recipes compare equal exactly when they train the same way."""
+    import dataclasses
+
+    cls = config_class(recipe.method)
+    flat: dict[str, Any] = {"method": recipe.method}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in recipe.training:
+            flat[f.name] = recipe.training[f.name]
+        elif f.default is not dataclasses.MISSING:
+            flat[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            flat[f.name] = f.default_factory()
+    for name in ("model", "dataset", "reward", "distributed"):
+        section = getattr(recipe, name)
+        for k, v in (section.model_dump() if section is not None else {}).items():
+            flat[f"{name}.{k}"] = v
+    for k, v in (recipe.peft or {}).items():
+        flat[f"peft.{k}"] = v
+    return flat
+
+
+def _training_differences(old: Recipe, new: Recipe) -> list[str]:
+    a, b = _fingerprint(old), _fingerprint(new)
+    keys = sorted(set(a) | set(b), key=list({**a, **b}).index)
+    return [k for k in keys if k not in NOT_TRAINING_KEYS and k.split(".")[0] not in NOT_TRAINING_KEYS
+            and a.get(k) != b.get(k)]
+
+
+def _resolve_resume(recipe: Recipe, out: Path) -> str | None:
+    """The checkpoint to resume from (None: a new run), after checking it belongs to this recipe."""
+    from .recipes import load_recipe
+
+    resume = recipe.training.get("resume_from_checkpoint")
+    if resume is None or str(resume).lower() in ("false", "no", "none", ""):
+        return None
+    if str(resume).lower() in ("true", "yes", "latest"):
+        found = complete_checkpoints(out)
+        if not found:
+            raise RecipeError(f"resume_from_checkpoint: {resume}: {out} holds no complete checkpoint to resume from "
+                              "(checkpoints are written every save_steps with save_strategy: steps). Remove "
+                              "resume_from_checkpoint to start a new run.")
+        checkpoint = found[-1]
+    else:
+        checkpoint = Path(str(resume))
+        if not checkpoint.is_dir():
+            raise RecipeError(f"resume_from_checkpoint: no such checkpoint folder {str(resume)!r}; give a "
+                              "checkpoint-N folder, or true for the latest one in output_dir.")
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise RecipeError(f"resume_from_checkpoint: {str(resume)!r} is not a complete checkpoint (no "
+                              "trainer_state.json: it was interrupted while being written, or is not a checkpoint); "
+                              "give an earlier checkpoint-N folder.")
+    saved = next((p for p in (checkpoint / "alignkit_recipe.yaml", checkpoint.parent / "alignkit_recipe.yaml")
+                  if p.is_file()), None)
+    if saved is not None:
+        try:
+            old = load_recipe(saved)
+        except RecipeError as exc:
+            raise RecipeError(f"resume_from_checkpoint: the recipe saved with {checkpoint} cannot be read ({exc}); "
+                              "start a new run in another output_dir.") from None
+        differs = _training_differences(old, recipe)
+        if differs:
+            shown = ", ".join(f"{k} ({_fingerprint(old).get(k)!r} -> {_fingerprint(recipe).get(k)!r})"
+                              for k in differs[:4]) + (", ..." if len(differs) > 4 else "")
+            raise RecipeError(f"resume_from_checkpoint: {checkpoint} was trained with other settings: {shown}. "
+                              "Resuming would mix two runs; restore those values, or start a new run in another "
+                              "output_dir.")
+    return str(checkpoint)
+
+
+def _plan_output(recipe: Recipe, config) -> str | None:
+    """Check output_dir before anything is trained: a file is refused; a folder holding another run is refused
+    unless the recipe resumes it or says overwrite_output_dir: true. Returns the checkpoint to resume from."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir: {str(out)!r} is a file, not a folder; choose another output_dir.")
+    checkpoint = _resolve_resume(recipe, out)
+    if checkpoint is None:
+        found = _run_artifacts(out)
+        if found and not recipe.overwrite_output_dir:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise RecipeError(f"output_dir: {str(out)!r} holds another run ({shown}); training would overwrite it. "
+                              "Choose another output_dir, resume it with resume_from_checkpoint: true, or replace it "
+                              "with overwrite_output_dir: true.")
+    return checkpoint
+
+
+def _clear_previous_run(out: Path) -> None:
+    """overwrite_output_dir: true: remove the earlier run's artifacts (checkpoints included, so that a later
+    `resume_from_checkpoint: true` can never pick one of them up). Files that are not a run's are kept."""
+    import shutil
+
+    for name in _run_artifacts(out):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+
+
+# ---- checks before training ----------------------------------------------------------------------------
+
+def check_models(recipe: Recipe) -> None:
+    """Every model the recipe names exists and is usable (configs only, no weights): the policy with its
+    tokenizer, the reference, PPO's reward and value models (one output, a trained head)."""
+    from transformers import AutoConfig
+
+    m = recipe.model
+    try:
+        check_model_source(m.name_or_path, "model.name_or_path", need_tokenizer=True, revision=m.revision)
+        if m.ref_name_or_path:
+            if recipe.method in REWARD_MODEL_METHODS:
+                raise ModelError(f"model.ref_name_or_path: method {recipe.method!r} trains a reward model and uses no "
+                                 "reference model; remove it.")
+            check_model_source(m.ref_name_or_path, "model.ref_name_or_path", need_tokenizer=False)
+        r = recipe.reward
+        heads = []
+        if r is not None and r.function:
+            from .rewards import load_reward_function
+
+            try:
+                load_reward_function(r.function)
+            except ValueError as exc:
+                raise ModelError(f"reward.function: {exc}") from None
+        if r is not None:
+            if r.model:
+                check_model_source(r.model, "reward.model", need_tokenizer=False)
+                heads.append(("reward.model", r.model, True))
+            if r.value_model:
+                check_model_source(r.value_model, "reward.value_model", need_tokenizer=False)
+                heads.append(("reward.value_model", r.value_model, False))
+        if recipe.method in REWARD_MODEL_METHODS:
+            heads.append(("model.name_or_path", m.name_or_path, False))
+        for key, name, must_be_trained in heads:
+            cfg = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=m.trust_remote_code)
+            classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+            if classifier and cfg.num_labels != 1:
+                raise ModelError(f"{key}: {name!r} has a classification head with {cfg.num_labels} outputs; a reward "
+                                 "or value model has one (a scalar score). Train one with method: crm, or load the "
+                                 "backbone with num_labels=1.")
+            if must_be_trained and not classifier:
+                arch = (cfg.architectures or ["no head"])[0]
+                raise ModelError(f"{key}: {name!r} is not a reward model ({arch}); its score head would be random. "
+                                 "Give a sequence-classification model with one output (e.g. a method: crm run's "
+                                 "output_dir), or use reward.function.")
+    except ModelError as exc:
+        raise RecipeError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"could not read the model config: {str(exc).splitlines()[0]}") from None
+
+
+def _prompt_text_bytes(prompt, tokenizer) -> int:
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    return len(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True).encode())
+
+
+#: special tokens a tokenizer may add around a text (BOS/EOS, a prefix space): a text of B UTF-8 bytes has at
+#: most B + this many tokens (a byte-level BPE token covers at least one byte; WordPiece and SentencePiece
+#: at least one character or an unknown token)
+_TOKEN_MARGIN = 16
+
+
+def count_overlong(recipe: Recipe, config, tokenizer, dataset) -> tuple[int, int, int]:
+    """How many rows TRL would drop for their length: ``(dropped, rows, longest)``. f-DPO/mDPO drop a row whose
+    prompt alone is at least ``max_length`` tokens (with truncation_mode keep_start); the reward trainer one
+    whose prompt + completion is longer than ``max_length``. Only rows whose byte length could reach the
+    limit are tokenized, so short datasets cost one pass of ``len``."""
+    limit = getattr(config, "max_length", None)
+    if limit is None or recipe.method == "ppo" or getattr(config, "truncation_mode", "keep_start") != "keep_start":
+        return 0, len(dataset), 0
+    reward = recipe.method in REWARD_MODEL_METHODS
+    cols = ["prompt", "chosen", "rejected"] if reward else ["prompt"]
+    cols = [c for c in cols if c in dataset.column_names]
+    dropped = rows = longest = 0
+    eos = tokenizer.eos_token or ""
+
+    def n_tokens(parts) -> int:
+        if isinstance(parts[0], list):  # conversational
+            return len(tokenizer.apply_chat_template(sum(parts, []), tokenize=True, return_dict=True,
+                                                     add_generation_prompt=not reward)["input_ids"])
+        return len(tokenizer("".join(parts) + (eos if reward else ""))["input_ids"])
+
+    for _, row in iter_rows(dataset, cols):
+        rows += 1
+        prompt = row.get("prompt", "" if not reward else "")
+        sequences = [[prompt, row["chosen"]], [prompt, row["rejected"]]] if reward else [[prompt]]
+        if recipe.method == "mdpo":
+            sequences = [[prompt]]
+        worst = 0
+        for parts in sequences:
+            parts = [p for p in parts if p not in ("", None)]
+            if not parts:
+                continue
+            size = sum(_prompt_text_bytes(p, tokenizer) if not isinstance(p, str) else len(p.encode()) for p in parts)
+            if size + _TOKEN_MARGIN < limit:
+                continue  # cannot reach the limit
+            worst = max(worst, n_tokens(parts))
+        longest = max(longest, worst)
+        if (worst > limit) if reward else (worst >= limit):
+            dropped += 1
+    return dropped, rows, longest
+
+
+def _check_lengths(recipe: Recipe, config, tokenizer, dataset, where: str) -> list[str]:
+    dropped, rows, longest = count_overlong(recipe, config, tokenizer, dataset)
+    what = "prompt + completion is longer than" if recipe.method in REWARD_MODEL_METHODS else \
+        "prompt alone is at least"
+    if dropped and dropped == rows:
+        raise RecipeError(f"{where}: every row (all {rows}) would be dropped by TRL: its {what} max_length="
+                          f"{config.max_length} tokens (the longest has {longest}). Raise max_length (e.g. max_length: "
+                          f"{max(2 * config.max_length, longest + 64)}) or shorten the prompts.")
+    if dropped:
+        return [f"{where}: {dropped} of {rows} rows will be dropped by TRL: their {what} max_length="
+                f"{config.max_length} tokens; raise max_length to keep them."]
+    return []
+
+
+@dataclasses.dataclass
+class Preflight:
+    """What the checks before training produced (so that `train` does not load anything twice)."""
+
+    config: Any
+    peft_config: Any
+    train_dataset: Any
+    eval_dataset: Any
+    tokenizer: Any
+    resume_from: str | None
+    warnings: list[str]
+
+
+def preflight(recipe: Recipe, for_training: bool = True) -> Preflight:
+    """Every check that can run without model weights, in the order a user fixes things: the config's values,
+    PEFT, the distributed section, output_dir (and the checkpoint to resume), the models, then every row of
+    the data (formats, nulls, lengths against max_length). Raises RecipeError (one line, exit 2 in the CLI)."""
+    from .distributed import check_distributed
+
     config = recipe.build_config()
     peft_config = recipe.build_peft_config()
-    train_ds, eval_ds = load_datasets(recipe)
+    try:
+        check_distributed(recipe)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    resume_from = _plan_output(recipe, config)
+    check_models(recipe)
+    tokenizer = load_tokenizer(recipe)
+    train_ds, eval_ds, warnings = load_datasets(recipe, with_reports=True)
     if eval_ds is None and config.eval_strategy != "no":
         raise RecipeError(f"eval_strategy is {config.eval_strategy!r} but the dataset section names no eval split; "
                           "set dataset.eval_split or dataset.test_size, or eval_strategy: 'no'.")
+    warnings += _check_lengths(recipe, config, tokenizer, train_ds, "train dataset")
+    if eval_ds is not None:
+        warnings += _check_lengths(recipe, config, tokenizer, eval_ds, "eval dataset")
+    return Preflight(config, peft_config, train_ds, eval_ds, tokenizer, resume_from, warnings)
+
+
+def validate(recipe: Recipe) -> dict:
+    """Check everything a run needs without training: config, PEFT, distributed section, output_dir, models,
+    tokenizer and every row of the data. Warnings are printed; errors raise RecipeError."""
+    pre = preflight(recipe)
+    for w in pre.warnings:
+        _info(f"warning: {w}")
+    return {
+        "method": recipe.method,
+        "config": type(pre.config).__name__,
+        "train_examples": len(pre.train_dataset),
+        "eval_examples": len(pre.eval_dataset) if pre.eval_dataset is not None else 0,
+        "output_dir": pre.config.output_dir,
+        **({"resume_from": pre.resume_from} if pre.resume_from else {}),
+    }
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+def _save_final_model(trainer, out: Path) -> None:
+    """Write the final model into a temporary folder inside ``out``, then move each file into place: an
+    interruption while saving leaves the earlier files whole (and the status not complete). Every rank calls
+    this (ZeRO-3 gathers the weights collectively); rank 0 moves the files."""
+    import shutil
+
+    tmp = out / ".alignkit-saving"
+    if trainer.is_world_process_zero() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        for item in sorted(tmp.iterdir()):
+            target = out / item.name
+            if item.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        tmp.rmdir()
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(recipe: Recipe) -> dict:
+    """Train as the recipe says; save model, tokenizer, recipe, metrics and a model card to ``output_dir``,
+    with ``alignkit_run.json`` saying ``"complete"`` last."""
+    pre = preflight(recipe)
+    config = pre.config
+    for w in pre.warnings:
+        _info(f"warning: {w}")
     wandb_dir = setup_wandb(recipe, config)
     # Seed before any model is built: a newly initialised head (PPO's value and reward heads, a reward
     # model's score) draws from the global RNG. Trainer seeds again in its __init__, too late for those.
     from transformers import enable_full_determinism, set_seed
 
     enable_full_determinism(config.seed) if config.full_determinism else set_seed(config.seed)
-    model, ref, tokenizer = load_model_and_tokenizer(recipe)
+    model, ref = load_models(recipe)
+    tokenizer = pre.tokenizer
     trainer_cls = trainer_class(recipe.method)
-    kwargs = dict(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                  peft_config=peft_config)
+    kwargs = dict(model=model, args=config, train_dataset=pre.train_dataset, eval_dataset=pre.eval_dataset,
+                  processing_class=tokenizer, peft_config=pre.peft_config)
     if recipe.method == "ppo":
-        kwargs.update(_ppo_models(recipe, model, ref, peft_config))
+        kwargs.update(_ppo_models(recipe, model, ref, pre.peft_config))
     elif recipe.method not in REWARD_MODEL_METHODS:
         kwargs["ref_model"] = ref
     try:
@@ -242,38 +612,68 @@ def train(recipe: Recipe) -> dict:
     except ValueError as exc:  # the trainers' own checks of data and arguments: one line, not a traceback
         raise RecipeError(f"{recipe.source or 'recipe'}: {exc}") from None
     trainer.alignkit_recipe = recipe.to_yaml()
+    trainer.alignkit_base_model = recipe.model.name_or_path
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if pre.resume_from is None and recipe.overwrite_output_dir:
+            _clear_previous_run(out)
         (out / "alignkit_recipe.yaml").write_text(recipe.to_yaml())
+        _write_status(out, "running", resumed_from=pre.resume_from)
+    trainer.accelerator.wait_for_everyone()
 
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=pre.resume_from)
+    except KeyboardInterrupt:
+        if main:
+            done = complete_checkpoints(out)
+            _write_status(out, "interrupted", step=trainer.state.global_step,
+                          latest_checkpoint=done[-1].name if done else None)
+            hint = (f"; resume from {done[-1].name} with resume_from_checkpoint: true (--set "
+                    "resume_from_checkpoint=true)" if done else "; no checkpoint was written (save_strategy: steps "
+                    "and save_steps make resumable runs)")
+            _info(f"interrupted at step {trainer.state.global_step}: the model was not saved{hint}")
+        raise
+    # The model is saved before anything else can fail (evaluation, metrics, the card): it survives them.
+    _save_final_model(trainer, out)
     metrics = {"train": result.metrics}
-    if eval_ds is not None:
-        metrics["eval"] = trainer.evaluate()
-    trainer.save_model(str(out))
-    trainer.create_model_card(model_name=out.name)  # Trainer only writes one at checkpoints or on push
+    try:
+        trainer.create_model_card(model_name=out.name)  # Trainer only writes one at checkpoints or on push
+        if pre.eval_dataset is not None:
+            metrics["eval"] = trainer.evaluate()
+    except Exception as exc:
+        if main:
+            metrics["log_history"] = trainer.state.log_history
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+            _write_status(out, "failed", step=trainer.state.global_step,
+                          error=f"{type(exc).__name__}: {exc}"[:500], model_saved=True)
+            _info(f"the trained model is saved in {out}; what failed after training: {type(exc).__name__}")
+        raise
     metrics["log_history"] = trainer.state.log_history
-    if trainer.is_world_process_zero():
+    if main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        scores = [e for e in trainer.state.log_history if "objective/scores" in e]
-        if len(scores) >= 2:
-            div = f"divergence/{config.divergence}"
-            _info(f"mean score {scores[0]['objective/scores']:.3f} (iteration {scores[0]['step']}) -> "
-                  f"{scores[-1]['objective/scores']:.3f} (iteration {scores[-1]['step']}); {config.divergence} "
-                  f"estimate {scores[0][div]:.3f} -> {scores[-1][div]:.3f}")
-        key = "eval_accuracy" if recipe.method in REWARD_MODEL_METHODS else "eval_rewards/accuracies"
-        evals = [e for e in trainer.state.log_history if key in e]
-        if len(evals) >= 2:
-            first, last = evals[0], evals[-1]
-            _info(f"eval (preference) accuracy {first[key]:.2f} (step {first['step']}) -> {last[key]:.2f} "
-                  f"(step {last['step']}); eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
-        _info(f"saved model, tokenizer, recipe and metrics.json to {out}")
-        if wandb_dir:
-            runs = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")), key=os.path.getmtime)
-            if runs:
-                _info(f"W&B run saved offline in {runs[-1]}; upload it with: wandb sync {runs[-1]}")
+        _write_status(out, "complete", step=trainer.state.global_step, resumed_from=pre.resume_from)
+        _summarise(recipe, config, trainer, out, wandb_dir)
     return metrics
+
+
+def _summarise(recipe: Recipe, config, trainer, out: Path, wandb_dir: str | None) -> None:
+    history = trainer.state.log_history
+    scores = [e for e in history if "objective/scores" in e]
+    if len(scores) >= 2:
+        div = f"divergence/{config.divergence}"
+        _info(f"mean score {scores[0]['objective/scores']:.3f} (iteration {scores[0]['step']}) -> "
+              f"{scores[-1]['objective/scores']:.3f} (iteration {scores[-1]['step']}); {config.divergence} "
+              f"estimate {scores[0][div]:.3f} -> {scores[-1][div]:.3f}")
+    key = "eval_accuracy" if recipe.method in REWARD_MODEL_METHODS else "eval_rewards/accuracies"
+    evals = [e for e in history if key in e]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        _info(f"eval (preference) accuracy {first[key]:.2f} (step {first['step']}) -> {last[key]:.2f} "
+              f"(step {last['step']}); eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
+    _info(f"saved model, tokenizer, recipe and metrics.json to {out}")
+    if wandb_dir:
+        runs = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")), key=os.path.getmtime)
+        if runs:
+            _info(f"W&B run saved offline in {runs[-1]}; upload it with: wandb sync {runs[-1]}")

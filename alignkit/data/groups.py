@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from datasets import Dataset
 
-from .validation import DatasetError, value_kind
+from .validation import DataReport, DatasetError, _check_value, _is_blank, iter_rows
 
 __all__ = [
     "validate_group_dataset",
@@ -24,8 +24,11 @@ __all__ = [
 ]
 
 
-def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | None = None) -> None:
-    """Check a group preference dataset; raise :class:`DatasetError` naming the row and the fix."""
+def validate_group_dataset(dataset, where: str = "dataset") -> DataReport:
+    """Check every row of a group preference dataset; raise :class:`DatasetError` naming the row and the fix.
+
+    Rows whose chosen and rejected groups hold the same completions are counted (a warning in the report;
+    an error when every row is so)."""
     names = list(dataset.column_names or [])
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in names]
     if missing:
@@ -34,37 +37,40 @@ def validate_group_dataset(dataset, where: str = "dataset", check_rows: int | No
             "'chosen' (a list of completions) and 'rejected' (a list of completions); map other names with "
             "dataset.columns in a recipe."
         )
-    if len(dataset) == 0:
-        raise DatasetError(f"{where} is empty.")
-    rows = dataset if check_rows is None else dataset.select(range(min(check_rows, len(dataset))))
-    first_kind = None
-    for i, row in enumerate(rows):
-        prompt_kind = value_kind(row["prompt"])
-        if prompt_kind not in ("text", "conversational"):
-            raise DatasetError(f"{where}, row {i}: 'prompt' must be a string or a list of chat messages.")
+    report = DataReport()
+    kind = None
+    for i, row in iter_rows(dataset, ["prompt", "chosen", "rejected"]):
+        at = f"{where}, row {i} (0-based)"
+        kind = _check_value(where, i, "prompt", row["prompt"], kind)
         for side in ("chosen", "rejected"):
             group = row[side]
             if isinstance(group, str) or (isinstance(group, list) and group and isinstance(group[0], dict)):
                 raise DatasetError(
-                    f"{where}, row {i}: {side!r} must be a list of completions (a group), got a single completion. "
-                    f"Wrap it in a list ([...]) or use FDPOTrainer for pairs."
+                    f"{at}: {side!r} must be a list of completions (a group), got a single completion. "
+                    f"Wrap it in a list ([...]) or use method: fdpo (FDPOTrainer) for pairs."
                 )
             if not isinstance(group, list):
-                raise DatasetError(f"{where}, row {i}: {side!r} must be a list of completions, got {type(group).__name__}.")
+                what = "missing (null)" if group is None else f"a {type(group).__name__}"
+                raise DatasetError(f"{at}: {side!r} is {what}; it must be a list of completions. Fix or drop that row.")
             if len(group) == 0:
-                raise DatasetError(f"{where}, row {i}: the {side} group is empty; every group needs at least one completion.")
-            kinds = {value_kind(c) for c in group}
-            if not kinds <= {"text", "conversational"}:
-                raise DatasetError(f"{where}, row {i}: {side!r} holds {sorted(kinds)}; each completion must be a "
-                                   "string or a list of chat messages.")
-            if len(kinds | {prompt_kind}) > 1:
-                raise DatasetError(f"{where}, row {i}: mixes plain text and chat messages ({sorted(kinds | {prompt_kind})}); "
-                                   "use one format for the prompt and every completion.")
-            if prompt_kind == "text" and any(not c.strip() for c in group):
-                raise DatasetError(f"{where}, row {i}: the {side} group holds an empty completion.")
-        first_kind = first_kind or prompt_kind
-        if prompt_kind != first_kind:
-            raise DatasetError(f"{where}, row {i}: is {prompt_kind} but earlier rows are {first_kind}; use one format.")
+                raise DatasetError(f"{at}: the {side} group is empty; every group needs at least one completion.")
+            for completion in group:
+                _check_value(f"{where}, {side} group", i, side, completion, kind)
+                if _is_blank(completion, kind):
+                    raise DatasetError(f"{at}: the {side} group holds an empty completion. Fix or drop that row.")
+        if sorted(map(repr, row["chosen"])) == sorted(map(repr, row["rejected"])):
+            report.identical += 1
+        report.rows += 1
+    if report.rows == 0:
+        raise DatasetError(f"{where} is empty (no rows).")
+    report.format = kind or "text"
+    if report.identical == report.rows:
+        raise DatasetError(f"{where}: in every row (all {report.rows}) the chosen and rejected groups hold the same "
+                           "completions, so there is no preference to learn; check the column mapping.")
+    if report.identical:
+        report.warnings.append(f"{where}: {report.identical} of {report.rows} rows have the same completions in their "
+                               "chosen and rejected groups; they carry no preference.")
+    return report
 
 
 def _key(prompt) -> Any:

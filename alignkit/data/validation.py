@@ -1,14 +1,44 @@
-"""Dataset validation with errors that name the problem and the fix."""
+"""Dataset validation with errors that name the problem, the row and the fix.
+
+Every row is read, in batches (a million-row dataset costs seconds, not memory): nulls, types, formats,
+empty texts and the mixing of plain text with chat messages are errors naming the row (0-based, as in
+``dataset[i]``); rows whose chosen and rejected completions are the same are counted (a warning, or an
+error when every row is so). Data files are checked before `datasets` parses them, so a broken JSON line
+is reported with its file and line.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 from datasets import Dataset, IterableDataset
 
-__all__ = ["DatasetError", "validate_preference_dataset", "apply_column_mapping"]
+__all__ = ["DatasetError", "DataReport", "validate_preference_dataset", "validate_prompt_dataset",
+           "apply_column_mapping", "check_data_file", "iter_rows", "value_kind"]
+
+#: rows read per batch when streaming a dataset through the checks
+BATCH_ROWS = 2048
+#: rows of an IterableDataset (a streamed hub dataset) that are checked; a Dataset is checked whole
+ITERABLE_ROWS = 1000
 
 
 class DatasetError(ValueError):
     """A dataset that a trainer cannot use; the message says what to change."""
+
+
+@dataclass
+class DataReport:
+    """What the checks found besides errors."""
+
+    rows: int = 0
+    #: "text" or "conversational"
+    format: str = "text"
+    #: rows whose chosen and rejected completions are identical (pairs), or that share a completion between
+    #: their chosen and rejected groups (groups)
+    identical: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def apply_column_mapping(dataset, columns: dict[str, str] | None, where: str = "dataset"):
@@ -27,22 +57,78 @@ def apply_column_mapping(dataset, columns: dict[str, str] | None, where: str = "
 
 
 def value_kind(value) -> str:
-    """``"text"`` for a string, ``"conversational"`` for a non-empty list of chat messages, else the type name."""
+    """``"text"`` for a string, ``"conversational"`` for a non-empty list of chat messages, else what it is
+    (``"null"``, ``"empty list"``, ``"list of ..."``, a type name)."""
     if isinstance(value, str):
         return "text"
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return "conversational"
-    if isinstance(value, list) and not value:
-        return "empty list"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        if not value:
+            return "empty list"
+        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value):
+            return "conversational"
+        return "list of " + "/".join(sorted({type(m).__name__ for m in value}))
     return type(value).__name__
 
 
-def validate_preference_dataset(dataset, where: str = "dataset", required=("chosen", "rejected"),
-                                check_rows: int = 16) -> None:
-    """Check that ``dataset`` is a pairwise preference dataset TRL's DPOTrainer can use.
+def _is_blank(value, kind: str) -> bool:
+    if kind == "text":
+        return not value.strip()
+    return all(isinstance(m["content"], str) and not m["content"].strip() for m in value)
 
-    Needs ``chosen`` and ``rejected`` columns (and usually ``prompt``), each plain text or a list of
-    chat messages (``{"role", "content"}``), the same kind in every column. Raises :class:`DatasetError`.
+
+def _bad_messages(value) -> str | None:
+    """What is wrong with a conversational value's messages, if anything."""
+    for j, m in enumerate(value):
+        content = m["content"]
+        if content is None:
+            return f"message {j} has no content (null)"
+        if not isinstance(content, (str, list)):
+            return f"message {j} has content of type {type(content).__name__}"
+    return None
+
+
+def iter_rows(dataset, columns: list[str]):
+    """Yield ``(index, row)`` for every row of ``dataset`` (only ``columns``), read in batches."""
+    if isinstance(dataset, IterableDataset):
+        for i, row in enumerate(dataset.select_columns(columns).take(ITERABLE_ROWS)):
+            yield i, row
+        return
+    i = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=BATCH_ROWS):
+        n = len(batch[columns[0]])
+        for j in range(n):
+            yield i, {c: batch[c][j] for c in columns}
+            i += 1
+
+
+def _check_value(where: str, i: int, column: str, value, expected_kind: str | None) -> str:
+    """Check one prompt/completion; return its kind."""
+    kind = value_kind(value)
+    if kind not in ("text", "conversational"):
+        what = "missing (null)" if kind == "null" else f"a {kind}" if not kind.startswith("empty") else "an empty list"
+        raise DatasetError(f"{where}, row {i} (0-based): {column!r} is {what}; it must be a string or a non-empty list "
+                           "of chat messages ({'role': ..., 'content': ...}). Fix or drop that row.")
+    if kind == "conversational":
+        problem = _bad_messages(value)
+        if problem:
+            raise DatasetError(f"{where}, row {i} (0-based): {column!r}: {problem}; every message needs a string "
+                               "'content'. Fix or drop that row.")
+    if expected_kind is not None and kind != expected_kind:
+        raise DatasetError(f"{where}, row {i} (0-based): {column!r} is {kind} but earlier values are "
+                           f"{expected_kind}; use one format (plain text or chat messages) for every prompt and "
+                           "completion of the dataset.")
+    return kind
+
+
+def validate_preference_dataset(dataset, where: str = "dataset", required=("chosen", "rejected")) -> DataReport:
+    """Check that ``dataset`` is a pairwise preference dataset TRL's DPOTrainer / RewardTrainer can use.
+
+    Needs ``chosen`` and ``rejected`` columns (and usually ``prompt``), each plain text or a list of chat
+    messages (``{"role", "content"}``), the same format in every column and every row, no nulls, no empty
+    completions. Rows whose chosen and rejected completions are identical are counted in the report (an
+    error when every row is so: nothing to learn). Raises :class:`DatasetError`.
     """
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise DatasetError(f"{where} must be a datasets.Dataset, got {type(dataset).__name__}")
@@ -54,34 +140,114 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
             "'chosen' and 'rejected'. If yours are named differently, map them in the recipe, e.g. "
             "dataset: {columns: {prompt: question, chosen: response_good, rejected: response_bad}}."
         )
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise DatasetError(f"{where} is empty.")
     cols = [c for c in ("prompt", *required) if c in names]
-    rows = dataset.select(range(min(check_rows, len(dataset)))) if isinstance(dataset, Dataset) else dataset.take(check_rows)
-    for i, row in enumerate(rows):
-        kinds = {c: value_kind(row[c]) for c in cols}
-        bad = {c: k for c, k in kinds.items() if k not in ("text", "conversational")}
-        if bad:
-            raise DatasetError(
-                f"{where}, row {i}: column(s) {bad} must hold a string or a non-empty list of chat messages "
-                "({'role': ..., 'content': ...})."
-            )
-        if len(set(kinds.values())) > 1:
-            raise DatasetError(
-                f"{where}, row {i}: mixes plain text and chat messages across columns ({kinds}); use one "
-                "format for prompt, chosen and rejected."
-            )
-        for c in required:
-            if kinds[c] == "text" and not row[c].strip():
-                raise DatasetError(f"{where}, row {i}: column {c!r} is empty.")
+    report = DataReport()
+    kind = None
+    for i, row in iter_rows(dataset, cols):
+        for c in cols:
+            kind = _check_value(where, i, c, row[c], kind)
+            if c in required and _is_blank(row[c], kind):
+                raise DatasetError(f"{where}, row {i} (0-based): {c!r} is empty. Fix or drop that row.")
+        if row[required[0]] == row[required[1]]:
+            report.identical += 1
+        report.rows += 1
+    if report.rows == 0:
+        raise DatasetError(f"{where} is empty (no rows).")
+    report.format = kind or "text"
+    if report.identical == report.rows:
+        raise DatasetError(f"{where}: in every row (all {report.rows}) 'chosen' and 'rejected' are the same, so there "
+                           "is no preference to learn; check the column mapping (dataset.columns).")
+    if report.identical:
+        report.warnings.append(f"{where}: {report.identical} of {report.rows} rows have identical 'chosen' and "
+                               "'rejected'; they carry no preference (their loss is constant). Drop them to save "
+                               "compute.")
+    return report
 
 
-def validate_prompt_dataset(dataset, where: str = "dataset") -> None:
+def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
     """Check that ``dataset`` holds prompts for on-policy training (PPO): a ``prompt`` column (text or
-    conversational), or tokenized ``input_ids``."""
+    conversational, one format, none empty), or tokenized ``input_ids``."""
     names = dataset.column_names or []
     if "prompt" not in names and "input_ids" not in names:
         raise DatasetError(f"{where} has no 'prompt' column (it has {names}); map yours with dataset.columns, "
                            "e.g. columns: {prompt: question}.")
-    if len(dataset) == 0:
-        raise DatasetError(f"{where} is empty.")
+    report = DataReport()
+    kind = None
+    if "prompt" in names:
+        for i, row in iter_rows(dataset, ["prompt"]):
+            kind = _check_value(where, i, "prompt", row["prompt"], kind)
+            if _is_blank(row["prompt"], kind):
+                raise DatasetError(f"{where}, row {i} (0-based): 'prompt' is empty. Fix or drop that row.")
+            report.rows += 1
+        report.format = kind or "text"
+    else:
+        report.rows = len(dataset)
+    if report.rows == 0:
+        raise DatasetError(f"{where} is empty (no rows).")
+    return report
+
+
+# ---- data files -----------------------------------------------------------------------------------------
+
+def check_data_file(path: str | Path) -> None:
+    """Check a local data file before `datasets` parses it: not empty, and for JSON every line (JSON Lines)
+    or the document (a JSON array) parses, each record an object. Raises DatasetError with file and line."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: the file is empty; it needs one example per line (.jsonl) or row (.csv).")
+    if suffix not in (".json", ".jsonl"):
+        return
+    with open(path, "rb") as fh:
+        first = b""
+        for chunk in iter(lambda: fh.read(4096), b""):
+            first = chunk.lstrip()
+            if first:
+                break
+    if not first:
+        raise DatasetError(f"{path}: the file holds only whitespace; it needs one JSON object per line.")
+    if first[:1] == b"[":
+        _check_json_document(path)
+        return
+    records = 0
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DatasetError(f"{path}, line {line_no}: not UTF-8 text; save the file as UTF-8.") from None
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                if line_no == 1 and first[:1] == b"{":
+                    try:  # one JSON document over several lines (datasets reads it too)
+                        _check_json_document(path)
+                        return
+                    except DatasetError:
+                        pass
+                raise DatasetError(f"{path}, line {line_no}: not valid JSON ({exc.msg} at column {exc.colno}); each "
+                                   "line must be one JSON object. Fix or remove that line.") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}, line {line_no}: a JSON {type(record).__name__}, not an object; each line "
+                                   'must be one object such as {"prompt": ..., "chosen": ..., "rejected": ...}.')
+            records += 1
+    if records == 0:
+        raise DatasetError(f"{path}: the file holds no records; it needs one JSON object per line.")
+
+
+def _check_json_document(path: Path) -> None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text; save the file as UTF-8.") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise DatasetError(f"{path}: the JSON array is empty; it needs one object per example.")
+        for i, record in enumerate(doc):
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}: element {i} of the JSON array is a {type(record).__name__}, not an "
+                                   "object; each example must be an object such as {\"prompt\": ..., ...}.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 
@@ -42,3 +45,97 @@ class ConfigResolverMixin:
                 "subclass)."
             )
         return args
+
+
+# ---- ranges of numeric fields ------------------------------------------------------------------------
+# Trainer and TRL accept many impossible values and fail mid-way (a batch size of 0), or train silently
+# wrong (a negative beta moves the policy towards the rejected answers while `rewards/accuracies` reads 1).
+# Each rule: field -> (test, what it must be, why / the fix). `None` always passes (unset optional fields).
+
+def _ge(bound):
+    return lambda v: v >= bound
+
+
+def _gt(bound):
+    return lambda v: v > bound
+
+
+def _in_unit(v):
+    return 0 <= v <= 1
+
+
+Rule = tuple[Callable[[float], bool], str, str]
+
+TRAINING_RULES: dict[str, Rule] = {
+    "learning_rate": (_ge(0), ">= 0", "e.g. 1e-5"),
+    "per_device_train_batch_size": (_ge(1), "an integer >= 1", "it counts examples per step and process"),
+    "per_device_eval_batch_size": (_ge(1), "an integer >= 1", "it counts examples per eval step and process"),
+    "gradient_accumulation_steps": (_ge(1), "an integer >= 1", "1 means no accumulation"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for num_train_epochs) or an integer >= 1", ""),
+    "num_train_epochs": (_ge(0), ">= 0", "e.g. 1"),
+    "warmup_steps": (_ge(0), ">= 0", "a step count, or a fraction of the run below 1"),
+    "weight_decay": (_ge(0), ">= 0", "0 turns it off"),
+    "max_grad_norm": (_ge(0), ">= 0", "0 turns clipping off"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.999"),
+    "adam_epsilon": (_gt(0), "> 0", "e.g. 1e-8"),
+    "logging_steps": (_gt(0), "> 0", "steps between logs, or a fraction of the run below 1"),
+    "eval_steps": (_gt(0), "> 0", "steps between evaluations, or a fraction of the run below 1"),
+    "save_steps": (_gt(0), "> 0", "steps between checkpoints, or a fraction of the run below 1"),
+    "save_total_limit": (_ge(1), "an integer >= 1", "leave it unset to keep every checkpoint"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)", "e.g. 42"),
+    "data_seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)", "e.g. 42"),
+    "dataloader_num_workers": (_ge(0), "an integer >= 0", "0 loads data in the main process"),
+}
+PREFERENCE_RULES: dict[str, Rule] = {
+    "beta": (_gt(0), "> 0", "a beta <= 0 turns the divergence constraint into a reward for moving away from "
+                             "the reference: the policy then moves towards the rejected answers; e.g. beta: 0.1"),
+    "max_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole sequences"),
+    "max_prompt_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole prompts"),
+    "max_completion_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole completions"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)", "the assumed fraction of flipped labels"),
+    "rpo_alpha": (_ge(0), ">= 0", "the weight of the NLL term"),
+    "ref_model_mixup_alpha": (_in_unit, "in [0, 1]", ""),
+    "ref_model_sync_steps": (_ge(1), "an integer >= 1", ""),
+    "nll_weight": (_ge(0), ">= 0", "0 turns the NLL term off"),
+    "completion_sub_batch_size": (_ge(1), "an integer >= 1", "leave it unset to run every completion at once"),
+}
+CAUSAL_RULES: dict[str, Rule] = {
+    "mmd_coef": (_ge(0), ">= 0", "0 turns the MMD penalty off"),
+    "num_bins": (_ge(2), "an integer >= 2", "the penalty compares bins, so it needs at least two"),
+}
+REWARD_RULES: dict[str, Rule] = {
+    "max_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole sequences"),
+    "center_rewards_coefficient": (_ge(0), ">= 0", "leave it unset to turn it off"),
+}
+PPO_RULES: dict[str, Rule] = {
+    "temperature": (_gt(0), "> 0", "sampling divides the logits by it; e.g. 0.7 or 1.0"),
+    "kl_coef": (_ge(0), ">= 0", "0 turns the divergence penalty off"),
+    "cliprange": (_gt(0), "> 0", "e.g. 0.2"),
+    "cliprange_value": (_gt(0), "> 0", "e.g. 0.2"),
+    "vf_coef": (_ge(0), ">= 0", "e.g. 0.1"),
+    "gamma": (_in_unit, "in [0, 1]", "e.g. 1.0"),
+    "lam": (_in_unit, "in [0, 1]", "e.g. 0.95"),
+    "num_mini_batches": (_ge(1), "an integer >= 1", ""),
+    "num_ppo_epochs": (_ge(1), "an integer >= 1", ""),
+    "response_length": (_ge(1), "an integer >= 1", "the most tokens a response may have"),
+    "local_rollout_forward_batch_size": (_ge(1), "an integer >= 1", ""),
+    "total_episodes": (_ge(1), "an integer >= 1", "leave it unset to train for num_train_epochs or max_steps"),
+    "max_prompt_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole prompts"),
+}
+
+
+def check_ranges(config, *tables: dict[str, Rule]) -> None:
+    """Raise ValueError naming the first field whose value is out of its range (or not a number)."""
+    for table in tables:
+        for name, (ok, must, fix) in table.items():
+            value = getattr(config, name, None)
+            if value is None or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+            if not ok(value):
+                raise ValueError(f"{name} must be {must}, got {value!r}" + (f"; {fix}." if fix else "."))
+    if getattr(config, "max_steps", -1) == -1 and getattr(config, "num_train_epochs", 1) == 0:
+        raise ValueError("num_train_epochs is 0 and max_steps is unset: there is nothing to train; set "
+                         "num_train_epochs >= 1 or max_steps >= 1.")

@@ -16,7 +16,8 @@ from trl import RewardConfig, RewardTrainer
 
 from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
-from ._common import ConfigResolverMixin, default_precision_for_this_machine
+from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
+                      default_precision_for_this_machine)
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
 
@@ -39,6 +40,7 @@ class CausalRewardConfig(CausalPenaltyArguments, RewardConfig):
     mmd_on: str = field(default="reward", metadata={"help": "reward or hidden."})
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_RULES, REWARD_RULES, CAUSAL_RULES)
         default_precision_for_this_machine(self)
         super().__post_init__()
         if self.mmd_on not in ("reward", "hidden"):

@@ -12,7 +12,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
 from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
-from ._common import ConfigResolverMixin, default_precision_for_this_machine
+from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
+                      default_precision_for_this_machine)
 from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
@@ -57,6 +58,7 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
     )
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_RULES, PREFERENCE_RULES, CAUSAL_RULES)
         default_precision_for_this_machine(self)
         super().__post_init__()
         if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:

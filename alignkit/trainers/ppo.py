@@ -30,7 +30,7 @@ from transformers import GenerationConfig, Trainer, TrainerState, TrainingArgume
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..divergences import get_divergence
-from ._common import ConfigResolverMixin, default_precision_for_this_machine
+from ._common import PPO_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges, default_precision_for_this_machine
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -93,6 +93,7 @@ class PPOConfig(TrainingArguments):
     length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_RULES, PPO_RULES)
         default_precision_for_this_machine(self)
         if self.learning_rate == TrainingArguments.learning_rate:
             self.learning_rate = 3e-6  # TRL's PPO default
