@@ -82,14 +82,40 @@ def _parser() -> argparse.ArgumentParser:
 def _run_eval(args) -> int:
     from .metrics.evaluate import EvalError, evaluate, load_prompts, log_to_wandb, write_report
 
+    from .models import check_model_source, check_score_head
+
     if args.k < 2:
         raise EvalError(f"-k {args.k}: self-BLEU and distinct-n compare the samples of a prompt with each other; "
                         "use k >= 2.")
-    for flag, value in (("--num-prompts", args.num_prompts), ("--num-pairs", args.num_pairs)):
+    for flag, value in (("--num-prompts", args.num_prompts), ("--num-pairs", args.num_pairs),
+                        ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
-            raise EvalError(f"{flag} {value}: give at least 1 (or leave --num-pairs out to use every pair).")
+            raise EvalError(f"{flag} {value}: give at least 1" + (" (or leave --num-pairs out to use every pair)."
+                                                                   if flag == "--num-pairs" else "."))
+    for flag, value in (("--temperature", args.temperature), ("--beta", args.beta)):
+        if not value > 0:
+            raise EvalError(f"{flag} {value}: must be > 0 (e.g. {flag} {1.0 if flag == '--temperature' else 0.1}).")
+    if args.pairs and not (args.ref or args.reward_model):
+        raise EvalError("--pairs needs --ref (calibration of the policy's implicit reward against the reference) "
+                        "or --reward-model (its accuracy and bias on the pairs); add one of them.")
+    if args.compare_model and not args.reward_model:
+        raise EvalError("--compare-model needs --reward-model: the win rate compares the two policies' samples by "
+                        "reward; add --reward-model.")
+    if args.attribute and not (args.reward_model and args.pairs):
+        raise EvalError("--attribute measures a reward model's bias on pairs; add --reward-model and --pairs.")
+    check_model_source(args.model, "MODEL (the policy)", need_tokenizer=True)
+    for flag, name in (("--ref", args.ref), ("--compare-model", args.compare_model)):
+        if name:
+            check_model_source(name, flag, need_tokenizer=flag == "--compare-model")
+    if args.reward_model:
+        check_model_source(args.reward_model, "--reward-model", need_tokenizer=True)
+        check_score_head(args.reward_model, "--reward-model", must_be_trained=True)
     prompts = load_prompts(args.prompts, args.split, args.num_prompts)
     pairs = load_prompts(args.pairs, args.pairs_split, args.num_pairs) if args.pairs else None
+    if pairs is not None:
+        from .data.validation import validate_preference_dataset
+
+        validate_preference_dataset(pairs, f"--pairs {args.pairs}")
     report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, reward_model=args.reward_model, compare_model=args.compare_model,
                       pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed)

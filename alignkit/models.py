@@ -176,3 +176,23 @@ def check_model_source(name: str, key: str, need_tokenizer: bool = True, revisio
     if _offline() and not _in_hub_cache(name, revision):
         raise ModelError(f"{key}: {name!r} is neither a local folder nor a hub model in the local cache, and the hub "
                          "is offline (HF_HUB_OFFLINE); give a local folder, a builtin: model, or download it first.")
+
+
+def check_score_head(name: str, key: str, must_be_trained: bool, trust_remote_code: bool = False) -> None:
+    """A reward or value model has one output. ``must_be_trained``: it must already be a sequence-classification
+    model (a causal LM loaded as one gets a random score head, which would score at random). Raises ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{key}: could not read the config of {name!r}: {str(exc).splitlines()[0]}") from None
+    classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+    if classifier and cfg.num_labels != 1:
+        raise ModelError(f"{key}: {name!r} has a classification head with {cfg.num_labels} outputs; a reward or value "
+                         "model has one (a scalar score). Train one with method: crm, or give a model with "
+                         "num_labels=1.")
+    if must_be_trained and not classifier:
+        arch = (cfg.architectures or ["a model without a score head"])[0]
+        raise ModelError(f"{key}: {name!r} is not a reward model ({arch}); its score head would be random. Give a "
+                         "sequence-classification model with one output (e.g. a method: crm run's output_dir).")

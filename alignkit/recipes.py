@@ -369,7 +369,8 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                 options = SECTIONS[name].model_fields
                 raise RecipeError(f"{where}: unknown key '{name}.{loc}'.{_closest(str(err['loc'][0]), options)} "
                                   f"Valid keys: {', '.join(options)}.") from None
-            raise RecipeError(f"{where}: {name}.{loc}: {err['msg']} (got {err.get('input')!r}).") from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise RecipeError(f"{where}: {name}{'.' + loc if loc else ''}: {msg} (got {err.get('input')!r}).") from None
     peft = data.get("peft")
     if peft is not None:
         if not isinstance(peft, dict):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .data.synthetic import load_builtin_dataset
 from .data.validation import DatasetError, apply_column_mapping, check_data_file, iter_rows
-from .models import BUILTIN_PREFIX, ModelError, check_model_source, resolve_model_path
+from .models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_head, resolve_model_path
 from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
 __all__ = ["load_datasets", "load_tokenizer", "load_models", "preflight", "validate", "train", "run_status",
@@ -32,8 +32,16 @@ def _load_split(recipe: Recipe, split: str):
     if name.startswith(BUILTIN_PREFIX):
         try:
             return load_builtin_dataset(name[len(BUILTIN_PREFIX):], split, **ds.builtin_kwargs)
-        except TypeError as exc:
-            raise RecipeError(f"dataset.builtin_kwargs: {exc}") from None
+        except TypeError:
+            import inspect
+
+            from .data.synthetic import BUILTIN_DATASETS
+
+            params = [p for p in inspect.signature(BUILTIN_DATASETS[name[len(BUILTIN_PREFIX):]]).parameters
+                      if p != "split"]
+            bad = sorted(set(ds.builtin_kwargs) - set(params))
+            raise RecipeError(f"dataset.builtin_kwargs: {name} takes {', '.join(params)}; not {', '.join(bad) or 'these'}."
+                              ) from None
         except ValueError as exc:
             raise RecipeError(f"dataset.name: {exc}") from None
     import datasets
@@ -394,8 +402,6 @@ def _clear_previous_run(out: Path) -> None:
 def check_models(recipe: Recipe) -> None:
     """Every model the recipe names exists and is usable (configs only, no weights): the policy with its
     tokenizer, the reference, PPO's reward and value models (one output, a trained head)."""
-    from transformers import AutoConfig
-
     m = recipe.model
     try:
         check_model_source(m.name_or_path, "model.name_or_path", need_tokenizer=True, revision=m.revision)
@@ -423,17 +429,7 @@ def check_models(recipe: Recipe) -> None:
         if recipe.method in REWARD_MODEL_METHODS:
             heads.append(("model.name_or_path", m.name_or_path, False))
         for key, name, must_be_trained in heads:
-            cfg = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=m.trust_remote_code)
-            classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
-            if classifier and cfg.num_labels != 1:
-                raise ModelError(f"{key}: {name!r} has a classification head with {cfg.num_labels} outputs; a reward "
-                                 "or value model has one (a scalar score). Train one with method: crm, or load the "
-                                 "backbone with num_labels=1.")
-            if must_be_trained and not classifier:
-                arch = (cfg.architectures or ["no head"])[0]
-                raise ModelError(f"{key}: {name!r} is not a reward model ({arch}); its score head would be random. "
-                                 "Give a sequence-classification model with one output (e.g. a method: crm run's "
-                                 "output_dir), or use reward.function.")
+            check_score_head(name, key, must_be_trained, trust_remote_code=m.trust_remote_code)
     except ModelError as exc:
         raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
@@ -537,7 +533,8 @@ def preflight(recipe: Recipe, for_training: bool = True) -> Preflight:
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds, warnings = load_datasets(recipe, with_reports=True)
     if eval_ds is None and config.eval_strategy != "no":
-        raise RecipeError(f"eval_strategy is {config.eval_strategy!r} but the dataset section names no eval split; "
+        raise RecipeError(f"eval_strategy is {getattr(config.eval_strategy, 'value', config.eval_strategy)!r} but the "
+                          "dataset section names no eval split; "
                           "set dataset.eval_split or dataset.test_size, or eval_strategy: 'no'.")
     warnings += _check_lengths(recipe, config, tokenizer, train_ds, "train dataset")
     if eval_ds is not None:

@@ -31,3 +31,103 @@ def test_ppo_recipe_is_determined_by_its_seed(tmp_path, monkeypatch):
         runs.append(_metrics(out))
     assert runs[0] == runs[1]
     assert len(runs[0]) >= 4
+
+
+QUICK = ["--set", "max_steps=4", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+         "--set", "dataset.builtin_kwargs={num_samples: 64}"]
+
+
+def _quickstart(out, *extra):
+    return main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"output_dir={out}", *QUICK, *extra])
+
+
+def test_reusing_an_output_dir_is_refused_unless_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _quickstart(out, "--set", "save_strategy=steps", "--set", "save_steps=2") == 0
+    first = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # a second run into the same folder would overwrite the first one's model and checkpoints: refused
+    assert _quickstart(out, "--set", "seed=1") == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "overwrite_output_dir: true" in err and "Traceback" not in err
+    assert (out / "model.safetensors").read_bytes() == first
+    # said so: the earlier run is replaced, its checkpoints too (so `resume_from_checkpoint: true` cannot pick
+    # one of them up later)
+    assert _quickstart(out, "--set", "seed=1", "--set", "overwrite_output_dir=true") == 0
+    assert not list(out.glob("checkpoint-*"))
+    assert (out / "model.safetensors").read_bytes() != first
+    assert json.loads((out / "alignkit_run.json").read_text())["status"] == "complete"
+
+
+def test_a_failure_after_training_keeps_the_model_and_marks_the_run(tmp_path, monkeypatch):
+    from alignkit import FDPOTrainer
+
+    def broken_evaluate(self, *args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(FDPOTrainer, "evaluate", broken_evaluate)
+    out = tmp_path / "run"
+    try:
+        main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"output_dir={out}", "--set", "max_steps=2",
+              "--set", "eval_strategy=no", "--set", "eval_on_start=false"])
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("evaluation was expected to fail")
+    status = json.loads((out / "alignkit_run.json").read_text())
+    assert status["status"] == "failed" and status["model_saved"] and "evaluation broke" in status["error"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the trained model survived
+
+
+def test_deepspeed_with_one_process_is_applied_not_ignored(capsys):
+    code = main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "distributed.deepspeed=zero2",
+                 "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "--nproc_per_node=1" in out and "ACCELERATE_USE_DEEPSPEED=true" in out
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_model(tmp_path):
+    """`alignkit train` is interrupted with SIGINT (Ctrl-C) after its first checkpoint; the same command with
+    resume_from_checkpoint=true finishes the run, and the final model equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["--set", "max_steps=120", "--set", "per_device_train_batch_size=4", "--set", "save_strategy=steps",
+            "--set", "save_steps=10", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+            "--set", "logging_steps=5"]
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", recipe, "--set", f"output_dir={full}", *args]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "train", recipe, "--set", f"output_dir={part}",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 300
+    while not (part / "checkpoint-10" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume_from_checkpoint: true" in err, err
+    status = json.loads((part / "alignkit_run.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] < 120
+    assert not (part / "model.safetensors").exists()  # nothing that could pass for a finished model
+
+    assert main(["train", recipe, "--set", f"output_dir={part}", *args, "--set", "resume_from_checkpoint=true"]) == 0
+    status = json.loads((part / "alignkit_run.json").read_text())
+    assert status["status"] == "complete" and status["resumed_from"].startswith(str(part / "checkpoint-"))
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    # metrics.json of the resumed run covers the whole run, from the first logged step
+    steps = [e["step"] for e in json.loads((part / "metrics.json").read_text())["log_history"] if "loss" in e]
+    assert steps == list(range(5, 121, 5)), steps

@@ -107,7 +107,8 @@ def _check_value(where: str, i: int, column: str, value, expected_kind: str | No
     """Check one prompt/completion; return its kind."""
     kind = value_kind(value)
     if kind not in ("text", "conversational"):
-        what = "missing (null)" if kind == "null" else f"a {kind}" if not kind.startswith("empty") else "an empty list"
+        what = "missing (null)" if kind == "null" else "an empty list" if kind == "empty list" else \
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         raise DatasetError(f"{where}, row {i} (0-based): {column!r} is {what}; it must be a string or a non-empty list "
                            "of chat messages ({'role': ..., 'content': ...}). Fix or drop that row.")
     if kind == "conversational":

@@ -350,14 +350,35 @@ def load_prompts(spec: str, split: str = "test", num: int | None = None):
         except ValueError as exc:
             raise EvalError(str(exc)) from None
     elif Path(spec).is_dir():
-        ds = datasets.load_from_disk(spec)
+        try:
+            ds = datasets.load_from_disk(spec)
+        except (OSError, ValueError) as exc:
+            raise EvalError(f"{spec}: not a dataset saved with save_to_disk ({str(exc).splitlines()[0]}); give a "
+                            "data file or such a folder.") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise EvalError(f"{spec} has splits {list(ds)}, not {split!r}; choose one with --split/--pairs-split.")
+            ds = ds[split]
     elif Path(spec).is_file():
-        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(spec).suffix)
+        from ..data.validation import DatasetError, check_data_file
+
+        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(spec).suffix.lower())
         if fmt is None:
             raise EvalError(f"{spec}: use a .json, .jsonl, .parquet or .csv file, or a saved dataset folder.")
-        ds = datasets.load_dataset(fmt, data_files=spec, split="train")
+        try:
+            check_data_file(spec)
+            ds = datasets.load_dataset(fmt, data_files=spec, split="train")
+        except DatasetError as exc:
+            raise EvalError(str(exc)) from None
+        except Exception as exc:  # parser errors
+            raise EvalError(f"{spec}: could not be read ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from None
     else:
-        raise EvalError(f"prompts {spec!r}: no such file or folder, and not builtin:<task>.")
+        raise EvalError(f"{spec!r}: no such file or folder; give a data file (.jsonl, .json, .parquet, .csv), a saved "
+                        "dataset folder or builtin:<task>.")
+    if "prompt" not in (ds.column_names or []):
+        raise EvalError(f"{spec}: no 'prompt' column (it has {ds.column_names}); rename yours to 'prompt'.")
+    if len(ds) == 0:
+        raise EvalError(f"{spec}: no rows.")
     if num is not None:
         ds = ds.select(range(min(num, len(ds))))
     return ds

@@ -1,0 +1,328 @@
+"""The bad-input table: inputs a user can get wrong, each run through the `alignkit` CLI.
+
+Every case must end with exit code 2, no traceback, and one line `alignkit: error: ...` that names the key,
+flag or file (``names``) and says what to do (``fix``). tests/test_bad_inputs.py runs them all;
+``python tests/bad_inputs.py`` prints the table of docs/bad-inputs.md (input -> the message it gets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+PPO = str(ROOT / "recipes" / "ppo-fdiv.yaml")
+
+
+@dataclass
+class Case:
+    id: str
+    what: str  # the input, in words (docs)
+    argv: list[str]  # with {dir} for the case's folder and {files} entries written first
+    names: str  # the key / flag / file the message must name
+    fix: str  # a fragment of the fix the message must give
+    files: dict[str, str | bytes] | None = None  # relative name -> content
+
+
+def _recipe(extra: str = "", method: str = "fdpo", model: str = "builtin:tiny-llama",
+            dataset: str = "builtin:sentiment") -> str:
+    return (f"method: {method}\nmodel: {model}\ndataset: {dataset}\nreport_to: none\nmax_steps: 1\n"
+            f"output_dir: {{dir}}/out\n{extra}")
+
+
+def _jsonl(rows) -> str:
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+PAIR = {"prompt": "Write a review of the movie.", "chosen": "A great movie.", "rejected": "An awful movie."}
+CHAT = {"prompt": [{"role": "user", "content": "Review the movie."}],
+        "chosen": [{"role": "assistant", "content": "Great."}], "rejected": [{"role": "assistant", "content": "Bad."}]}
+
+
+def _pairs(n=64, **changes) -> str:
+    rows = [dict(PAIR) for _ in range(n)]
+    for i, row in changes.items():
+        rows[int(i[1:])] = row
+    return _jsonl(rows)
+
+
+def _data_recipe(extra: str = "", name: str = "data.jsonl", method: str = "fdpo") -> str:
+    return _recipe(extra, method=method, dataset=f"{{dir}}/{name}")
+
+
+def _train(name: str = "r.yaml") -> list[str]:
+    return ["train", f"{{dir}}/{name}"]
+
+
+def _validate(name: str = "r.yaml") -> list[str]:
+    return ["validate", f"{{dir}}/{name}"]
+
+
+_TINY_CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "vocab_size": 1029})
+_TWO_LABELS = json.dumps({**json.loads(_TINY_CONFIG), "architectures": ["LlamaForSequenceClassification"],
+                          "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}})
+_PPO_REWARD_MODEL = ("method: ppo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\nreport_to: none\n"
+                     "max_steps: 1\noutput_dir: {dir}/out\nreward: {model: {dir}/rm}\n")
+
+CASES: list[Case] = [
+    # ---- the recipe file
+    Case("recipe-missing", "a recipe path that does not exist", ["train", "{dir}/nope.yaml"], "nope.yaml",
+         "does not exist"),
+    Case("recipe-folder", "a folder given as the recipe", ["train", "{dir}"], "is a folder", "path of the YAML file"),
+    Case("recipe-empty", "an empty recipe file", _validate(), "r.yaml", "recipes/quickstart.yaml", {"r.yaml": ""}),
+    Case("recipe-not-utf8", "a recipe that is not UTF-8 (Latin-1)", _validate(), "line 2", "save the file as UTF-8",
+         {"r.yaml": b"method: fdpo\n# r\xe9sum\xe9\n"}),
+    Case("recipe-malformed", "malformed YAML", _validate(), "line", "Check indentation",
+         {"r.yaml": "method: fdpo\nmodel: {name_or_path: x\n beta: [1,\n"}),
+    Case("recipe-list", "a recipe that is a YAML list", _validate(), "r.yaml", "method: ...",
+         {"r.yaml": "- method: fdpo\n- beta: 0.1\n"}),
+    Case("recipe-duplicate-key", "the same key twice (YAML keeps the last)", _validate(), "'beta'",
+         "lines 7 and 9", {"r.yaml": _recipe("beta: 0.1\nseed: 1\nbeta: 0.5\n")}),
+    Case("recipe-deep", "YAML nested 10,000 levels deep", _validate(), "nested", "a few levels deep",
+         {"r.yaml": "method: fdpo\nx: " + "[" * 10000 + "]" * 10000 + "\n"}),
+    Case("recipe-no-method", "no method", _validate(), "method", "fdpo, mdpo, crm, ppo",
+         {"r.yaml": "model: builtin:tiny-llama\ndataset: builtin:sentiment\n"}),
+    Case("recipe-unknown-method", "a misspelled method", _validate(), "'fdp'", "Did you mean 'fdpo'?",
+         {"r.yaml": _recipe(method="fdp")}),
+    Case("recipe-no-model", "no model section", _validate(), "'model'", "name_or_path",
+         {"r.yaml": "method: fdpo\ndataset: builtin:sentiment\n"}),
+    Case("recipe-null-dataset", "an empty dataset section", _validate(), "'dataset'", "builtin:sentiment",
+         {"r.yaml": "method: fdpo\nmodel: builtin:tiny-llama\ndataset:\n"}),
+    Case("recipe-unknown-key", "a misspelled config field", _validate(), "'learning_rte'", "'learning_rate'",
+         {"r.yaml": _recipe("learning_rte: 1e-3\n")}),
+    Case("recipe-unknown-section-key", "a misspelled key in a section", _validate(), "dataset.eval_splt",
+         "'eval_split'", {"r.yaml": _recipe(dataset="{name: builtin:sentiment, eval_splt: test}")}),
+    Case("recipe-unknown-peft-key", "an unknown peft key", _validate(), "peft.rank", "peft.LoraConfig",
+         {"r.yaml": _recipe("peft: {rank: 4}\n")}),
+    Case("recipe-section-not-mapping", "a section that is a list", _validate(), "'wandb'", "must be a mapping",
+         {"r.yaml": _recipe("wandb: [a, b]\n")}),
+    Case("set-no-equals", "--set without key=value", ["validate", QUICKSTART, "--set", "beta"], "--set 'beta'",
+         "expected key=value"),
+    Case("set-into-value", "--set into a value that is not a section", ["validate", QUICKSTART, "--set", "beta.x=1"],
+         "beta", "is not a section"),
+    # ---- values
+    Case("value-not-a-number", "beta: lots", _validate(), "beta", "a number", {"r.yaml": _recipe("beta: lots\n")}),
+    Case("value-mapping-for-number", "beta: {value: 0.1}", _validate(), "beta", "a number",
+         {"r.yaml": _recipe("beta: {value: 0.1}\n")}),
+    Case("value-list-for-number", "learning_rate: [1e-3]", _validate(), "learning_rate", "a number",
+         {"r.yaml": _recipe("learning_rate: [1e-3]\n")}),
+    Case("beta-negative", "beta: -0.1 (would move towards the rejected answers)", _validate(), "beta", "e.g. beta: 0.1",
+         {"r.yaml": _recipe("beta: -0.1\n")}),
+    Case("beta-zero", "beta: 0", _validate(), "beta", "> 0", {"r.yaml": _recipe("beta: 0\n")}),
+    Case("lr-negative", "a negative learning rate", _validate(), "learning_rate", ">= 0",
+         {"r.yaml": _recipe("learning_rate: -1e-3\n")}),
+    Case("batch-zero", "per_device_train_batch_size: 0", _validate(), "per_device_train_batch_size", ">= 1",
+         {"r.yaml": _recipe("per_device_train_batch_size: 0\n")}),
+    Case("grad-accum-zero", "gradient_accumulation_steps: 0", _validate(), "gradient_accumulation_steps", ">= 1",
+         {"r.yaml": _recipe("gradient_accumulation_steps: 0\n")}),
+    Case("max-steps-fraction", "max_steps: 2.5", _validate(), "max_steps", "an integer",
+         {"r.yaml": _recipe().replace("max_steps: 1", "max_steps: 2.5")}),
+    Case("nothing-to-train", "num_train_epochs: 0 without max_steps", _validate(), "num_train_epochs",
+         "max_steps >= 1", {"r.yaml": _recipe().replace("max_steps: 1", "num_train_epochs: 0")}),
+    Case("seed-negative", "seed: -1", _validate(), "seed", "[0, 2**32)", {"r.yaml": _recipe("seed: -1\n")}),
+    Case("bool-not-bool", "a true/false field given 'maybe'", _validate(), "gradient_checkpointing", "true or false",
+         {"r.yaml": _recipe("gradient_checkpointing: maybe\n")}),
+    Case("alpha-out-of-range", "divergence: alpha with alpha: 1.5", _validate(), "alpha", "strictly between 0 and 1",
+         {"r.yaml": _recipe("divergence: alpha\nalpha: 1.5\n")}),
+    Case("divergence-total-variation", "divergence: total_variation", _validate(), "total_variation", "Theorem 1",
+         {"r.yaml": _recipe("divergence: total_variation\n")}),
+    Case("num-bins-one", "Causal DPO with num_bins: 1", _validate(), "num_bins", "at least two",
+         {"r.yaml": _recipe("mmd_coef: 1.0\nnum_bins: 1\n")}),
+    Case("mmd-negative", "mmd_coef: -1 (crm)", _validate(), "mmd_coef", "0 turns the MMD penalty off",
+         {"r.yaml": _recipe("mmd_coef: -1\n", method="crm")}),
+    Case("ppo-temperature-zero", "PPO with temperature: 0", ["validate", PPO, "--set", "temperature=0"], "temperature",
+         "e.g. 0.7"),
+    Case("dtype-unknown", "model.dtype: float8", _validate(), "model.dtype", "'bfloat16'",
+         {"r.yaml": _recipe(model="{name_or_path: builtin:tiny-llama, dtype: float8}")}),
+    Case("test-size-out-of-range", "dataset.test_size: 1.5", _validate(), "dataset.test_size", "(0, 1)",
+         {"r.yaml": _recipe(dataset="{name: builtin:sentiment, test_size: 1.5}")}),
+    Case("max-train-samples-zero", "dataset.max_train_samples: 0", _validate(), "dataset.max_train_samples", ">= 1",
+         {"r.yaml": _recipe(dataset="{name: builtin:sentiment, max_train_samples: 0}")}),
+    Case("eval-without-split", "eval_strategy: steps without an eval split", _validate(), "eval_strategy",
+         "dataset.eval_split", {"r.yaml": _recipe("eval_strategy: steps\neval_steps: 1\n")}),
+    # ---- data
+    Case("data-missing-file", "a data file that does not exist", _validate(), "dataset.name", "check the path",
+         {"r.yaml": _data_recipe(name="missing.jsonl")}),
+    Case("data-unknown-extension", "a .txt data file", _validate(), "dataset.name", ".jsonl",
+         {"r.yaml": _data_recipe(name="data.txt"), "data.txt": "hello\n"}),
+    Case("data-empty-file", "an empty .jsonl file", _validate(), "data.jsonl", "one example per line",
+         {"r.yaml": _data_recipe(), "data.jsonl": ""}),
+    Case("data-broken-json-line", "a broken JSON line (line 3)", _validate(), "data.jsonl, line 3", "Fix or remove",
+         {"r.yaml": _data_recipe(), "data.jsonl": _pairs(2) + '{"prompt": "p", "chosen": \n' + _pairs(2)}),
+    Case("data-line-not-object", "a JSON line that is a list", _validate(), "line 2", "one object",
+         {"r.yaml": _data_recipe(), "data.jsonl": _pairs(1) + '["a", "b"]\n'}),
+    Case("data-missing-columns", "columns named differently, not mapped", _validate(), "'chosen'",
+         "columns: {prompt: question", {"r.yaml": _data_recipe(),
+                                        "data.jsonl": _jsonl([{"question": "q", "good": "a", "bad": "b"}] * 4)}),
+    Case("data-mapping-absent-column", "a column mapping naming an absent column", _validate(), "'answer'",
+         "its columns are", {"r.yaml": _recipe(dataset="{name: {dir}/data.jsonl, columns: {chosen: answer}}"),
+                             "data.jsonl": _pairs(4)}),
+    Case("data-null-row-40", "chosen is null in row 40", _validate(), "row 40", "Fix or drop that row",
+         {"r.yaml": _data_recipe(), "data.jsonl": _pairs(64, r40={**PAIR, "chosen": None})}),
+    Case("data-mixed-formats-later", "chat rows mixed with plain rows from row 30", _validate(), "row 30",
+         "use one format", {"r.yaml": _data_recipe(), "data.jsonl": _pairs(64, r30=CHAT)}),
+    Case("data-number-completion", "a number where a completion should be", _validate(), "row 5",
+         "must be a string", {"r.yaml": _data_recipe(), "data.jsonl": _pairs(8, r5={**PAIR, "rejected": 3})}),
+    Case("data-empty-completion", "an empty chosen completion", _validate(), "row 2", "Fix or drop",
+         {"r.yaml": _data_recipe(), "data.jsonl": _pairs(8, r2={**PAIR, "chosen": "  "})}),
+    Case("data-message-without-content", "a chat message with null content", _validate(), "row 1",
+         "string 'content'", {"r.yaml": _data_recipe(), "data.jsonl": _jsonl(
+             [CHAT, {**CHAT, "chosen": [{"role": "assistant", "content": None}]}])}),
+    Case("data-all-identical", "chosen == rejected in every row", _validate(), "'chosen' and 'rejected'",
+         "column mapping", {"r.yaml": _data_recipe(), "data.jsonl": _jsonl([{**PAIR, "rejected": PAIR["chosen"]}] * 8)}),
+    Case("data-all-too-long", "every prompt longer than max_length", _validate(), "max_length",
+         "Raise max_length", {"r.yaml": _data_recipe("max_length: 16\n"),
+                              "data.jsonl": _jsonl([{**PAIR, "prompt": "Write a long review. " * 20}] * 8)}),
+    Case("data-builtin-unknown", "an unknown built-in dataset", _validate(), "builtin:sentimnt",
+         "Did you mean 'builtin:sentiment'?", {"r.yaml": _recipe(dataset="builtin:sentimnt")}),
+    Case("data-builtin-kwargs", "an unknown option of a built-in dataset", _validate(), "dataset.builtin_kwargs",
+         "takes num_samples", {"r.yaml": _recipe(dataset="{name: builtin:sentiment, builtin_kwargs: {num_sample: 3}}")}),
+    Case("data-eval-split-of-file", "dataset.eval_split with a single file", _validate(), "dataset.eval_split",
+         "dataset.test_size", {"r.yaml": _recipe(dataset="{name: {dir}/data.jsonl, eval_split: test}"),
+                               "data.jsonl": _pairs(4)}),
+    Case("data-groups-not-lists", "method mdpo on pair rows", _validate(), "'chosen'", "Wrap it in a list",
+         {"r.yaml": _data_recipe(method="mdpo"), "data.jsonl": _pairs(4)}),
+    Case("data-ppo-no-prompt", "method ppo on data without a prompt column", _validate(), "'prompt'",
+         "columns: {prompt: question}", {"r.yaml": _PPO_REWARD_MODEL.replace("reward: {model: {dir}/rm}",
+                                                                            "reward: {function: builtin:sentiment}")
+                                         .replace("builtin:sentiment\nreport", "{dir}/data.jsonl\nreport"),
+                                         "data.jsonl": _jsonl([{"question": "q"}] * 4)}),
+    # ---- models
+    Case("model-missing-folder", "a model folder that does not exist", _validate(), "model.name_or_path",
+         "check the path", {"r.yaml": _recipe(model="./models/nope")}),
+    Case("model-missing-two-slashes", "a missing local path that looks like org/name/x", _validate(),
+         "model.name_or_path", "no such folder", {"r.yaml": _recipe(model="outputs/my-run/final")}),
+    Case("model-no-config", "a model folder without config.json", _validate(), "model.name_or_path",
+         "save_pretrained", {"r.yaml": _recipe(model="{dir}/empty-model"), "empty-model/notes.txt": "x"}),
+    Case("model-no-tokenizer", "a model folder without a tokenizer", _validate(), "model.name_or_path",
+         "tokenizer.save_pretrained", {"r.yaml": _recipe(model="{dir}/m"), "m/config.json": _TINY_CONFIG}),
+    Case("model-is-a-file", "a file given as the model", _validate(), "model.name_or_path", "folder",
+         {"r.yaml": _recipe(model="{dir}/weights.bin"), "weights.bin": "x"}),
+    Case("model-hub-offline", "a hub id not in the cache, offline", _validate(), "model.name_or_path",
+         "HF_HUB_OFFLINE", {"r.yaml": _recipe(model="someone/not-cached-model")}),
+    Case("model-builtin-unknown", "an unknown built-in model", _validate(), "builtin:tiny-lama",
+         "Did you mean 'builtin:tiny-llama'?", {"r.yaml": _recipe(model="builtin:tiny-lama")}),
+    Case("model-ref-missing", "a reference model that does not exist", _validate(), "model.ref_name_or_path",
+         "no such folder", {"r.yaml": _recipe(model="{name_or_path: builtin:tiny-llama, ref_name_or_path: ./ref}")}),
+    Case("reward-model-missing", "PPO with a reward model folder that does not exist", _validate(), "reward.model",
+         "no such folder", {"r.yaml": _PPO_REWARD_MODEL}),
+    Case("reward-model-two-labels", "PPO with a 2-label classifier as reward model", _validate(), "reward.model",
+         "one (a scalar score)", {"r.yaml": _PPO_REWARD_MODEL, "rm/config.json": _TWO_LABELS}),
+    Case("reward-model-causal-lm", "PPO with a causal LM as reward model (random head)", _validate(), "reward.model",
+         "sequence-classification model", {"r.yaml": _PPO_REWARD_MODEL, "rm/config.json": _TINY_CONFIG}),
+    Case("reward-function-unknown", "an unknown built-in reward function", _validate(), "reward.function",
+         "builtin:sentiment", {"r.yaml": _PPO_REWARD_MODEL.replace("{model: {dir}/rm}", "{function: builtin:nope}")}),
+    Case("reward-function-unimportable", "a reward function that cannot be imported", _validate(), "reward.function",
+         "check the module path", {"r.yaml": _PPO_REWARD_MODEL.replace("{model: {dir}/rm}",
+                                                                      "{function: 'nowhere.mod:score'}")}),
+    Case("reward-both-sources", "reward.model and reward.function both set", _validate(), "reward",
+         "exactly one", {"r.yaml": _PPO_REWARD_MODEL.replace("{model: {dir}/rm}",
+                                                            "{model: x, function: builtin:sentiment}")}),
+    Case("reward-without-ppo", "a reward section for method fdpo", _validate(), "'reward'", "method 'ppo'",
+         {"r.yaml": _recipe("reward: {function: builtin:sentiment}\n")}),
+    Case("ppo-without-reward", "method ppo without a reward section", _validate(), "'reward'", "reward.function",
+         {"r.yaml": _recipe(method="ppo")}),
+    # ---- distributed
+    Case("deepspeed-unknown-one-process", "distributed.deepspeed: zero7 with one process", _train(),
+         "distributed.deepspeed", "zero2, zero3", {"r.yaml": _recipe("distributed: {deepspeed: zero7}\n")}),
+    Case("deepspeed-unknown-validate", "distributed.deepspeed: zero7 (validate)", _validate(),
+         "distributed.deepspeed", "zero2, zero3", {"r.yaml": _recipe("distributed: {deepspeed: zero7}\n")}),
+    Case("ppo-deepspeed-one-process", "PPO under DeepSpeed with one process", ["train", PPO, "--set",
+                                                                                "distributed.deepspeed=zero2"],
+         "ppo", "remove distributed.deepspeed"),
+    Case("offload-params-zero2", "offload_params with ZeRO-2", _train(), "distributed.offload_params", "zero3",
+         {"r.yaml": _recipe("distributed: {num_processes: 2, deepspeed: zero2, offload_params: true}\n")}),
+    Case("offload-without-deepspeed", "offload_optimizer without deepspeed", _validate(),
+         "distributed.offload_optimizer", "distributed.deepspeed", {"r.yaml": _recipe(
+             "distributed: {offload_optimizer: true}\n")}),
+    Case("processes-zero", "distributed.num_processes: 0", _train(), "distributed.num_processes", ">= 1",
+         {"r.yaml": _recipe("distributed: {num_processes: 0}\n")}),
+    # ---- output_dir and resuming
+    Case("output-dir-is-file", "output_dir is a file", _train(), "output_dir", "choose another output_dir",
+         {"r.yaml": _recipe().replace("{dir}/out", "{dir}/out.txt"), "out.txt": "x"}),
+    Case("output-dir-holds-run", "output_dir holds another run", _train(), "output_dir",
+         "overwrite_output_dir: true", {"r.yaml": _recipe(), "out/model.safetensors": "x",
+                                        "out/checkpoint-64/trainer_state.json": "{}"}),
+    Case("resume-nothing", "resume_from_checkpoint: true with no checkpoint", _train(), "resume_from_checkpoint",
+         "Remove resume_from_checkpoint", {"r.yaml": _recipe("resume_from_checkpoint: true\n")}),
+    Case("resume-missing-path", "resume_from_checkpoint: a folder that does not exist", _train(),
+         "resume_from_checkpoint", "checkpoint-N", {"r.yaml": _recipe("resume_from_checkpoint: {dir}/out/ckpt-9\n")}),
+    Case("resume-partial-checkpoint", "resume from a checkpoint interrupted while being written", _train(),
+         "resume_from_checkpoint", "earlier checkpoint-N",
+         {"r.yaml": _recipe("resume_from_checkpoint: {dir}/out/checkpoint-8\n"), "out/checkpoint-8/config.json": "{}"}),
+    Case("resume-other-recipe", "resume a checkpoint trained with another beta", _train(), "beta",
+         "start a new run", {"r.yaml": _recipe("beta: 0.5\nresume_from_checkpoint: true\n"),
+                             "out/alignkit_recipe.yaml": _recipe("beta: 0.1\n"),
+                             "out/checkpoint-8/trainer_state.json": "{}"}),
+    # ---- alignkit eval
+    Case("eval-pairs-without-ref", "eval --pairs without --ref or --reward-model",
+         ["eval", "builtin:tiny-llama", "--pairs", "builtin:sentiment"], "--pairs", "add one of them"),
+    Case("eval-k-one", "eval -k 1", ["eval", "builtin:tiny-llama", "-k", "1"], "-k 1", "k >= 2"),
+    Case("eval-num-prompts-zero", "eval --num-prompts 0", ["eval", "builtin:tiny-llama", "--num-prompts", "0"],
+         "--num-prompts", "at least 1"),
+    Case("eval-temperature-zero", "eval --temperature 0", ["eval", "builtin:tiny-llama", "--temperature", "0"],
+         "--temperature", "> 0"),
+    Case("eval-model-missing", "eval of a policy folder that does not exist", ["eval", "{dir}/no-model"], "MODEL",
+         "check the path"),
+    Case("eval-prompts-missing", "eval --prompts of a missing file",
+         ["eval", "builtin:tiny-llama", "--prompts", "{dir}/p.jsonl"], "p.jsonl", "give a data file"),
+    Case("eval-prompts-broken", "eval --prompts with a broken JSON line",
+         ["eval", "builtin:tiny-llama", "--prompts", "{dir}/p.jsonl"], "p.jsonl, line 2", "Fix or remove",
+         {"p.jsonl": '{"prompt": "a"}\n{"prompt": \n'}),
+    Case("eval-reward-model-causal", "eval --reward-model that is a causal LM",
+         ["eval", "builtin:tiny-llama", "--reward-model", "builtin:tiny-llama"], "--reward-model",
+         "sequence-classification"),
+    Case("eval-compare-without-reward", "eval --compare-model without --reward-model",
+         ["eval", "builtin:tiny-llama", "--compare-model", "builtin:tiny-llama"], "--compare-model",
+         "add --reward-model"),
+]
+
+
+def materialise(case: Case, folder: Path) -> list[str]:
+    """Write the case's files into ``folder`` and return its argv."""
+    for name, content in (case.files or {}).items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = content if isinstance(content, bytes) else content.replace("{dir}", str(folder)).encode()
+        path.write_bytes(text)
+    return [a.replace("{dir}", str(folder)) for a in case.argv]
+
+
+def run_case(case: Case, folder: Path) -> tuple[int, str]:
+    """Run one case in this process; returns (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from alignkit.cli import main
+
+    argv = materialise(case, folder)
+    err = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue()
+
+
+if __name__ == "__main__":  # print docs/bad-inputs.md's table
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print("| # | input | command | exit | message |")
+    print("|---|---|---|---|---|")
+    for i, case in enumerate(CASES, 1):
+        with tempfile.TemporaryDirectory() as d:
+            code, err = run_case(case, Path(d))
+            line = err.strip().splitlines()[-1] if err.strip() else ""
+            line = line.replace(str(Path(d).resolve()), "DIR").replace(d, "DIR").replace(str(ROOT) + "/", "")
+            line = line.replace("alignkit: error: ", "").replace("|", "\\|")
+        cmd = case.argv[0]
+        print(f"| {i} | {case.what} | `{cmd}` | {code} | {line} |")
