@@ -159,10 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true", category=UserWarning)
+    if "DS_ACCELERATOR" not in os.environ:
+        from .trainers._common import accelerator_available
+
+        if not accelerator_available():
+            # DeepSpeed (imported by accelerate and TRL when installed) otherwise prints a warning on stdout at
+            # import that it fell back to the CPU; naming the CPU accelerator is what it would pick anyway.
+            os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         if args.command == "eval":
             return _run_eval(args)
         from . import runner
+        from .console import quiet_third_party
+
+        quiet_third_party()
         from .recipes import RecipeError, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)

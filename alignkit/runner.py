@@ -582,6 +582,19 @@ def _save_final_model(trainer, out: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def _report_datasets(pre: Preflight, trainer) -> None:
+    """One line per split: rows, format, and what TRL's preparation kept."""
+    for name, raw, prepared in (("train", pre.train_dataset, trainer.train_dataset),
+                                ("eval", pre.eval_dataset, getattr(trainer, "eval_dataset", None))):
+        if raw is None:
+            continue
+        if isinstance(prepared, dict):  # several named eval sets
+            prepared = None
+        kept = len(prepared) if prepared is not None and hasattr(prepared, "__len__") else len(raw)
+        dropped = f", {len(raw) - kept} dropped for their length" if kept < len(raw) else ""
+        _info(f"{name} dataset: {len(raw)} rows prepared{dropped}")
+
+
 def train(recipe: Recipe) -> dict:
     """Train as the recipe says; save model, tokenizer, recipe, metrics and a model card to ``output_dir``,
     with ``alignkit_run.json`` saying ``"complete"`` last."""
@@ -610,6 +623,13 @@ def train(recipe: Recipe) -> dict:
         raise RecipeError(f"{recipe.source or 'recipe'}: {exc}") from None
     trainer.alignkit_recipe = recipe.to_yaml()
     trainer.alignkit_base_model = recipe.model.name_or_path
+    from .console import new_heads, use_console
+
+    use_console(trainer)
+    if trainer.is_world_process_zero():
+        for head in new_heads():
+            _info(f"new score head ({head}), initialised with seed {config.seed}")
+        _report_datasets(pre, trainer)
     out = Path(config.output_dir)
     main = trainer.is_world_process_zero()
     if main:

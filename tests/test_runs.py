@@ -131,3 +131,32 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_model(tmp_path):
     # metrics.json of the resumed run covers the whole run, from the first logged step
     steps = [e["step"] for e in json.loads((part / "metrics.json").read_text())["log_history"] if "loss" in e]
     assert steps == list(range(5, 121, 5)), steps
+
+
+def test_train_output_is_quiet_and_readable(tmp_path):
+    """One bar for training and one for evaluation, a line per dataset split, metrics as tables on stdout, no
+    third-party chatter (DeepSpeed's accelerator line on stdout, dataset-map and weight-loading bars), and a
+    model card that names the real base model."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+                           "--set", f"output_dir={out}", "--set", "max_steps=4", "--set", "eval_steps=4",
+                           "--set", "logging_steps=2"], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
+    assert proc.returncode == 0, proc.stderr
+    stdout, stderr = proc.stdout, proc.stderr.replace("\r", "\n")
+    assert "accelerator" not in stdout.lower() and "{'loss'" not in stdout
+    assert re.search(r"^\[train\] step 2/4", stdout, re.M) and re.search(r"^\[eval\] step 4/4", stdout, re.M)
+    assert re.search(r"^  loss +\d", stdout, re.M)
+    bars = {m.group(1) for m in re.finditer(r"^(\w[\w ]*?):\s+\d+%\|", stderr, re.M)}
+    assert bars == {"train", "eval"}, bars
+    for noise in ("Tokenizing", "Loading weights", "Map", "LOAD REPORT", "Writing model shards"):
+        assert noise not in stderr, noise
+    assert "[alignkit] train dataset: 512 rows prepared" in stderr
+    card = (out / "README.md").read_text()
+    assert "fine-tuned version of `builtin:tiny-llama`" in card and "None" not in card, card
+    assert f'model="{out}"' in card

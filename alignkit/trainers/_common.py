@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -139,3 +140,43 @@ def check_ranges(config, *tables: dict[str, Rule]) -> None:
     if getattr(config, "max_steps", -1) == -1 and getattr(config, "num_train_epochs", 1) == 0:
         raise ValueError("num_train_epochs is 0 and max_steps is unset: there is nothing to train; set "
                          "num_train_epochs >= 1 or max_steps >= 1.")
+
+
+# ---- model cards -----------------------------------------------------------------------------------------
+
+def base_model_name(trainer) -> str | None:
+    """What the model was trained from: the recipe's model (set by `alignkit train`), else the config's
+    `_name_or_path`."""
+    name = getattr(trainer, "alignkit_base_model", None)
+    if name:
+        return name
+    model = getattr(trainer, "model", None)
+    config = getattr(getattr(model, "policy", model), "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def describe_base_model(name: str | None) -> str:
+    """Markdown for the base model: a hub link for a hub id, the path or built-in name otherwise."""
+    if not name:
+        return "an unnamed model"
+    if name.startswith("builtin:"):
+        return f"`{name}` (a model alignkit builds locally)"
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return f"the local model `{name}`"
+    return f"[{name}](https://huggingface.co/{name})"
+
+
+def name_base_model_in_card(trainer) -> None:
+    """TRL's card names the base model only when it is a hub id and points its snippet at `hub_model_id`;
+    a model trained from a local folder (or a built-in) gets "fine-tuned version of [None]" and
+    `model="None"`. Name the real base model and the folder the model was saved in instead."""
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if not trainer.is_world_process_zero() or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        card = fh.read()
+    fixed = card.replace("[None](https://huggingface.co/None)", describe_base_model(base_model_name(trainer)))
+    fixed = fixed.replace('model="None"', f'model="{trainer.args.output_dir}"')
+    if fixed != card:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(fixed)

@@ -17,7 +17,7 @@ from trl import RewardConfig, RewardTrainer
 from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
-                      default_precision_for_this_machine)
+                      default_precision_for_this_machine, name_base_model_in_card)
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
 
@@ -145,6 +145,11 @@ class CausalRewardTrainer(AttributeBinsMixin, ConfigResolverMixin, RewardTrainer
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._eval_prefix = previous
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, naming the real base model (TRL writes "[None]" for a local one)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        name_base_model_in_card(self)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
 from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
-                      default_precision_for_this_machine)
+                      default_precision_for_this_machine, name_base_model_in_card)
 from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
@@ -377,6 +377,7 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=list(tags))
         if not self.is_world_process_zero():
             return
+        name_base_model_in_card(self)
         alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
         section = [
             "",

@@ -30,7 +30,8 @@ from transformers import GenerationConfig, Trainer, TrainerState, TrainingArgume
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..divergences import get_divergence
-from ._common import PPO_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges, default_precision_for_this_machine
+from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
+                      default_precision_for_this_machine, describe_base_model)
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -488,10 +489,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         start_time = time.time()
         self.model.train()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.max_steps, initial=start, desc="PPO", disable=args.disable_tqdm
-                   or not self.is_local_process_zero())
+        # Progress is shown by Trainer's progress callback (on_step_end), as in every other trainer.
         for it in range(start, args.max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
@@ -518,7 +516,6 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             self._timings["optimisation"] = _now() - t_opt
             self.state.global_step = it + 1
             self.state.epoch = (it + 1) * n * args.world_size / len(self.train_dataset)
-            bar.update(1)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             if self.control.should_log or (it + 1) % max(args.logging_steps, 1) == 0 or it + 1 == args.max_steps:
                 self.log(self._iteration_metrics(ro, acc), start_time)
@@ -527,7 +524,6 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
             if self.control.should_training_stop:
                 break
-        bar.close()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         runtime = time.time() - start_time
         metrics = {"train_runtime": runtime, "train_iterations": self.state.global_step - start,
@@ -602,7 +598,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         reward = type(self.reward_model).__name__ if isinstance(self.reward_model, nn.Module) else \
             getattr(self.reward_model, "__name__", "a reward function")
         lines = [f"# {model_name or os.path.basename(os.path.abspath(self.args.output_dir))}", "",
-                 "Policy trained with PPO by alignkit (`PPOTrainer`), on top of TRL.", "",
+                 f"Policy fine-tuned from {describe_base_model(base_model_name(self))} with PPO by alignkit "
+                 "(`PPOTrainer`), on top of TRL.", "",
+                 "```python", "from transformers import pipeline", "",
+                 f'generator = pipeline("text-generation", model="{self.args.output_dir}")', "```", "",
                  f"- divergence: `{self.divergence.name}`{alpha}, penalty in the {self.args.divergence_penalty}, "
                  f"kl_coef {self.args.kl_coef}", f"- reward: {reward}",
                  f"- iterations: {self.state.global_step}", ""]
