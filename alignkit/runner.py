@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .data.synthetic import load_builtin_dataset
-from .data.validation import DatasetError, apply_column_mapping, check_data_file, iter_rows
+from .data.validation import (DatasetError, apply_column_mapping, check_data_file, iter_arrow, iter_rows,
+                              locate_json_error)
 from .models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_head, resolve_model_path
 from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
@@ -58,7 +59,12 @@ def _load_split(recipe: Recipe, split: str):
                 raise RecipeError(f"dataset.name: {name!r} has an unknown extension; use one of "
                                   f"{sorted(_DATA_EXTENSIONS)}.")
             check_data_file(path)
-            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+            try:
+                return datasets.load_dataset(fmt, data_files=str(path), split="train")
+            except Exception:
+                if fmt == "json":
+                    locate_json_error(path)  # raises DatasetError naming the line, if it finds one
+                raise
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
@@ -436,12 +442,6 @@ def check_models(recipe: Recipe) -> None:
         raise RecipeError(f"could not read the model config: {str(exc).splitlines()[0]}") from None
 
 
-def _prompt_text_bytes(prompt, tokenizer) -> int:
-    if isinstance(prompt, str):
-        return len(prompt.encode())
-    return len(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True).encode())
-
-
 #: special tokens a tokenizer may add around a text (BOS/EOS, a prefix space): a text of B UTF-8 bytes has at
 #: most B + this many tokens (a byte-level BPE token covers at least one byte; WordPiece and SentencePiece
 #: at least one character or an unknown token)
@@ -451,42 +451,73 @@ _TOKEN_MARGIN = 16
 def count_overlong(recipe: Recipe, config, tokenizer, dataset) -> tuple[int, int, int]:
     """How many rows TRL would drop for their length: ``(dropped, rows, longest)``. f-DPO/mDPO drop a row whose
     prompt alone is at least ``max_length`` tokens (with truncation_mode keep_start); the reward trainer one
-    whose prompt + completion is longer than ``max_length``. Only rows whose byte length could reach the
-    limit are tokenized, so short datasets cost one pass of ``len``."""
+    whose prompt + completion is longer than ``max_length``. Only rows whose UTF-8 size could reach the limit
+    are tokenized (sizes of plain-text columns are read from Arrow), so a dataset of short rows costs one
+    vectorised pass."""
     limit = getattr(config, "max_length", None)
     if limit is None or recipe.method == "ppo" or getattr(config, "truncation_mode", "keep_start") != "keep_start":
         return 0, len(dataset), 0
     reward = recipe.method in REWARD_MODEL_METHODS
-    cols = ["prompt", "chosen", "rejected"] if reward else ["prompt"]
-    cols = [c for c in cols if c in dataset.column_names]
-    dropped = rows = longest = 0
+    names = dataset.column_names or []
+    cols = [c for c in (["prompt", "chosen", "rejected"] if reward else ["prompt"]) if c in names]
+    if not cols or "chosen" not in names:
+        return 0, len(dataset), 0
     eos = tokenizer.eos_token or ""
 
-    def n_tokens(parts) -> int:
-        if isinstance(parts[0], list):  # conversational
-            return len(tokenizer.apply_chat_template(sum(parts, []), tokenize=True, return_dict=True,
-                                                     add_generation_prompt=not reward)["input_ids"])
-        return len(tokenizer("".join(parts) + (eos if reward else ""))["input_ids"])
+    def ids(prompt, completion=None, generation_prompt=False) -> list[int]:
+        if isinstance(prompt if prompt is not None else completion, list):  # conversational
+            return tokenizer.apply_chat_template((prompt or []) + (completion or []), tokenize=True, return_dict=True,
+                                                 add_generation_prompt=generation_prompt)["input_ids"]
+        return tokenizer((prompt or "") + (completion or ""))["input_ids"]
 
-    for _, row in iter_rows(dataset, cols):
-        rows += 1
-        prompt = row.get("prompt", "" if not reward else "")
-        sequences = [[prompt, row["chosen"]], [prompt, row["rejected"]]] if reward else [[prompt]]
-        if recipe.method == "mdpo":
-            sequences = [[prompt]]
-        worst = 0
-        for parts in sequences:
-            parts = [p for p in parts if p not in ("", None)]
-            if not parts:
-                continue
-            size = sum(_prompt_text_bytes(p, tokenizer) if not isinstance(p, str) else len(p.encode()) for p in parts)
-            if size + _TOKEN_MARGIN < limit:
-                continue  # cannot reach the limit
-            worst = max(worst, n_tokens(parts))
-        longest = max(longest, worst)
-        if (worst > limit) if reward else (worst >= limit):
-            dropped += 1
-    return dropped, rows, longest
+    def common_prefix(a, b) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def row_tokens(row) -> int:
+        """As TRL measures it: the reward trainer, prompt + completion (+ EOS for text); DPO, the prompt up to
+        where it stops being a prefix of prompt + completion (tokens can merge across the boundary)."""
+        prompt = row.get("prompt")
+        text = not isinstance(prompt if prompt is not None else row["chosen"], list)
+        if reward:
+            return max(len(ids(prompt, row[side] + eos if text else row[side])) for side in ("chosen", "rejected"))
+        prompt_ids = ids(prompt, None, generation_prompt=True)
+        completions = [c for side in ("chosen", "rejected") for c in
+                       (row[side] if recipe.method == "mdpo" else [row[side]])]
+        return min(common_prefix(prompt_ids, ids(prompt, c)) for c in completions)
+
+    def size(value) -> int:
+        if isinstance(value, str):
+            return len(value.encode())
+        return len(tokenizer.apply_chat_template(value, tokenize=False).encode()) if value else 0
+
+    candidates: list[int] = []  # rows whose size could reach the limit
+    from .data.validation import _text_columns
+
+    if _text_columns(dataset, cols):
+        import pyarrow.compute as pc
+
+        for offset, batch in iter_arrow(dataset, cols):
+            sizes = pc.binary_length(batch.column("prompt")) if "prompt" in cols else None
+            if reward:
+                longest_side = pc.max_element_wise(pc.binary_length(batch.column("chosen")),
+                                                   pc.binary_length(batch.column("rejected")))
+                sizes = longest_side if sizes is None else pc.add(sizes, longest_side)
+            hits = pc.indices_nonzero(pc.greater_equal(sizes, limit - _TOKEN_MARGIN))
+            candidates += [offset + i.as_py() for i in hits]
+    else:
+        for i, row in iter_rows(dataset, cols):
+            total = size(row.get("prompt")) + (max(size(row["chosen"]), size(row["rejected"])) if reward else 0)
+            if total + _TOKEN_MARGIN >= limit:
+                candidates.append(i)
+    lengths = [row_tokens(row) for _, row in iter_rows(dataset.select(candidates), [c for c in (
+        "prompt", "chosen", "rejected") if c in names])] if candidates else []
+    dropped = sum((n > limit) if reward else (n >= limit) for n in lengths)
+    return dropped, len(dataset), max(lengths, default=0)
 
 
 def _check_lengths(recipe: Recipe, config, tokenizer, dataset, where: str) -> list[str]:

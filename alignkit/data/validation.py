@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 
 __all__ = ["DatasetError", "DataReport", "validate_preference_dataset", "validate_prompt_dataset",
-           "apply_column_mapping", "check_data_file", "iter_rows", "value_kind"]
+           "apply_column_mapping", "check_data_file", "locate_json_error", "iter_rows", "iter_arrow", "value_kind"]
 
 #: rows read per batch when streaming a dataset through the checks
 BATCH_ROWS = 2048
@@ -103,6 +103,51 @@ def iter_rows(dataset, columns: list[str]):
             i += 1
 
 
+def _text_columns(dataset, columns: list[str]) -> bool:
+    """Whether every one of ``columns`` is a plain string column (then the checks run on Arrow arrays)."""
+    from datasets import Value
+
+    features = getattr(dataset, "features", None) or {}
+    return isinstance(dataset, Dataset) and all(
+        isinstance(features.get(c), Value) and features[c].dtype in ("string", "large_string") for c in columns)
+
+
+def iter_arrow(dataset, columns: list[str]):
+    """Yield ``(offset, pyarrow.Table)`` batches of ``columns`` (row order as in the dataset)."""
+    offset = 0
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=BATCH_ROWS * 32):
+        yield offset, batch
+        offset += batch.num_rows
+
+
+def _first(mask) -> int | None:
+    import pyarrow.compute as pc
+
+    hits = pc.indices_nonzero(pc.fill_null(mask, False))
+    return hits[0].as_py() if len(hits) else None
+
+
+def _check_text_columns(dataset, where: str, columns: list[str], required: tuple, report: "DataReport") -> None:
+    """The row checks of plain-text columns, vectorised: nulls, empty texts, identical pairs."""
+    import pyarrow.compute as pc
+
+    for offset, batch in iter_arrow(dataset, columns):
+        for c in columns:
+            col = batch.column(c)
+            i = _first(col.is_null())
+            if i is not None:
+                raise DatasetError(f"{where}, row {offset + i} (0-based): {c!r} is missing (null); it must be a string "
+                                   "or a non-empty list of chat messages ({'role': ..., 'content': ...}). Fix or drop "
+                                   "that row.")
+            if c in required:
+                i = _first(pc.equal(pc.binary_length(pc.utf8_trim_whitespace(col)), 0))
+                if i is not None:
+                    raise DatasetError(f"{where}, row {offset + i} (0-based): {c!r} is empty. Fix or drop that row.")
+        if len(required) == 2:
+            report.identical += pc.sum(pc.equal(batch.column(required[0]), batch.column(required[1]))).as_py() or 0
+        report.rows += batch.num_rows
+
+
 def _check_value(where: str, i: int, column: str, value, expected_kind: str | None) -> str:
     """Check one prompt/completion; return its kind."""
     kind = value_kind(value)
@@ -144,14 +189,18 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
     cols = [c for c in ("prompt", *required) if c in names]
     report = DataReport()
     kind = None
-    for i, row in iter_rows(dataset, cols):
-        for c in cols:
-            kind = _check_value(where, i, c, row[c], kind)
-            if c in required and _is_blank(row[c], kind):
-                raise DatasetError(f"{where}, row {i} (0-based): {c!r} is empty. Fix or drop that row.")
-        if row[required[0]] == row[required[1]]:
-            report.identical += 1
-        report.rows += 1
+    if _text_columns(dataset, cols):
+        _check_text_columns(dataset, where, cols, tuple(required), report)
+        kind = "text"
+    else:
+        for i, row in iter_rows(dataset, cols):
+            for c in cols:
+                kind = _check_value(where, i, c, row[c], kind)
+                if c in required and _is_blank(row[c], kind):
+                    raise DatasetError(f"{where}, row {i} (0-based): {c!r} is empty. Fix or drop that row.")
+            if row[required[0]] == row[required[1]]:
+                report.identical += 1
+            report.rows += 1
     if report.rows == 0:
         raise DatasetError(f"{where} is empty (no rows).")
     report.format = kind or "text"
@@ -174,7 +223,9 @@ def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
                            "e.g. columns: {prompt: question}.")
     report = DataReport()
     kind = None
-    if "prompt" in names:
+    if "prompt" in names and _text_columns(dataset, ["prompt"]):
+        _check_text_columns(dataset, where, ["prompt"], ("prompt",), report)
+    elif "prompt" in names:
         for i, row in iter_rows(dataset, ["prompt"]):
             kind = _check_value(where, i, "prompt", row["prompt"], kind)
             if _is_blank(row["prompt"], kind):
@@ -191,22 +242,30 @@ def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
 # ---- data files -----------------------------------------------------------------------------------------
 
 def check_data_file(path: str | Path) -> None:
-    """Check a local data file before `datasets` parses it: not empty, and for JSON every line (JSON Lines)
-    or the document (a JSON array) parses, each record an object. Raises DatasetError with file and line."""
+    """The cheap checks of a local data file before `datasets` parses it: it exists with content. (Where
+    parsing then fails, :func:`locate_json_error` finds the line.) Raises DatasetError."""
     path = Path(path)
-    suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: the file is empty; it needs one example per line (.jsonl) or row (.csv).")
-    if suffix not in (".json", ".jsonl"):
-        return
+    if path.suffix.lower() in (".json", ".jsonl"):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 16), b""):
+                if chunk.strip():
+                    return
+        raise DatasetError(f"{path}: the file holds only whitespace; it needs one JSON object per line.")
+
+
+def locate_json_error(path: str | Path) -> None:
+    """Find what makes a JSON data file unreadable: a line that does not parse or is not an object (JSON
+    Lines), or the error in a JSON array. Raises DatasetError with the file and line; returns if it finds
+    nothing wrong. Reads line by line (called only when `datasets` failed to parse the file)."""
+    path = Path(path)
     with open(path, "rb") as fh:
         first = b""
         for chunk in iter(lambda: fh.read(4096), b""):
             first = chunk.lstrip()
             if first:
                 break
-    if not first:
-        raise DatasetError(f"{path}: the file holds only whitespace; it needs one JSON object per line.")
     if first[:1] == b"[":
         _check_json_document(path)
         return

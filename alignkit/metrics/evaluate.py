@@ -360,7 +360,7 @@ def load_prompts(spec: str, split: str = "test", num: int | None = None):
                 raise EvalError(f"{spec} has splits {list(ds)}, not {split!r}; choose one with --split/--pairs-split.")
             ds = ds[split]
     elif Path(spec).is_file():
-        from ..data.validation import DatasetError, check_data_file
+        from ..data.validation import DatasetError, check_data_file, locate_json_error
 
         fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(spec).suffix.lower())
         if fmt is None:
@@ -371,6 +371,11 @@ def load_prompts(spec: str, split: str = "test", num: int | None = None):
         except DatasetError as exc:
             raise EvalError(str(exc)) from None
         except Exception as exc:  # parser errors
+            try:
+                if fmt == "json":
+                    locate_json_error(spec)
+            except DatasetError as located:
+                raise EvalError(str(located)) from None
             raise EvalError(f"{spec}: could not be read ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from None
     else:
         raise EvalError(f"{spec!r}: no such file or folder; give a data file (.jsonl, .json, .parquet, .csv), a saved "
