@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/alignkit train recipes/quickstart.yaml
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/alignkit train recipes/quickstart.yaml --set overwrite_output_dir=true
 
 test: setup
 	$(BIN)/python -m pytest -q
