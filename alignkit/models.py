@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from ._util import first_line
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -186,7 +187,7 @@ def check_score_head(name: str, key: str, must_be_trained: bool, trust_remote_co
     try:
         cfg = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{key}: could not read the config of {name!r}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{key}: could not read the config of {name!r}: {first_line(exc)}") from None
     classifier = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
     if classifier and cfg.num_labels != 1:
         raise ModelError(f"{key}: {name!r} has a classification head with {cfg.num_labels} outputs; a reward or value "

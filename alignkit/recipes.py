@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from ._util import first_line
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides", "METHODS"]
 
@@ -476,7 +477,7 @@ def read_yaml(path: str | os.PathLike, what: str = "recipe") -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise RecipeError(f"{path}: malformed YAML{at}: {problem}. Check indentation and quoting there.") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply to read; a recipe is a mapping of sections and values, a few "

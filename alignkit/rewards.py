@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 
+from ._util import first_line
 from .data.synthetic import NEGATIVE, POSITIVE
 
 _POS, _NEG = set(POSITIVE), set(NEGATIVE)
@@ -41,7 +42,7 @@ def load_reward_function(spec: str):
         fn = getattr(importlib.import_module(module), name)
     except Exception as exc:  # ImportError, AttributeError, or an error inside the module
         raise ValueError(f"reward function {spec!r} could not be imported ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); check the module path and that it is "
+                         f"{first_line(exc)}); check the module path and that it is "
                          "importable from the current directory.") from None
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable.")

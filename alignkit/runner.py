@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._util import first_line
 from .data.synthetic import load_builtin_dataset
 from .data.validation import (DatasetError, apply_column_mapping, check_data_file, iter_arrow, iter_rows,
                               locate_json_error)
@@ -77,10 +78,10 @@ def _load_split(recipe: Recipe, split: str):
     except (RecipeError, DatasetError):
         raise
     except ValueError as exc:  # unknown split and the like
-        raise RecipeError(f"dataset {name!r}, split {split!r}: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"dataset {name!r}, split {split!r}: {first_line(exc)}") from None
     except Exception as exc:  # hub errors: offline, missing repo; parser errors
         raise RecipeError(
-            f"could not load dataset {name!r} (split {split!r}): {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+            f"could not load dataset {name!r} (split {split!r}): {type(exc).__name__}: {first_line(exc)}. "
             "Use a built-in dataset (builtin:sentiment), a local .json/.jsonl/.parquet/.csv file, or a hub id that "
             "is cached when running offline."
         ) from None
@@ -135,7 +136,7 @@ def load_tokenizer(recipe: Recipe):
         raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.name_or_path: could not load the tokenizer of {m.name_or_path!r}: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -161,7 +162,7 @@ def load_models(recipe: Recipe):
         if m.ref_name_or_path:
             ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.ref_name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"model.name_or_path: could not load {m.name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"model.name_or_path: could not load {m.name_or_path!r}: {first_line(exc)}") from None
     return model, ref
 
 
@@ -181,7 +182,7 @@ def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
             return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1,
                                                                       dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise RecipeError(f"{key}: could not load {name!r}: {str(exc).splitlines()[0]}") from None
+            raise RecipeError(f"{key}: could not load {name!r}: {first_line(exc)}") from None
 
     try:
         reward = load_reward_function(r.function) if r.function else seq_cls("reward.model", r.model)
@@ -439,7 +440,7 @@ def check_models(recipe: Recipe) -> None:
     except ModelError as exc:
         raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"could not read the model config: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"could not read the model config: {first_line(exc)}") from None
 
 
 #: special tokens a tokenizer may add around a text (BOS/EOS, a prefix space): a text of B UTF-8 bytes has at

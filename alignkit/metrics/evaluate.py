@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._util import first_line
 from . import (bias_at_c, distinct_n, divergence_estimates, first_integer, number_uniformity, predictive_entropy,
                preference_ece, self_bleu, simpson_diversity, spearman, win_rate_score)
 
@@ -33,7 +34,7 @@ def _load_causal_lm(name):
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise EvalError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+        raise EvalError(f"could not load model {name!r}: {first_line(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
@@ -353,7 +354,7 @@ def load_prompts(spec: str, split: str = "test", num: int | None = None):
         try:
             ds = datasets.load_from_disk(spec)
         except (OSError, ValueError) as exc:
-            raise EvalError(f"{spec}: not a dataset saved with save_to_disk ({str(exc).splitlines()[0]}); give a "
+            raise EvalError(f"{spec}: not a dataset saved with save_to_disk ({first_line(exc)}); give a "
                             "data file or such a folder.") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -376,7 +377,7 @@ def load_prompts(spec: str, split: str = "test", num: int | None = None):
                     locate_json_error(spec)
             except DatasetError as located:
                 raise EvalError(str(located)) from None
-            raise EvalError(f"{spec}: could not be read ({type(exc).__name__}: {str(exc).splitlines()[0]}).") from None
+            raise EvalError(f"{spec}: could not be read ({type(exc).__name__}: {first_line(exc)}).") from None
     else:
         raise EvalError(f"{spec!r}: no such file or folder; give a data file (.jsonl, .json, .parquet, .csv), a saved "
                         "dataset folder or builtin:<task>.")
