@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
 from ._util import first_line
 
 BUILTIN_PREFIX = "builtin:"

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
 from ._util import first_line
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides", "METHODS"]
