@@ -175,9 +175,37 @@ def check_model_source(name: str, key: str, need_tokenizer: bool = True, revisio
     if looks_local:
         raise ModelError(f"{key}: no such folder {name!r}; check the path (relative paths start from the current "
                          f"directory, {os.getcwd()}).")
-    if _offline() and not _in_hub_cache(name, revision):
+    if _in_hub_cache(name, revision):
+        return
+    if _offline():
         raise ModelError(f"{key}: {name!r} is neither a local folder nor a hub model in the local cache, and the hub "
                          "is offline (HF_HUB_OFFLINE); give a local folder, a builtin: model, or download it first.")
+    if not _hub_reachable():
+        raise ModelError(f"{key}: no local folder {name!r}, and the hub cannot be reached to download it as a model "
+                         "id; check the path (relative paths start from the current directory, "
+                         f"{os.getcwd()}), or connect to the network.")
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (checked once per process): without it, transformers
+    retries a download for about 25 s before failing."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _REACHABLE:
+        import socket
+
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            _REACHABLE[endpoint] = True
+        except OSError:
+            _REACHABLE[endpoint] = False
+    return _REACHABLE[endpoint]
 
 
 def check_score_head(name: str, key: str, must_be_trained: bool, trust_remote_code: bool = False) -> None:

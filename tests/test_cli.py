@@ -46,7 +46,8 @@ def test_unknown_key_names_the_closest(tmp_path, capsys):
     assert "dataset.eval_splt" in err and "'eval_split'" in err
 
 
-def test_missing_dataset_columns(tmp_path, capsys):
+def test_missing_dataset_columns(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"question": "q", "good": "a", "bad": "b"}) for _ in range(4)))
     recipe = BASE.replace("dataset: builtin:sentiment", f"dataset: {{name: {data}}}")
@@ -77,7 +78,8 @@ def test_more_bad_inputs(tmp_path, capsys):
     assert "unknown key 'peft.rank'" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "peft: {rank: 4}\n")])
 
 
-def test_validate_and_set_overrides(capsys):
+def test_validate_and_set_overrides(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's output_dir is relative: not the checkout's outputs/ (make demo's)
     assert main(["validate", QUICKSTART, "--set", "divergence=forward_kl", "--set", "dataset.max_train_samples=10"]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and "train_examples=10" in out
