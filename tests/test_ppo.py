@@ -42,16 +42,34 @@ def prompts():
     return sentiment("train", num_samples=64).select_columns(["prompt"])
 
 
-def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target, **kw):
-    torch.manual_seed(0)
+def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target, seed=0, **kw):
+    """`seed` seeds the value head's initialisation and the run (prompt order, sampling): change it to measure
+    the seed-to-seed spread of what a test asserts."""
+    torch.manual_seed(seed)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     value = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
-    args = dict(base_args(tmp_path), per_device_train_batch_size=16, num_ppo_epochs=4, response_length=8,
+    args = dict(base_args(tmp_path, seed=seed), per_device_train_batch_size=16, num_ppo_epochs=4, response_length=8,
                 learning_rate=1e-2, lr_scheduler_type="constant", temperature=1.0, kl_coef=0.05, logging_steps=1)
     args.update(kw)
     return PPOTrainer(args=PPOConfig(**args), processing_class=tokenizer, model=policy, ref_model=ref,
                       reward_model=reward, value_model=value, train_dataset=prompts)
+
+
+def _gain(scores):
+    """How much a run raised the mean score: the mean over its second half minus the mean of its first 3
+    iterations (the policy is still about the reference there). Averages over many iterations, so one noisy
+    batch or a late dip (a policy that found the best token and briefly left it) does not decide the outcome."""
+    half = len(scores) // 2
+    return sum(scores[-half:]) / half - sum(scores[:3]) / 3
+
+
+# What the spreads below were measured over: seeds 0-9 (`_trainer(seed=...)`: torch.manual_seed and the
+# PPOConfig seed) with 1 torch thread, seeds 0-2 (0-4 for the reward function) with 2 threads (identical to 1
+# thread on our AMD EPYC with AVX2), and seeds 0-4 with ATEN_CPU_CAPABILITY=default (torch's unvectorised kernels:
+# other float rounding, standing in for another CPU). A CI machine's rounding turned seed 0's alpha/loss run at the
+# former settings (2-token responses) from 0.26 -> 0.75 (mean score of the first -> last 3 iterations) into
+# 0.26 -> 0.60, as a change of seed does.
 
 
 @pytest.mark.parametrize("placement", ["reward", "loss"])
@@ -59,19 +77,21 @@ def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target
 def test_ppo_raises_the_reward_for_every_divergence(divergence, placement, tiny_model_path, tokenizer, prompts,
                                                      tmp_path):
     rm = _token_reward_model(tiny_model_path, tokenizer)
+    # one-token responses: the reward model reads the last token, so a second token only added noise (with 2
+    # tokens the smallest gain measured was 0.47, a policy settling on a token scored ~0.6)
     trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=rm, divergence=divergence,
                        divergence_penalty=placement, alpha=0.5 if divergence == "alpha" else None, max_steps=32,
-                       response_length=2)
+                       response_length=1)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "objective/scores" in e]
-    first = sum(e["objective/scores"] for e in logs[:3]) / 3
-    last = sum(e["objective/scores"] for e in logs[-3:]) / 3
-    # measured over 32 iterations: 0.16 -> 1.39-1.68 with the penalty in the reward, 0.24-0.30 -> 0.75-1.03 in
-    # the loss (slower: the loss penalty of forward KL, JS and alpha grows fast, as the thesis notes)
-    assert last > first + 0.35 and last > 2.5 * first, (first, last)
+    scores = [e["objective/scores"] for e in logs]
+    # measured (see above; 144 runs over the 8 parametrisations): the first 3 iterations score -0.06..0.20, the
+    # second half 0.78-5.0 (the policy settles on a token scored ~1-1.5, or on the target, 5); gain 0.83-4.8.
+    # 0.4 is half the smallest gain, and 5 standard deviations of a run that learns nothing (sd 0.08).
+    assert _gain(scores) > 0.4, scores
     est = [e[f"divergence/{divergence}"] for e in logs]
-    assert abs(est[0]) < 1e-3  # the policy starts as the reference
-    assert all(torch.isfinite(torch.tensor(est))) and est[-1] > 1e-3
+    assert abs(est[0]) < 1e-3  # the policy starts as the reference (measured: exactly 0, same weights)
+    assert all(torch.isfinite(torch.tensor(est))) and est[-1] > 1e-3  # measured 0.64-5.9 at the end
 
 
 def test_ppo_with_a_reward_function(tiny_model_path, tokenizer, prompts, tmp_path):
@@ -79,8 +99,10 @@ def test_ppo_with_a_reward_function(tiny_model_path, tokenizer, prompts, tmp_pat
                        max_steps=24)
     trainer.train()
     scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
-    # the random-init policy starts near 0.4-0.5 "e" per 4 characters; measured ~2 after 24 iterations
-    assert sum(scores[-3:]) / 3 > 1.5 * sum(scores[:3]) / 3 + 0.3, scores
+    # the random-init policy starts near 0.3-0.5 "e" per 4 characters; measured (see above, 20 runs) gain
+    # 0.77-3.4 over 24 iterations (second half 1.1-3.7). 0.35 is under half the smallest gain, and 7 standard
+    # deviations of a run that learns nothing (sd 0.05).
+    assert _gain(scores) > 0.35, scores
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
