@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(format_command(cmd, env))
                 return 0
+            runner.preflight(recipe)  # every check once, here, before N workers start
             import subprocess
 
             print(f"[alignkit] launching {dist.num_processes} process(es): {format_command(cmd, env)}", file=sys.stderr)

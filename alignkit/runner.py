@@ -317,8 +317,12 @@ def _fingerprint(recipe: Recipe) -> dict[str, Any]:
             flat[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             flat[f.name] = f.default_factory()
+    from .recipes import DistributedSection
+
     for name in ("model", "dataset", "reward", "distributed"):
         section = getattr(recipe, name)
+        if section is None and name == "distributed":
+            section = DistributedSection()  # one process: the same as the section's defaults
         for k, v in (section.model_dump() if section is not None else {}).items():
             flat[f"{name}.{k}"] = v
     for k, v in (recipe.peft or {}).items():
@@ -376,12 +380,17 @@ def _resolve_resume(recipe: Recipe, out: Path) -> str | None:
 
 def _plan_output(recipe: Recipe, config) -> str | None:
     """Check output_dir before anything is trained: a file is refused; a folder holding another run is refused
-    unless the recipe resumes it or says overwrite_output_dir: true. Returns the checkpoint to resume from."""
+    unless the recipe resumes it or says overwrite_output_dir: true. Returns the checkpoint to resume from.
+
+    In a process launched by `alignkit train` for the distributed section, the launching process has made
+    this check already; the workers skip the refusal (rank 0 may already have written this run's recipe)."""
+    from .distributed import is_launched_worker
+
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir: {str(out)!r} is a file, not a folder; choose another output_dir.")
     checkpoint = _resolve_resume(recipe, out)
-    if checkpoint is None:
+    if checkpoint is None and not is_launched_worker():
         found = _run_artifacts(out)
         if found and not recipe.overwrite_output_dir:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
@@ -548,7 +557,7 @@ class Preflight:
     warnings: list[str]
 
 
-def preflight(recipe: Recipe, for_training: bool = True) -> Preflight:
+def preflight(recipe: Recipe) -> Preflight:
     """Every check that can run without model weights, in the order a user fixes things: the config's values,
     PEFT, the distributed section, output_dir (and the checkpoint to resume), the models, then every row of
     the data (formats, nulls, lengths against max_length). Raises RecipeError (one line, exit 2 in the CLI)."""
@@ -632,8 +641,9 @@ def train(recipe: Recipe) -> dict:
     with ``alignkit_run.json`` saying ``"complete"`` last."""
     pre = preflight(recipe)
     config = pre.config
-    for w in pre.warnings:
-        _info(f"warning: {w}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process
+        for w in pre.warnings:
+            _info(f"warning: {w}")
     wandb_dir = setup_wandb(recipe, config)
     # Seed before any model is built: a newly initialised head (PPO's value and reward heads, a reward
     # model's score) draws from the global RNG. Trainer seeds again in its __init__, too late for those.
