@@ -61,16 +61,7 @@ def validate_group_dataset(dataset, where: str = "dataset") -> DataReport:
         if sorted(map(repr, row["chosen"])) == sorted(map(repr, row["rejected"])):
             report.identical += 1
         report.rows += 1
-    if report.rows == 0:
-        raise DatasetError(f"{where} is empty (no rows).")
-    report.format = kind or "text"
-    if report.identical == report.rows:
-        raise DatasetError(f"{where}: in every row (all {report.rows}) the chosen and rejected groups hold the same "
-                           "completions, so there is no preference to learn; check the column mapping.")
-    if report.identical:
-        report.warnings.append(f"{where}: {report.identical} of {report.rows} rows have the same completions in their "
-                               "chosen and rejected groups; they carry no preference.")
-    return report
+    return report.conclude(where, kind, "the chosen and rejected groups hold the same completions")
 
 
 def _key(prompt) -> Any:

@@ -40,6 +40,20 @@ class DataReport:
     identical: int = 0
     warnings: list[str] = field(default_factory=list)
 
+    def conclude(self, where: str, kind: str | None, sameness: str = "") -> "DataReport":
+        """After every row was read: an empty dataset and one whose every row is the same on both sides are
+        errors; some such rows, a warning. ``sameness`` says what "the same" means for this kind of row."""
+        if self.rows == 0:
+            raise DatasetError(f"{where} is empty (no rows).")
+        self.format = kind or "text"
+        if self.identical == self.rows:
+            raise DatasetError(f"{where}: in every row (all {self.rows}) {sameness}, so there is no preference to "
+                               "learn; check the column mapping (dataset.columns).")
+        if self.identical:
+            self.warnings.append(f"{where}: {self.identical} of {self.rows} rows: {sameness}; they carry no "
+                                 "preference (their loss is constant). Drop them to save compute.")
+        return self
+
 
 def apply_column_mapping(dataset, columns: dict[str, str] | None, where: str = "dataset"):
     """Rename the dataset's columns ``{our_name: their_name}`` (e.g. ``{"chosen": "response_a"}``)."""
@@ -201,17 +215,7 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
             if row[required[0]] == row[required[1]]:
                 report.identical += 1
             report.rows += 1
-    if report.rows == 0:
-        raise DatasetError(f"{where} is empty (no rows).")
-    report.format = kind or "text"
-    if report.identical == report.rows:
-        raise DatasetError(f"{where}: in every row (all {report.rows}) 'chosen' and 'rejected' are the same, so there "
-                           "is no preference to learn; check the column mapping (dataset.columns).")
-    if report.identical:
-        report.warnings.append(f"{where}: {report.identical} of {report.rows} rows have identical 'chosen' and "
-                               "'rejected'; they carry no preference (their loss is constant). Drop them to save "
-                               "compute.")
-    return report
+    return report.conclude(where, kind, f"'{required[0]}' and '{required[1]}' are the same")
 
 
 def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
@@ -231,12 +235,9 @@ def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
             if _is_blank(row["prompt"], kind):
                 raise DatasetError(f"{where}, row {i} (0-based): 'prompt' is empty. Fix or drop that row.")
             report.rows += 1
-        report.format = kind or "text"
     else:
         report.rows = len(dataset)
-    if report.rows == 0:
-        raise DatasetError(f"{where} is empty (no rows).")
-    return report
+    return report.conclude(where, kind)
 
 
 # ---- data files -----------------------------------------------------------------------------------------
