@@ -103,7 +103,10 @@ def test_train_quickstart_writes_model_recipe_metrics_and_learns(tmp_path, capsy
     assert recipe["max_steps"] == 24 and recipe["divergence"] == "jsd"
     metrics = json.loads((out / "metrics.json").read_text())
     evals = [e for e in metrics["log_history"] if "eval_rewards/accuracies" in e]
-    assert evals[0]["eval_rewards/accuracies"] < 0.5 < evals[-1]["eval_rewards/accuracies"]  # it learned
+    # it learned. At the start the policy is the reference: every implicit reward is 0, accuracy exactly 0 (no
+    # chosen reward above its rejected one); after 24 steps measured 1.0 for seeds 0-7 (--set seed=N, 1 thread)
+    # and 0-2 with ATEN_CPU_CAPABILITY=default (another float rounding)
+    assert evals[0]["eval_rewards/accuracies"] < 0.5 < evals[-1]["eval_rewards/accuracies"]
     card = (out / "README.md").read_text()
     assert "f-DPO" in card and "divergence: `jsd`" in card and "method: fdpo" in card
     from transformers import AutoModelForCausalLM

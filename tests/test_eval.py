@@ -26,7 +26,10 @@ def test_eval_writes_the_report_and_plots(quickstart_model, tmp_path, capsys):
     for key in ("entropy", "distinct_1", "distinct_2", "self_bleu", "completion_length"):
         assert isinstance(report[key], float), key
     assert set(report["divergence"]) == {"reverse_kl", "forward_kl", "jsd", "alpha_0.5"}
-    assert report["divergence"]["reverse_kl"] > 0  # trained away from the reference
+    # trained away from the reference, and learned the pairs: over training seeds 0-7 (1 thread, the eval --seed
+    # varied with it) and 0-2 with ATEN_CPU_CAPABILITY=default, measured reverse KL 0.18-0.34, pair accuracy 1.0,
+    # ECE 0.43-0.45
+    assert report["divergence"]["reverse_kl"] > 0
     assert 0 <= report["pairs"]["ece"] <= 1 and report["pairs"]["accuracy"] > 0.5
     assert len((out / "samples.jsonl").read_text().splitlines()) == 8 * 3
     assert (out / "diversity.png").stat().st_size > 0 and (out / "divergences.png").exists()

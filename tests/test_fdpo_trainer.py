@@ -29,7 +29,9 @@ def test_trains_evaluates_and_logs_fdpo_metrics(make_model, tokenizer, pair_data
         assert key in train_log, key
     eval_log = next(entry for entry in logs if "eval_loss" in entry)
     assert 0.0 <= eval_log["eval_calibration/ece"] <= 1.0
-    assert eval_log["eval_rewards/accuracies"] > 0.5  # it learned the rule on held-out items
+    # it learned the rule on held-out items: measured 0.9375 (15 of 16) for seeds 0-9 (1 thread), 0-4 (2 threads)
+    # and 0-4 with ATEN_CPU_CAPABILITY=default (another float rounding); 0.5 is chance
+    assert eval_log["eval_rewards/accuracies"] > 0.5
     # the logged reward is beta * link, the implicit reward of Theorem 1
     assert train_log["rewards/chosen"] == pytest.approx(trainer.beta * train_log["link/chosen"], rel=1e-5, abs=1e-7)
 
