@@ -111,6 +111,13 @@ class DatasetSection(_Section):
             raise ValueError("test_size must be a fraction in (0, 1)")
         return v
 
+    @field_validator("max_train_samples", "max_eval_samples")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1; remove it to use every row")
+        return v
+
 
 class RewardSection(_Section):
     """PPO's reward source: a sequence-classification reward model, or a function."""

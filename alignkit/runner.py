@@ -108,10 +108,6 @@ def load_datasets(recipe: Recipe, with_reports: bool = False):
                               "eval set; add rows or remove test_size.")
         parts = train.train_test_split(test_size=ds.test_size, seed=recipe.training.get("seed", 42))
         train, eval_ = parts["train"], parts["test"]
-    for key in ("max_train_samples", "max_eval_samples"):
-        value = getattr(ds, key)
-        if value is not None and value < 1:
-            raise RecipeError(f"dataset.{key} must be >= 1, got {value}; remove it to use every row.")
     if ds.max_train_samples:
         train = train.select(range(min(ds.max_train_samples, len(train))))
     if eval_ is not None and ds.max_eval_samples:
