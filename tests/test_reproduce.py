@@ -19,9 +19,12 @@ def _run(name, tmp_path, *extra):
 
 
 def test_fdpo_diversity(tmp_path):
-    """Table 2.2's ordering is not asserted: the full form does not reproduce it (docs/results.md). What holds
-    in both forms is asserted: at equal beta, the divergences whose link f' is bounded above (alpha, forward
-    KL) move further from the reference than reverse KL."""
+    """Table 2.2's ordering is not asserted: the full form does not reproduce it (docs/results.md). Nor is what
+    the full form shows instead (at equal beta, alpha and forward KL move far further from the reference than
+    reverse KL, 68 and 33 against 1.8): 30 steps from a 60-step SFT start are too few for it to hold. Measured
+    over seeds 0-9 (every training and sampling seed shifted), reverse KL's distance / the smaller of alpha's and
+    forward KL's was 0.09-1.91 (above 1 for 2 seeds); with 60 steps 0.78-9.4, with a 400-step SFT 0.04-1.08.
+    The quick form checks that the pipeline runs and every divergence moves the policy."""
     result = _run("fdpo_diversity", tmp_path)
     assert [r["divergence"] for r in result["rows"]] == ["SFT (start)", "reverse_kl", "jsd", "alpha 0.5", "forward_kl"]
     assert (tmp_path / "table.md").exists() and (tmp_path / "fdpo_diversity.png").exists()
@@ -29,9 +32,9 @@ def test_fdpo_diversity(tmp_path):
     assert len(steps) == 4 * 5 and (tmp_path / "fdpo_diversity_trajectory.png").exists()
     assert all(0 < r["entropy"] < 10 and 0 <= r["distinct_2"] <= 1 for r in result["rows"])
     dist = {r["divergence"]: r["reverse KL from SFT"] for r in result["rows"]}
-    # quick form measured 2.24 (reverse KL) against 5.27 (alpha) and 6.53 (forward KL), the same with 1 or 2
-    # threads; the full form 1.8 against 68 and 33 (1 thread), 67 and 38 (2)
-    assert dist["reverse_kl"] < 0.7 * min(dist["alpha 0.5"], dist["forward_kl"])
+    # measured over seeds 0-9: every divergence 0.70-48 from the start (seed 0: reverse KL 2.24, JSD 2.16,
+    # alpha 5.27, forward KL 6.53)
+    assert dist["SFT (start)"] == 0.0 and all(d > 0.2 for name, d in dist.items() if name != "SFT (start)"), dist
 
 
 def test_fdpo_frontier(tmp_path):
@@ -40,11 +43,13 @@ def test_fdpo_frontier(tmp_path):
     assert sft["method"] == "SFT (reference)" and sft["D_f"] == pytest.approx(0.0, abs=1e-6)
     last = {r["method"]: r for r in rows[1:]}  # rows are in training order: the last of each method
     assert set(last) == {"f-DPO", "PPO (reward)", "PPO (loss)"}
-    # every method moves the policy away from the reference and raises the reward (quick form measured the
-    # reward -0.06 -> 0.55 for f-DPO, 0.75 and 0.63 for PPO with the penalty in the reward / in the loss);
-    # the frontier comparison itself needs the full form
+    # every method moves the policy away from the reference and raises the reward; the frontier comparison
+    # itself needs the full form. Measured over seeds 0-9 (every training and sampling seed shifted; 0-2 also
+    # with ATEN_CPU_CAPABILITY=default, another float rounding): the start's reward -0.08..0.05; gains 0.31-0.86
+    # for f-DPO, 0.49-1.19 and 0.46-0.83 for PPO with the penalty in the reward / in the loss; D_f 0.41-6.7.
+    # (With 16 prompts x 4 samples per point instead of 32 x 8, f-DPO fell below the start for 3 seeds of 10.)
     for method, r in last.items():
-        assert r["D_f"] > 0 and r["reward"] > sft["reward"], method
+        assert r["D_f"] > 0.1 and r["reward"] > sft["reward"] + 0.15, (method, r, sft)
     assert (tmp_path / "fdpo_frontier.png").exists()
 
 
@@ -54,6 +59,8 @@ def test_random_numbers(tmp_path):
     win = {(r["eval prompts"], r["comparison"]): r["win rate"] for r in result["win_rates"]}
     # preference training on uniform-vs-biased groups makes the favouring SFT start more uniform, single- and
     # multi-sample alike (the thesis' mIPO > IPO, mDPO > DPO is not reproduced at this size: docs/results.md)
+    # measured over seeds 0-4 (every training and sampling seed shifted): entropy gain 0.57-0.97, win rates vs
+    # SFT 0.825-0.975
     for method in ("DPO", "mDPO"):
         assert ent["training widths", method] > ent["training widths", "SFT"] + 0.2, method
     assert win["training widths", "mDPO vs SFT"] >= 0.7 and win["training widths", "DPO vs SFT"] >= 0.7
@@ -62,14 +69,18 @@ def test_random_numbers(tmp_path):
 
 def test_crm_sweep(tmp_path):
     """Also the CI-sized check of benchmarks/crm_bias.py, whose `train_and_score` the sweep calls."""
-    result = _run("crm_sweep", tmp_path)
+    # 200 steps, as the full form: at the quick form's 100 the penalty's gain on test_anti was 0.06-0.61 over seeds
+    # 0-4, under the 0.15 asserted for 2 of them
+    result = _run("crm_sweep", tmp_path, "--steps", "200")
     rows = {(r["variant"], r["mmd_coef"]): r for r in result["rows"]}
     assert set(rows) == {("vanilla", 0.0), ("unconditional", 3.0)}
     van, crm = rows["vanilla", 0.0], rows["unconditional", 3.0]
-    # the vanilla model rewards the flattering prefix: it prefers the wrong answer when only that has the prefix
-    assert van["test_anti"] < 0.2 and van["test_uncorrelated_spearman"] > 0.5
-    # sycophancy, 100 steps, seed 0: measured test_anti 0.00 -> 0.37 (2 threads) and 0.00 -> 0.61 (1 thread);
-    # the full benchmark (200 steps, 3 seeds) asks +15 points and <= 5 lost, here looser
+    # Measured over seeds 0-4 (every training seed shifted; 0-2 also with ATEN_CPU_CAPABILITY=default, another
+    # float rounding), 200 steps: vanilla test_anti 0.00-0.11, Spearman 0.77-0.80; the causal model's test_anti
+    # 0.41-0.87 (gain 0.30-0.84), test_uncorrelated 0.84-0.94 (vanilla 0.69-0.77: it gains), |Spearman| 0.13-0.20.
+    # The vanilla model rewards the flattering prefix: it prefers the wrong answer when only that has the prefix
+    assert van["test_anti"] < 0.3 and van["test_uncorrelated_spearman"] > 0.5
+    # the full benchmark (3 seeds) asks +15 points and <= 5 lost, here looser
     assert crm["test_anti"] >= van["test_anti"] + 0.15
     assert crm["test_uncorrelated"] >= van["test_uncorrelated"] - 0.10
     assert abs(crm["test_uncorrelated_spearman"]) < van["test_uncorrelated_spearman"] / 2
@@ -88,8 +99,9 @@ def test_label_noise(tmp_path):
     assert all(math.isfinite(r["mean quality"]) and 0 <= r["well-formed"] <= 1 for r in methods.values())
     k1, k5 = methods["mDPO k=1"]["mean quality"], methods["mDPO k=5"]["mean quality"]
     # measured in this quick form (1 thread) for training seeds 0-3: k=1 +0.80/+0.78/+0.98/+0.73, k=5
-    # +1.35/+1.35/+1.32/+1.22, so gaps 0.34-0.57 and win_rate_score 100-138; 0.15 and > 50 leave room for
-    # another machine's float rounding, which moves a run like a different seed does
+    # +1.35/+1.35/+1.32/+1.22, so gaps 0.34-0.57 and win_rate_score 100-138; with every seed shifted (the SFT's
+    # and the sampling's too) by 0-4: SFT -0.18..-0.04, k=1 +0.63..+0.82, k=5 +0.99..+1.42, gaps 0.36-0.69, win
+    # 104-138. 0.15 and > 50 leave room for another machine's float rounding, which moves a run like a seed does
     assert k5 >= k1 + 0.15
     assert methods["SFT"]["mean quality"] < k1  # both learnt something from the neutral start
     win = next(r for r in result["win_rates"] if r["comparison"] == "mDPO k=5 vs mDPO k=1")
