@@ -90,7 +90,7 @@ def test_precomputed_reference_with_groups(make_model, tokenizer, tmp_path):
         ({"prompt": "p", "chosen": "a single string", "rejected": ["x"]}, "must be a list of completions"),
         ({"prompt": "p", "chosen": [], "rejected": ["x"]}, "group is empty"),
         ({"prompt": "p", "chosen": [[{"role": "assistant", "content": "b"}]],
-          "rejected": [[{"role": "assistant", "content": "c"}]]}, "mixes plain text"),
+          "rejected": [[{"role": "assistant", "content": "c"}]]}, r"use one format \(plain text or chat messages\)"),
     ],
 )
 def test_bad_group_rows(row, match, make_model, tokenizer, tmp_path):

@@ -107,9 +107,12 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_model(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", recipe, "--set", f"output_dir={full}", *args]) == 0
 
+    # SIGINT's default handler in the child, whatever the test runner inherited: a shell that starts a job in the
+    # background sets SIGINT to "ignore", and Python then installs no KeyboardInterrupt handler at all.
     proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "train", recipe, "--set", f"output_dir={part}",
                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (part / "checkpoint-10" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
