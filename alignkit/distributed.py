@@ -13,7 +13,7 @@ On a machine without GPU, DeepSpeed runs on its CPU accelerator with the gloo ba
 builds a one-process state while DeepSpeed starts a world of N, and the batch-size check fails
 (`train_batch_size ... 2 != 2 * 1 * 2`); the worker set-up below creates accelerate's state with the
 gloo backend first and tells the Trainer to use it (`accelerator_config.use_configured_state`), which
-is what makes ZeRO-2/3 work on CPUs (../shared/ENVIRONMENT.md). On GPUs the same code path uses NCCL.
+is what makes ZeRO-2/3 work on CPUs (tested in tests/test_zero.py). On GPUs the same code path uses NCCL.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The f-divergence family of f-DPO (SPEC.md section 1, thesis chapter 2).
+"""The f-divergence family of f-DPO (docs/methods.md section 1, thesis chapter 2).
 
 Every function takes *log-ratios* rather than ratios, so that the extreme values met in training
 (sequence log-ratios of hundreds of nats) never overflow:
@@ -6,7 +6,7 @@ Every function takes *log-ratios* rather than ratios, so that the extreme values
 * ``logu = log pi_theta(y|x) - log pi_ref(y|x)`` (``u = exp(logu)``), the argument of ``f`` and ``f'``;
 * ``logt = -logu`` (``t = pi_ref / pi_theta``), the argument of the perspective ``g(t) = t f(1/t)``.
 
-Conventions (decided in SPEC.md):
+Conventions (docs/methods.md, section 1):
 
 * ``alpha`` follows the thesis: ``f(u) = (u^(1-a) - (1-a) u - a) / (a (a - 1))`` with ``0 < a < 1``;
   ``a -> 0`` gives reverse KL, ``a -> 1`` forward KL. TRL's ``f_alpha_divergence_coef`` uses the

@@ -102,7 +102,7 @@ def preference_loss(
 def preference_ece(
     chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, beta: float, n_bins: int = 10
 ) -> torch.Tensor:
-    """Expected calibration error of the implied preference probabilities (SPEC.md section 1).
+    """Expected calibration error of the implied preference probabilities (docs/methods.md section 1).
 
     ``p = sigma(beta * (s_w - s_l))`` is the model's probability that the chosen completion wins. The
     predicted label is "chosen" when ``p > 0.5`` (then it is correct, since the data says chosen wins),
@@ -121,7 +121,7 @@ def preference_ece(
 
 
 # ------------------------------------------------------------------------------------------------
-# Multi-sample preference optimisation (thesis chapter 3, SPEC.md section 2)
+# Multi-sample preference optimisation (thesis chapter 3, docs/methods.md section 2)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +179,7 @@ def mipo_loss(chosen: GroupStats, rejected: GroupStats, beta: float, unbiased: b
 
 
 # ------------------------------------------------------------------------------------------------
-# MMD penalties for causal reward models (thesis chapter 4, SPEC.md section 3)
+# MMD penalties for causal reward models (thesis chapter 4, docs/methods.md section 3)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""MMD^2 (SPEC.md section 3): unbiasedness, the Gaussian closed form, symmetry, gradients, bins."""
+"""MMD^2 (docs/methods.md section 3): unbiasedness, the Gaussian closed form, symmetry, gradients, bins."""
 
 import math
 

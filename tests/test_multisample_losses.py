@@ -1,4 +1,4 @@
-"""mDPO / mIPO estimators (SPEC.md section 2): group statistics and Monte Carlo checks of Proposition 1."""
+"""mDPO / mIPO estimators (docs/methods.md section 2): group statistics and Monte Carlo checks of Proposition 1."""
 
 import math
 

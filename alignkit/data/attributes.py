@@ -1,4 +1,4 @@
-"""Spurious attributes Z and their bins, for causal reward models (thesis chapter 4, SPEC.md section 3).
+"""Spurious attributes Z and their bins, for causal reward models (thesis chapter 4, docs/methods.md section 3).
 
 An attribute is read from a dataset column (numeric or categorical) or computed from a completion by a
 built-in extractor: ``length`` (characters, or tokens with a tokenizer) or ``regex:PATTERN`` (1 when the

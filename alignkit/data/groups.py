@@ -1,4 +1,4 @@
-"""Group preference data for mDPO / mIPO (thesis chapter 3, SPEC.md section 2).
+"""Group preference data for mDPO / mIPO (thesis chapter 3, docs/methods.md section 2).
 
 A group row holds one ``prompt``, a list of ``chosen`` completions and a list of ``rejected``
 completions, plain text or conversational (lists of chat messages). The two groups may differ in size,

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the thesis (SPEC.md section 4), as plain functions on texts, numbers and tensors.
+"""Evaluation metrics of the thesis (docs/methods.md section 4), as plain functions on texts, numbers and tensors.
 
 Conventions (decided here, stated once):
 
@@ -120,7 +120,7 @@ def number_uniformity(numbers: Sequence[int | None], low: int, high: int) -> dic
 
 
 def win_rate_score(scores: Sequence[float], other_scores: Sequence[float]) -> float:
-    """`50 + (wins - losses) / N * 100` of paired scores, as SPEC.md gives it (thesis 4.6.2): 50 when wins and
+    """`50 + (wins - losses) / N * 100` of paired scores, as docs/methods.md gives it (thesis 4.6.2): 50 when wins and
     losses balance, 150 when always better, -50 when always worse."""
     if len(scores) != len(other_scores) or not scores:
         raise ValueError("win rate needs two equally long, non-empty lists of paired scores.")

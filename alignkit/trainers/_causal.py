@@ -1,6 +1,6 @@
 """What the causal reward model and Causal DPO share: the config fields of the MMD penalty, the attribute
 bins computed from the raw dataset and carried to the batch as `z_bins`, the bin-balanced sampler, and the
-penalty itself (SPEC.md section 3; thesis 4.4 and 4.8)."""
+penalty itself (docs/methods.md section 3; thesis 4.4 and 4.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Causal reward models: Bradley-Terry reward models with an MMD penalty (thesis chapter 4, SPEC.md section 3).
+"""Causal reward models: Bradley-Terry reward models with an MMD penalty (thesis chapter 4, docs/methods.md section 3).
 
     L = -E log sigma(r(x, y_w) - r(x, y_l)) + mmd_coef * sum_{m < m'} MMD^2(P_m, P_m')
 

@@ -1,4 +1,4 @@
-"""f-DPO: DPO under an f-divergence constraint (thesis chapter 2, SPEC.md section 1)."""
+"""f-DPO: DPO under an f-divergence constraint (thesis chapter 2, docs/methods.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mDPO / mIPO: preference optimisation over groups of samples (thesis chapter 3, SPEC.md section 2)."""
+"""mDPO / mIPO: preference optimisation over groups of samples (thesis chapter 3, docs/methods.md section 2)."""
 
 from __future__ import annotations
 

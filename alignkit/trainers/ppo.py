@@ -1,4 +1,4 @@
-"""PPO with f-divergence penalties (thesis 2.6.1, SPEC.md section 1), driven by (causal) reward models.
+"""PPO with f-divergence penalties (thesis 2.6.1, docs/methods.md section 1), driven by (causal) reward models.
 
 TRL removed its PPOTrainer in 1.13. This one keeps the constructor and config fields of TRL's former
 `trl.experimental.ppo.PPOTrainer` (policy, ref_model, reward_model, value_model, train_dataset of prompts,
