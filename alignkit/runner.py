@@ -14,7 +14,7 @@ from typing import Any
 from ._util import first_line
 from .data.synthetic import load_builtin_dataset
 from .data.validation import (DatasetError, apply_column_mapping, check_data_file, iter_arrow, iter_rows,
-                              locate_json_error)
+                              locate_json_error, text_columns)
 from .models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_head, resolve_model_path
 from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
@@ -87,9 +87,9 @@ def _load_split(recipe: Recipe, split: str):
         ) from None
 
 
-def load_datasets(recipe: Recipe, with_reports: bool = False):
-    """Return ``(train_dataset, eval_dataset_or_None)``, mapped and validated row by row (and, with
-    ``with_reports``, the validators' warnings as a third element)."""
+def load_datasets(recipe: Recipe):
+    """Return ``(train_dataset, eval_dataset_or_None, warnings)``: mapped, and checked row by row (the
+    validators' warnings, e.g. rows with identical chosen and rejected, as one line each)."""
     ds = recipe.dataset
     train = _load_split(recipe, ds.train_split)
     eval_ = None
@@ -116,20 +116,17 @@ def load_datasets(recipe: Recipe, with_reports: bool = False):
     warnings = list(check(train, "train dataset").warnings)
     if eval_ is not None:
         warnings += check(eval_, "eval dataset").warnings
-    return (train, eval_, warnings) if with_reports else (train, eval_)
+    return train, eval_, warnings
 
 
 def load_tokenizer(recipe: Recipe):
     """The policy's tokenizer, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    m = recipe.model
+    m = recipe.model  # check_models (run first by preflight) has checked the folder and its tokenizer files
     try:
-        check_model_source(m.name_or_path, "model.name_or_path", need_tokenizer=True, revision=m.revision)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(m.name_or_path),
                                                   trust_remote_code=m.trust_remote_code, revision=m.revision)
-    except ModelError as exc:
-        raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.name_or_path: could not load the tokenizer of {m.name_or_path!r}: "
                           f"{first_line(exc)}") from None
@@ -502,9 +499,7 @@ def count_overlong(recipe: Recipe, config, tokenizer, dataset) -> tuple[int, int
         return len(tokenizer.apply_chat_template(value, tokenize=False).encode()) if value else 0
 
     candidates: list[int] = []  # rows whose size could reach the limit
-    from .data.validation import _text_columns
-
-    if _text_columns(dataset, cols):
+    if text_columns(dataset, cols):
         import pyarrow.compute as pc
 
         for offset, batch in iter_arrow(dataset, cols):
@@ -568,7 +563,7 @@ def preflight(recipe: Recipe) -> Preflight:
     resume_from = _plan_output(recipe, config)
     check_models(recipe)
     tokenizer = load_tokenizer(recipe)
-    train_ds, eval_ds, warnings = load_datasets(recipe, with_reports=True)
+    train_ds, eval_ds, warnings = load_datasets(recipe)
     if eval_ds is None and config.eval_strategy != "no":
         raise RecipeError(f"eval_strategy is {getattr(config.eval_strategy, 'value', config.eval_strategy)!r} but the "
                           "dataset section names no eval split; "

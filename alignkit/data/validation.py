@@ -16,7 +16,8 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 
 __all__ = ["DatasetError", "DataReport", "validate_preference_dataset", "validate_prompt_dataset",
-           "apply_column_mapping", "check_data_file", "locate_json_error", "iter_rows", "iter_arrow", "value_kind"]
+           "apply_column_mapping", "check_data_file", "locate_json_error", "iter_rows", "iter_arrow", "text_columns",
+           "value_kind"]
 
 #: rows read per batch when streaming a dataset through the checks
 BATCH_ROWS = 2048
@@ -117,7 +118,7 @@ def iter_rows(dataset, columns: list[str]):
             i += 1
 
 
-def _text_columns(dataset, columns: list[str]) -> bool:
+def text_columns(dataset, columns: list[str]) -> bool:
     """Whether every one of ``columns`` is a plain string column (then the checks run on Arrow arrays)."""
     from datasets import Value
 
@@ -203,7 +204,7 @@ def validate_preference_dataset(dataset, where: str = "dataset", required=("chos
     cols = [c for c in ("prompt", *required) if c in names]
     report = DataReport()
     kind = None
-    if _text_columns(dataset, cols):
+    if text_columns(dataset, cols):
         _check_text_columns(dataset, where, cols, tuple(required), report)
         kind = "text"
     else:
@@ -227,7 +228,7 @@ def validate_prompt_dataset(dataset, where: str = "dataset") -> DataReport:
                            "e.g. columns: {prompt: question}.")
     report = DataReport()
     kind = None
-    if "prompt" in names and _text_columns(dataset, ["prompt"]):
+    if "prompt" in names and text_columns(dataset, ["prompt"]):
         _check_text_columns(dataset, where, ["prompt"], ("prompt",), report)
     elif "prompt" in names:
         for i, row in iter_rows(dataset, ["prompt"]):
