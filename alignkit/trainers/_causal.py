@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+from trl.data_utils import get_dataset_column_names
 
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
@@ -26,7 +27,8 @@ class CausalPenaltyArguments:
         mmd_coef (`float`): weight `lambda` of the penalty (thesis sweeps 0.1 to 100). `0` turns it off.
         attributes (`list[str]`, defaults to `["length"]`): the spurious attribute(s) `Z`: a column name (a
             per-row column, or `chosen_<name>`/`rejected_<name>` per completion), `length` (tokens),
-            `length:chars`, or `regex:PATTERN` (presence). Several are binned jointly.
+            `length:chars`, or `regex:PATTERN` (presence). Several are binned jointly. With `mmd_coef: 0` it
+            may be empty (or None): no bins are computed at all.
         attribute_kind (`str`, *optional*): `numeric` or `categorical` for column attributes (default: guessed).
         num_bins (`int`, defaults to `10`): bins per numeric attribute (thesis: 10, 20, 30).
         binning (`str`, defaults to `"quantile"`): `quantile` or `equal_width`.
@@ -53,7 +55,9 @@ class CausalPenaltyArguments:
         if self.mmd_coef < 0:
             raise ValueError(f"mmd_coef must be >= 0, got {self.mmd_coef}.")
         if not self.attributes:
-            raise ValueError("attributes must name at least one spurious attribute.")
+            if self.mmd_coef > 0:
+                raise ValueError("attributes must name at least one spurious attribute.")
+            self.attributes = []  # no penalty and no attribute: the plain TRL trainer, no bins computed
         for a in self.attributes:  # validates binning, kind, n_bins and regexes early
             self.attribute_spec(a)
 
@@ -127,13 +131,17 @@ class AttributeBinsMixin:
         return (args or self.args).mmd_coef > 0
 
     def _add_bins_if_needed(self, dataset, processing_class, args, dataset_name):
-        names = dataset.column_names or []
-        if "chosen_ids" in names or any(c in names for c in BIN_COLUMNS):
+        if not args.attributes:  # only allowed with mmd_coef 0
+            return dataset
+        # TRL's helper reads the first row of an IterableDataset whose column names are unknown (None)
+        names = get_dataset_column_names(dataset)
+        # already tokenized (TRL's `*_ids` columns, or the legacy `*_input_ids` ones it renames): no raw text
+        if "chosen_ids" in names or "chosen_input_ids" in names or any(c in names for c in BIN_COLUMNS):
             return dataset
         return self._add_bins(dataset, processing_class, args, dataset_name)
 
     def _attribute_values(self, dataset, processing_class, args):
-        names = dataset.column_names
+        names = get_dataset_column_names(dataset)
         needed = {"chosen", "rejected"} | {c for a in args.attributes for c in (a, f"chosen_{a}", f"rejected_{a}")
                                            if c in names}
         rows = dataset.select_columns([c for c in names if c in needed]).to_list()

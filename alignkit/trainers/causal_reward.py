@@ -28,7 +28,9 @@ class CausalRewardConfig(CausalPenaltyArguments, RewardConfig):
 
     Parameters:
         mmd_coef (`float`, defaults to `1.0`): weight `lambda` of the penalty (thesis sweeps 0.1 to 100).
-            `0` is exactly TRL's RewardTrainer.
+            `0` is exactly TRL's RewardTrainer (same data, loss, gradients and metrics), which also logs the
+            attribute metrics `mmd/spearman_reward_bin` and `reward_by_bin/*` for comparison, unless
+            `attributes: []` (no bins computed at all).
         attributes, attribute_kind, num_bins, binning, conditional, mmd_bandwidths, bin_balanced_sampler:
             the spurious attribute(s), their bins and the kernel; see `CausalPenaltyArguments` (shared with
             `FDPOConfig`, where they give Causal DPO).
