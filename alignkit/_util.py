@@ -10,3 +10,7 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+class AlignkitWarning(UserWarning):
+    """Warnings alignkit raises about a user's configuration (printed as one line by the CLI)."""

@@ -155,7 +155,9 @@ def _one_line_warnings() -> None:
     package = os.path.dirname(os.path.abspath(__file__))
 
     def formatwarning(message, category, filename, lineno, line=None):
-        if os.path.abspath(filename).startswith(package):
+        from ._util import AlignkitWarning
+
+        if issubclass(category, AlignkitWarning) or os.path.abspath(filename).startswith(package):
             return f"[alignkit] warning: {message}\n"
         return default(message, category, filename, lineno, line)
 

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from alignkit._util import AlignkitWarning
 import yaml
 
 from alignkit.cli import main
@@ -73,9 +75,18 @@ def test_more_bad_inputs(tmp_path, capsys):
     assert "does not exist" in _error(capsys, ["train", str(tmp_path / "nope.yaml")])
     assert "unknown method 'fdp'" in _error(capsys, ["validate", _recipe(tmp_path, BASE.replace("fdpo", "fdp"))])
     assert "beta must be a number" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "beta: lots\n")])
-    assert "f_divergence_type" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "f_divergence_type: forward_kl\n")])
+    assert "disagree" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "divergence: jsd\nf_divergence_type: forward_kl\n")])
     assert "expected key=value" in _error(capsys, ["validate", QUICKSTART, "--set", "beta"])
     assert "unknown key 'peft.rank'" in _error(capsys, ["validate", _recipe(tmp_path, BASE + "peft: {rank: 4}\n")])
+
+
+def test_trl_divergence_fields_and_a_leftover_alpha_are_warnings(tmp_path, capsys):
+    recipe = _recipe(tmp_path, BASE + "f_divergence_type: alpha_divergence\nf_alpha_divergence_coef: 0.7\n")
+    with pytest.warns(AlignkitWarning, match="read as divergence='alpha', alpha=0.3"):
+        assert main(["validate", recipe]) == 0
+    recipe = _recipe(tmp_path, BASE + "divergence: alpha\nalpha: 0.3\n")  # a sweep sets divergence=jsd
+    with pytest.warns(AlignkitWarning, match="alpha=0.3 is ignored"):
+        assert main(["validate", recipe, "--set", "divergence=jsd"]) == 0
 
 
 def test_validate_and_set_overrides(capsys, tmp_path, monkeypatch):

@@ -99,20 +99,51 @@ def test_lora_and_gradient_accumulation_train(make_model, tokenizer, pair_datase
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(f_divergence_type="forward_kl"), "divergence: forward_kl"),
-        (dict(divergence="jsd", f_divergence_type="js_divergence"), "must not be set too"),
-        (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3), "alpha: 0.7"),
+        (dict(divergence="forward_kl", f_divergence_type="js_divergence"), "disagree"),
+        (dict(divergence="alpha", alpha=0.5, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+         "disagree"),
         (dict(divergence="total_variation"), "Theorem 1"),
-        (dict(divergence="alpha"), "needs a value for alpha"),
         (dict(divergence="alpha", alpha=1.2), "strictly between 0 and 1"),
-        (dict(divergence="jsd", alpha=0.5), "only used with `divergence: alpha`"),
-        (dict(loss_type="bco_pair"), "not supported by FDPOTrainer"),
-        (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(divergence="jsd", loss_type="bco_pair"), "no f-divergence form"),
+        (dict(divergence="alpha", loss_type=["sigmoid", "apo_zero"]), "no f-divergence form"),
+        (dict(loss_type="kto"), "not a DPO loss type"),
+        (dict(loss_type="exo_pair"), "label_smoothing in \\(0, 1\\)"),
+        (dict(loss_type="aot", use_weighting=True), "use_weighting"),
     ],
 )
 def test_config_refuses_invalid_combinations(kwargs, match, tmp_path):
     with pytest.raises((ValueError, UnsupportedDivergenceError), match=match):
         FDPOConfig(output_dir=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "trl_fields,ours",
+    [
+        (dict(f_divergence_type="forward_kl"), dict(divergence="forward_kl", alpha=None)),
+        (dict(f_divergence_type="js_divergence"), dict(divergence="jsd", alpha=None)),
+        (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.7), dict(divergence="alpha", alpha=0.3)),
+        (dict(f_divergence_type="alpha_divergence"), dict(divergence="alpha", alpha=0.5)),
+    ],
+)
+def test_trl_divergence_fields_are_translated_with_one_warning(trl_fields, ours, tmp_path):
+    with pytest.warns(UserWarning, match="read as divergence") as record:
+        args = FDPOConfig(output_dir=str(tmp_path), **trl_fields)
+    ours_warnings = [str(w.message) for w in record if "read as divergence" in str(w.message)]
+    assert len(ours_warnings) == 1
+    if ours["divergence"] == "alpha":
+        assert "alpha = 1 - f_alpha_divergence_coef" in ours_warnings[0]
+    assert args.divergence == ours["divergence"]
+    assert args.alpha == pytest.approx(ours["alpha"]) if ours["alpha"] is not None else args.alpha is None
+    # TRL's fields mirror ours afterwards (and agreeing fields are not an error)
+    FDPOConfig(output_dir=str(tmp_path), divergence=args.divergence, alpha=args.alpha,
+               f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef)
+
+
+def test_alpha_defaults_to_one_half_and_is_ignored_with_a_warning_elsewhere(tmp_path):
+    assert FDPOConfig(output_dir=str(tmp_path), divergence="alpha").alpha == 0.5
+    with pytest.warns(UserWarning, match="alpha=0.3 is ignored"):
+        args = FDPOConfig(output_dir=str(tmp_path), divergence="jsd", alpha=0.3)
+    assert args.divergence == "jsd" and args.alpha is None
 
 
 def test_trainer_wants_an_fdpo_config(make_model, tokenizer, pair_dataset, tmp_path):

@@ -1,5 +1,7 @@
 """Pure loss functions: numerical safety, hand-computed values, calibration error."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,3 +88,61 @@ def test_ece_of_a_perfectly_calibrated_predictor_is_small():
     assert preference_ece(logit, torch.zeros_like(logit), beta=1.0).item() < 0.01
     # and an overconfident one is not
     assert preference_ece(3 * logit, torch.zeros_like(logit), beta=1.0).item() > 0.1
+
+
+# ---- the TRL loss types and options added for drop-in use (hand-computed values) -----------------------------
+
+def test_length_desensitised_logps_by_hand():
+    from alignkit.losses import length_desensitised_logps
+
+    chosen = torch.tensor([[0.0, -1.0, -2.0, -3.0]])  # prompt token, then a 3-token completion
+    rejected = torch.tensor([[0.0, -4.0, -5.0, 0.0]])  # prompt token, a 2-token completion, padding
+    c_mask, r_mask = torch.tensor([[0, 1, 1, 1]]), torch.tensor([[0, 1, 1, 0]])
+    c, r = length_desensitised_logps(chosen, rejected, c_mask, r_mask, ld_alpha=0.5)
+    assert c.item() == pytest.approx(-1 - 2 + 0.5 * -3) and r.item() == pytest.approx(-9.0)
+    c1, _ = length_desensitised_logps(chosen, rejected, c_mask, r_mask, ld_alpha=1.0)
+    assert c1.item() == pytest.approx(-6.0)  # ld_alpha 1 is the plain sum
+
+
+def test_wpo_weight_by_hand():
+    from alignkit.losses import wpo_weights
+
+    logps = torch.tensor([[-1.0, -2.0, 0.0]])
+    log_sum_sq = torch.tensor([[-0.5, -0.5, 0.0]])
+    w = wpo_weights(logps, log_sum_sq, torch.tensor([[1, 1, 0]]))
+    assert w.item() == pytest.approx(math.exp(((-1 + 0.5) + (-2 + 0.5)) / 2))
+
+
+def test_exo_pair_is_the_kl_to_the_smoothed_label():
+    z, eps = 0.7, 0.01
+    q = torch.sigmoid(torch.tensor(z)).item()
+    kl = q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+    value = preference_loss(torch.tensor([z]), torch.tensor([0.0]), "exo_pair", beta=1.0, label_smoothing=eps)
+    assert value.item() == pytest.approx(kl, rel=1e-6)
+
+
+def test_discopop_blends_logistic_and_exponential():
+    z = torch.tensor([-3.0, 3.0])
+    value = preference_loss(z, torch.zeros(2), "discopop", beta=1.0, discopop_tau=1e-3)
+    # a tiny tau makes the mix a step: logistic for z < 0, exponential for z > 0
+    assert value.tolist() == pytest.approx([-math.log(torch.sigmoid(torch.tensor(-3.0)).item()), math.exp(-3.0)])
+
+
+def test_logratio_losses_by_hand():
+    from alignkit.losses import logratio_loss
+
+    cw, rw = torch.tensor([-1.0]), torch.tensor([-3.0])  # policy log-probs
+    cref, rref = torch.tensor([-1.5]), torch.tensor([-2.0])  # reference: log-ratios +0.5 and -1.0
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    beta = 2.0
+    expected = {
+        "bco_pair": -math.log(sig(1.0)) - math.log(sig(2.0)),
+        "nca_pair": -math.log(sig(1.0)) - 0.5 * math.log(sig(-1.0)) - 0.5 * math.log(sig(2.0)),
+        "sppo_hard": (0.5 - 0.25) ** 2 + (-1.0 + 0.25) ** 2,
+        "apo_zero": 1 - sig(1.0) + sig(-2.0),
+        "apo_down": sig(1.0) + 1 - sig(3.0),
+        "aot": -math.log(sig(beta * ((-1 + 3) - (-1.5 + 2)))),  # one pair: sorting changes nothing
+        "aot_unpaired": -math.log(sig(beta * 1.5)),
+    }
+    for loss_type, value in expected.items():
+        assert logratio_loss(cw, rw, cref, rref, loss_type, beta).item() == pytest.approx(value, rel=1e-6), loss_type

@@ -23,21 +23,65 @@ def _as_groups(pairs):
     return Dataset.from_list([{"prompt": r["prompt"], "chosen": [r["chosen"]], "rejected": [r["rejected"]]} for r in pairs])
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-@pytest.mark.parametrize("conversational", [False, True])
-def test_groups_of_one_equal_trl(loss_type, conversational, make_model, tokenizer, pair_dataset, tmp_path):
-    pairs = pair_dataset(8, conversational=conversational)
-    ours = MultiSampleDPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(),
-                                 args=MultiSampleDPOConfig(**base_args(tmp_path, loss_type=loss_type)),
-                                 train_dataset=_as_groups(pairs), processing_class=tokenizer)
-    trl = DPOTrainer(model=make_model(perturb=0.02), ref_model=make_model(),
-                     args=DPOConfig(**base_args(tmp_path, loss_type=loss_type)), train_dataset=pairs,
-                     processing_class=tokenizer)
+#: TRL options that make sense on groups, each checked with groups of one against TRL's DPOTrainer on the pairs
+GROUP_OPTIONS = {
+    "mdpo": dict(loss_type="sigmoid"),
+    "mipo": dict(loss_type="ipo"),
+    "mdpo_conversational": dict(loss_type="sigmoid", conversational=True),
+    "mipo_conversational": dict(loss_type="ipo", conversational=True),
+    "mdpo_jsd": dict(loss_type="sigmoid", divergence="jsd"),
+    "mdpo_sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "mipo_precomputed": dict(loss_type="ipo", precompute_ref_log_probs=True),
+    "mdpo_label_smoothing_ignored": dict(loss_type="sigmoid", label_smoothing=0.2),  # TRL's sigmoid ignores it too
+    "mdpo_max_length": dict(loss_type="sigmoid", max_length=12),
+    "mdpo_lora": dict(loss_type="sigmoid", lora=True),
+}
+
+
+@pytest.mark.parametrize("option", list(GROUP_OPTIONS))
+def test_groups_of_one_equal_trl(option, make_model, tokenizer, pair_dataset, tmp_path):
+    """Loss, every gradient and every metric TRL logs (rewards/* aside under JSD: see test_fdpo_trl_equivalence)."""
+    kw = dict(GROUP_OPTIONS[option])
+    pairs = pair_dataset(8, conversational=kw.pop("conversational", False))
+    peft = None
+    if kw.pop("lora", False):
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    divergence = kw.pop("divergence", "reverse_kl")
+    trl_kw = dict(kw, **({"f_divergence_type": "js_divergence"} if divergence == "jsd" else {}))
+
+    def build(cls, config_cls, out, data, **extra):
+        torch.manual_seed(0)  # the LoRA adapters start the same in both
+        return cls(model=make_model(perturb=0.02), ref_model=None if peft else make_model(),
+                   args=config_cls(**base_args(out, **extra)), train_dataset=data, processing_class=tokenizer,
+                   peft_config=peft)
+
+    ours = build(MultiSampleDPOTrainer, MultiSampleDPOConfig, tmp_path / "ours", _as_groups(pairs),
+                 divergence=divergence, **kw)
+    trl = build(DPOTrainer, DPOConfig, tmp_path / "trl", pairs, **trl_kw)
     (l1, g1), (l2, g2) = _grads_after_one_batch(ours), _grads_after_one_batch(trl)
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
-    assert g1.keys() == g2.keys()
+    assert g1.keys() == g2.keys() and g1
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-6, msg=k)
+    m1, m2 = ours._metrics["train"], trl._metrics["train"]
+    assert set(m2) <= set(m1)
+    for key in m2:
+        if divergence == "reverse_kl" or not key.startswith("rewards/"):
+            assert m1[key] == pytest.approx(m2[key], rel=0, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss_type="hinge"), "no group form"),
+    (dict(loss_type=["sigmoid", "bco_pair"]), "no group form"),
+    (dict(use_weighting=True), "WPO"),
+    (dict(ld_alpha=0.5), "LD-DPO"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], nll_weight=0.3), "set one of them"),
+])
+def test_options_without_a_group_form_are_refused_with_the_reason(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        MultiSampleDPOConfig(**base_args(tmp_path, **kwargs))
 
 
 def test_unequal_and_varying_group_sizes_train_with_accumulation(make_model, tokenizer, tmp_path):
@@ -97,11 +141,6 @@ def test_bad_group_rows(row, match, make_model, tokenizer, tmp_path):
     with pytest.raises(DatasetError, match=match):
         MultiSampleDPOTrainer(model=make_model(), ref_model=make_model(), args=MultiSampleDPOConfig(**base_args(tmp_path)),
                               train_dataset=Dataset.from_list([row]), processing_class=tokenizer)
-
-
-def test_loss_type_restricted(tmp_path):
-    with pytest.raises(ValueError, match="'sigmoid' \\(mDPO\\) or 'ipo' \\(mIPO\\)"):
-        MultiSampleDPOConfig(**base_args(tmp_path, loss_type="hinge"))
 
 
 def test_groups_are_never_split_across_two_data_parallel_processes(tmp_path):

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import Sampler
 from trl.data_utils import get_dataset_column_names
 
+from . import _trl
+
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
 from ..losses import BinnedMMD, binned_mmd_penalty
@@ -174,7 +176,7 @@ class AttributeBinsMixin:
         return dataset.add_column(BIN_COLUMNS[0], chosen).add_column(BIN_COLUMNS[1], rejected)
 
     def _add_bin_signature_columns(self):
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *BIN_COLUMNS]))
+        _trl.add_signature_columns(self, BIN_COLUMNS)
 
     def _bin_balanced_sampler(self):
         """The bin-balanced sampler when it applies, else None (Trainer's random sampler)."""
@@ -207,7 +209,7 @@ class AttributeBinsMixin:
             groups = self.accelerator.gather(groups)
         out = binned_mmd_penalty(values, bins, self.args.mmd_bandwidths,
                                  groups=groups if self.args.conditional else None)
-        m = self._metrics[mode]  # the same global figures on every rank: no gather needed
+        m = _trl.metrics(self, mode)  # the same global figures on every rank: no gather needed
         m["mmd/penalty"].append(out.penalty.item())
         m["mmd/bins_used"].append(out.bins_used)
         m["mmd/bins_skipped"].append(out.bins_skipped)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import RewardConfig, RewardTrainer
 
+from . import _trl
 from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
@@ -67,7 +68,9 @@ class CausalRewardTrainer(AttributeBinsMixin, ConfigResolverMixin, RewardTrainer
         self.binner = None  # fitted on the training set in _prepare_dataset
         self._window: dict[str, list] = {"train": [], "eval": []}
         self._eval_prefix = "eval"
+        _trl.require()
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
+        _trl.require(self)
         self.data_collator = CollatorWithBins(self.data_collator)
         if self.model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output; this model has num_labels={self.model.config.num_labels}.")
@@ -135,10 +138,10 @@ class CausalRewardTrainer(AttributeBinsMixin, ConfigResolverMixin, RewardTrainer
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         for key, value in self._window_metrics(mode).items():
-            self._metrics[mode][key] = [value]
+            _trl.metrics(self, mode)[key] = [value]
         if mode == "eval" and self._eval_prefix != "eval":
-            logs.update({f"{self._eval_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
-            self._metrics[mode].clear()
+            logs.update({f"{self._eval_prefix}_{k}": sum(v) / len(v) for k, v in _trl.metrics(self, mode).items() if v})
+            _trl.metrics(self, mode).clear()
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from .._util import AlignkitWarning
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
 from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
-from ..losses import FDPO_LOSS_TYPES, fdpo_scores, preference_ece, preference_loss
+from ..losses import (LOGRATIO_LOSS_TYPES, SCORE_DIFFERENCE_LOSS_TYPES, fdpo_scores, length_desensitised_logps,
+                      logratio_loss, preference_ece, preference_loss, wpo_weights)
+from . import _trl
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
+
+_TRL_VERSION = _trl.TRL_VERSION
 
 
 @dataclass
@@ -27,9 +33,10 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
         divergence (`str`, defaults to `"reverse_kl"`):
             One of `reverse_kl` (plain DPO), `forward_kl`, `jsd`, `alpha`. TRL's names
             (`js_divergence`, `alpha_divergence`) are accepted as aliases.
-        alpha (`float`, *optional*):
+        alpha (`float`, *optional*, defaults to `0.5` with `divergence="alpha"`):
             For `divergence="alpha"`: alpha in (0, 1) in the thesis' convention
-            (`f(u) = (u^(1-a) - (1-a)u - a)/(a(a-1))`); TRL's `f_alpha_divergence_coef = 1 - alpha`.
+            (`f(u) = (u^(1-a) - (1-a)u - a)/(a(a-1))`); TRL's `f_alpha_divergence_coef = 1 - alpha`. Ignored
+            (with a warning) under another divergence.
         max_link_exponent (`float`, defaults to `20.0`):
             The exponentials inside the forward-KL and alpha links are continued linearly above this
             exponent, so extreme log-ratios give a finite loss and finite gradients. The fraction of
@@ -40,8 +47,10 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
             of the spurious attribute(s). `attributes`, `num_bins`, `binning`, `conditional`,
             `mmd_bandwidths` and `bin_balanced_sampler` mean what they mean in `CausalRewardConfig`.
 
-    TRL's own `f_divergence_type` / `f_alpha_divergence_coef` must stay at their defaults: set
-    `divergence` / `alpha` instead.
+    Every other `DPOConfig` field means what it means in TRL (README, "Every TRL option works", lists which loss type
+    works with which divergence). TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are translated into
+    `divergence` / `alpha` (with a warning stating `alpha = 1 - f_alpha_divergence_coef`); after construction they
+    mirror `divergence` / `alpha`. Setting both TRL's and alignkit's fields to different divergences is an error.
     """
 
     divergence: str = field(
@@ -61,38 +70,73 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
         check_ranges(self, TRAINING_RULES, PREFERENCE_RULES, CAUSAL_RULES)
         default_precision_for_this_machine(self)
         super().__post_init__()
-        if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:
-            hint = ""
-            if self.f_divergence_type == "alpha_divergence":
-                hint = f" (f_alpha_divergence_coef={self.f_alpha_divergence_coef} is alpha: {1 - self.f_alpha_divergence_coef:g})"
-            raise ValueError(
-                "FDPOConfig takes the divergence from `divergence`/`alpha`; TRL's `f_divergence_type`/"
-                "`f_alpha_divergence_coef` must not be set too. Remove them and set "
-                f"`divergence: {_trl_to_ours(self.f_divergence_type)}`{hint}."
-            )
-        canonical = get_divergence(self.divergence, self.alpha if self.divergence in ("alpha", "alpha_divergence") else 0.5)
-        if canonical.name != "alpha" and self.alpha is not None:
-            raise UnsupportedDivergenceError(
-                f"`alpha` is only used with `divergence: alpha`, but divergence is {self.divergence!r}. "
-                "Remove `alpha` or set `divergence: alpha`."
-            )
-        self.divergence = canonical.name
-        unsupported = [t for t in self.loss_type if t not in FDPO_LOSS_TYPES + ("sft",)]
-        if unsupported:
-            raise ValueError(
-                f"loss_type {unsupported} is not supported by FDPOTrainer: the f-DPO link is only meaningful "
-                f"for losses of the chosen-minus-rejected score difference. Use one of "
-                f"{', '.join(FDPO_LOSS_TYPES)} (optionally combined with 'sft'), or TRL's DPOTrainer."
-            )
-        if self.ld_alpha is not None:
-            raise ValueError("`ld_alpha` (LD-DPO) is not supported by FDPOTrainer; remove it or use DPOTrainer.")
-        if self.use_weighting:
-            raise ValueError("`use_weighting` (WPO) is not supported by FDPOTrainer; remove it or use DPOTrainer.")
+        self._resolve_divergence()
+        self._check_loss_types()
         self._check_causal_fields()
+
+    def _resolve_divergence(self):
+        """`divergence`/`alpha`, TRL's `f_divergence_type`/`f_alpha_divergence_coef` translated into them, and
+        TRL's fields mirrored back (so TRL code reading them, and a saved config, agree with the trainer)."""
+        trl_name = str(getattr(self.f_divergence_type, "value", self.f_divergence_type))
+        if trl_name != "reverse_kl":
+            translated = _trl_to_ours(trl_name)
+            trl_alpha = 1.0 - self.f_alpha_divergence_coef if translated == "alpha" else None
+            given = f"f_divergence_type={trl_name!r}" + (
+                f", f_alpha_divergence_coef={self.f_alpha_divergence_coef:g}" if trl_alpha is not None else "")
+            ours = get_divergence(self.divergence, 0.5).name
+            if ours == "reverse_kl" and self.alpha is None:
+                warnings.warn(
+                    f"FDPOConfig: TRL's {given} read as divergence={translated!r}"
+                    + (f", alpha={trl_alpha:g} (alignkit's alpha = 1 - f_alpha_divergence_coef)" if trl_alpha is not None
+                       else "") + ".", AlignkitWarning, stacklevel=4)
+                self.divergence, self.alpha = translated, trl_alpha
+            elif ours != get_divergence(translated, 0.5).name or (
+                    trl_alpha is not None and self.alpha is not None and abs(self.alpha - trl_alpha) > 1e-12):
+                mine = f"divergence={self.divergence!r}" + (f", alpha={self.alpha:g}" if self.alpha is not None else "")
+                raise ValueError(
+                    f"FDPOConfig got both TRL's {given} and {mine}, which disagree (alignkit's alpha = 1 - "
+                    "f_alpha_divergence_coef). Set only `divergence`/`alpha`.")
+        canonical_name = get_divergence(self.divergence, 0.5).name
+        if canonical_name == "alpha":
+            if self.alpha is None:
+                self.alpha = 0.5
+        elif self.alpha is not None:
+            warnings.warn(
+                f"FDPOConfig: alpha={self.alpha:g} is ignored: it is only used with divergence='alpha', and divergence "
+                f"is {self.divergence!r}.", AlignkitWarning, stacklevel=4)
+            self.alpha = None
+        canonical = get_divergence(self.divergence, self.alpha if canonical_name == "alpha" else 0.5)
+        self.divergence = canonical.name
+        self.f_divergence_type = _ours_to_trl(canonical.name)
+        self.f_alpha_divergence_coef = 1.0 - self.alpha if canonical.name == "alpha" else 0.5
+
+    def _check_loss_types(self):
+        known = SCORE_DIFFERENCE_LOSS_TYPES + LOGRATIO_LOSS_TYPES + ("sft",)
+        unknown = [t for t in self.loss_type if t not in known]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is not a DPO loss type of TRL {_TRL_VERSION}; use any of "
+                             f"{', '.join(known)}.")
+        per_sequence = [t for t in self.loss_type if t in LOGRATIO_LOSS_TYPES]
+        if per_sequence and self.divergence != "reverse_kl":
+            raise ValueError(
+                f"loss_type {per_sequence} reads the chosen and rejected log-ratios one at a time, and under "
+                f"divergence {self.divergence!r} the implicit reward of a single completion is only known up to a "
+                "per-prompt constant (only the chosen-minus-rejected difference is determined), so it has no "
+                "f-divergence form. Use it with divergence: reverse_kl, or use one of "
+                f"{', '.join(SCORE_DIFFERENCE_LOSS_TYPES)}.")
+        if "exo_pair" in self.loss_type and not 0.0 < self.label_smoothing < 1.0:
+            raise ValueError("loss_type exo_pair needs label_smoothing in (0, 1); the EXO paper uses 1e-3.")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
+            raise ValueError("use_weighting (WPO) cannot be combined with loss_type aot/aot_unpaired: those sort the "
+                             "pairs over the batch, so a pair's weight would not multiply its own loss.")
 
 
 def _trl_to_ours(name: str) -> str:
     return {"js_divergence": "jsd", "alpha_divergence": "alpha"}.get(name, name)
+
+
+def _ours_to_trl(name: str) -> str:
+    return {"jsd": "js_divergence", "alpha": "alpha_divergence"}.get(name, name)
 
 
 class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
@@ -142,7 +186,9 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
         self.binner = None  # Causal DPO: fitted on the training set in _prepare_dataset
+        _trl.require()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
+        _trl.require(self)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         if self._causal_enabled():
             self.data_collator = CollatorWithBins(self.data_collator)
@@ -192,16 +238,17 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
     # and alpha scores overflow (1 - exp(-logr) is -inf for logr = -1e4); it also has no hook between
     # the log-probs and the loss. We reuse TRL's fused-LM-head forward and `compute_ref_log_probs` (so
     # PEFT adapters, a separate reference and precomputed reference log-probs all work as in TRL) and
-    # take the scores and the loss from alignkit.losses. TRL's metric names are kept.
+    # take the scores and every loss type from alignkit.losses. TRL's metric names are kept.
     # ------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         fwd = self._forward_logps(model, inputs)
-        loss, per_pair = self._fdpo_loss(fwd, inputs)
-        if self.aux_loss_enabled:
+        loss, stats = self._preference_loss(fwd, inputs)
+        if self.aux_loss_enabled:  # Mixture-of-Experts load-balancing loss, as TRL adds it
+            stats["aux_loss"] = fwd["outputs"].aux_loss.detach()
             loss = loss + self.router_aux_loss_coef * fwd["outputs"].aux_loss
         self._check_finite(loss, fwd)
-        self._log_step_metrics(mode, fwd, inputs, per_pair)
+        self._log_step_metrics(mode, fwd, stats)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**fwd["model_kwargs"])
@@ -212,7 +259,10 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
     _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "z_bins"})
 
     def _forward_logps(self, model, inputs) -> dict[str, Any]:
-        """Policy forward (fused LM head) and reference log-probs, summed over completion tokens."""
+        """Policy forward (fused LM head) and reference log-probs, summed over completion tokens.
+
+        Returns the per-sequence values of a batch laid out as [chosen; rejected], with `is_chosen` marking
+        the chosen sequences (subclasses lay out groups the same way, with sides of different sizes)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -224,11 +274,17 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         seq_len = shift_mask.size(1)
         # prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens
         per_token_logps = outputs.log_probs[:, -seq_len:]
-        logps = per_token_logps.sum(dim=1)
+        if self.ld_alpha is None:
+            logps = per_token_logps.sum(dim=1)
+        else:  # LD-DPO: the longer completion's tail beyond the shorter one's length is down-weighted
+            halves = zip(per_token_logps.chunk(2, dim=0), shift_mask.chunk(2, dim=0))
+            (c_tok, c_mask), (r_tok, r_mask) = halves
+            logps = torch.cat(length_desensitised_logps(c_tok, r_tok, c_mask, r_mask, self.ld_alpha))
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.dtype)
         else:
             ref_logps = self._reference_logps(model_kwargs, completion_mask)
+        n = logps.size(0)
         return {
             "outputs": outputs,
             "model_kwargs": model_kwargs,
@@ -236,32 +292,48 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
             "shift_mask": shift_mask,
             "logps": logps,
             "ref_logps": ref_logps,
+            "is_chosen": torch.arange(n, device=logps.device) < self._num_chosen_sequences(inputs, n),
             "lengths": completion_mask.sum(dim=1).to(logps.dtype),
             "num_input_tokens": inputs["attention_mask"].sum(),
         }
 
+    def _num_chosen_sequences(self, inputs, num_sequences: int) -> int:
+        return num_sequences // 2  # TRL's layout: [chosen pairs; rejected pairs]
+
     def _policy_forward(self, model, model_kwargs, labels):
-        return model(**model_kwargs, labels=labels, fused_lm_head=True)
+        return _trl.fused_forward(model, model_kwargs, labels)
 
     def _reference_logps(self, model_kwargs, completion_mask) -> torch.Tensor:
         """Reference log-probs of every sequence, through TRL's `compute_ref_log_probs` (which handles a
-        separate reference model, and a PEFT model with its adapter disabled)."""
+        separate reference model, a PEFT model with its adapter disabled, and LD-DPO's weighting)."""
         ref_model = self.ref_model if self.ref_model is not None else self.model
         ref_inputs = {k: v for k, v in model_kwargs.items() if k not in ("use_cache", "output_router_logits")}
         ref_inputs["completion_mask"] = completion_mask
         return torch.cat(self.compute_ref_log_probs(ref_model, ref_inputs))
 
-    def _fdpo_loss(self, fwd, inputs):
-        """Eq. 2.2 (and the other link-compatible losses) for a batch laid out as [chosen, rejected]."""
+    def _preference_loss(self, fwd, inputs):
+        """The loss of a batch of pairs [chosen; rejected]: each loss type of `loss_type` (weighted by
+        `loss_weights`, and by WPO's weights with `use_weighting`) on the link values of the divergence, plus
+        the Causal DPO penalty. Subclasses replace it for groups. Returns the loss and per-pair statistics."""
         logratios = fwd["logps"] - fwd["ref_logps"]
         chosen_lr, rejected_lr = logratios.chunk(2, dim=0)
         scores = fdpo_scores(chosen_lr, rejected_lr, self.divergence, self.args.max_link_exponent)
         chosen_len, rejected_len = fwd["lengths"].chunk(2, dim=0)
+        chosen_logps, rejected_logps = fwd["logps"].chunk(2, dim=0)
+        weights = None
+        if self.use_weighting:
+            seq_len = fwd["shift_mask"].size(1)
+            w = wpo_weights(fwd["per_token_logps"], fwd["outputs"].log_sum_sq_probs[:, -seq_len:], fwd["shift_mask"])
+            weights = w.chunk(2, dim=0)[0] * w.chunk(2, dim=0)[1]
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":
                 chosen_mask = fwd["shift_mask"].chunk(2, dim=0)[0].bool()
                 per_pair = -fwd["per_token_logps"].chunk(2, dim=0)[0][chosen_mask].mean().expand(chosen_lr.size(0))
+            elif loss_type in LOGRATIO_LOSS_TYPES:  # reverse KL only (FDPOConfig refuses the others)
+                ref_chosen, ref_rejected = fwd["ref_logps"].chunk(2, dim=0)
+                per_pair = logratio_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type, self.beta,
+                                         label_smoothing=self.label_smoothing)
             else:
                 per_pair = preference_loss(
                     scores.chosen,
@@ -271,7 +343,10 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
                     label_smoothing=self.label_smoothing,
                     chosen_lengths=chosen_len,
                     rejected_lengths=rejected_len,
+                    discopop_tau=self.args.discopop_tau,
                 )
+            if weights is not None:
+                per_pair = per_pair * weights
             loss = loss + per_pair.mean() * weight
         if self._causal_enabled() and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
             implicit = self.beta * torch.cat([scores.chosen, scores.rejected])
@@ -282,6 +357,8 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
             "rejected_logratios": rejected_lr.detach(),
             "chosen_link": scores.chosen.detach(),
             "rejected_link": scores.rejected.detach(),
+            "chosen_logps": chosen_logps.detach(),
+            "rejected_logps": rejected_logps.detach(),
             "num_clamped": scores.num_clamped,
         }
         return loss, stats
@@ -297,53 +374,61 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
                 "learning rate, check the data for empty completions, or use float32/bf16 instead of fp16."
             )
 
-    def _log_step_metrics(self, mode, fwd, inputs, s):
+    def _log_step_metrics(self, mode, fwd, s):
         """TRL's DPO metrics (same names) plus the f-DPO link values, clamping and calibration.
 
-        All per-batch values are gathered in two collective calls (TRL makes about a dozen).
+        Token metrics read the chosen and rejected sequences through `fwd["is_chosen"]`; per-pair metrics come
+        from the statistics `s` of `_preference_loss` (one entry per pair, or per group row). All per-batch
+        values are gathered in two collective calls (TRL makes about a dozen).
         """
         gather = self.accelerator.gather_for_metrics
         outputs, mask = fwd["outputs"], fwd["shift_mask"].bool()
         seq_len = mask.size(1)
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-        mean_logits_c, mean_logits_r = outputs.mean_logits[:, -seq_len:].detach().chunk(2, dim=0)
-        top1_c = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0]
+        is_chosen = fwd["is_chosen"].unsqueeze(1)
+        chosen_mask, rejected_mask = mask & is_chosen, mask & ~is_chosen
+        mean_logits = outputs.mean_logits[:, -seq_len:].detach()
+        top1 = outputs.is_top1[:, -seq_len:]
+        aux = s.get("aux_loss")
         sums = torch.stack(
             [
                 (outputs.entropy[:, -seq_len:].detach() * mask).sum().float(),
                 mask.sum().float(),
-                mean_logits_c[chosen_mask].sum().float(),
+                mean_logits[chosen_mask].sum().float(),
                 chosen_mask.sum().float(),
-                mean_logits_r[rejected_mask].sum().float(),
+                mean_logits[rejected_mask].sum().float(),
                 rejected_mask.sum().float(),
-                (top1_c & chosen_mask).sum().float(),
+                (top1 & chosen_mask).sum().float(),
                 s["num_clamped"].float().to(mask.device),
                 fwd["num_input_tokens"].float(),
+                (aux.float().to(mask.device) if aux is not None else mask.new_zeros((), dtype=torch.float)),
             ]
         )
-        sums = gather(sums.unsqueeze(0)).sum(0).tolist()
-        ent, n_tok, lc, n_c, lr, n_r, top1, n_clamped, n_attn = sums
+        sums = gather(sums.unsqueeze(0))
+        world = sums.size(0)
+        ent, n_tok, lc, n_c, lr, n_r, top1, n_clamped, n_attn, aux_sum = sums.sum(0).tolist()
         per_pair = torch.stack(
             [
                 s["chosen_logratios"].float(),
                 s["rejected_logratios"].float(),
                 s["chosen_link"].float(),
                 s["rejected_link"].float(),
-                *[x.detach().float() for x in fwd["logps"].chunk(2, dim=0)],
+                s["chosen_logps"].float(),
+                s["rejected_logps"].float(),
             ],
             dim=1,
         )
-        per_pair = gather(per_pair)
-        c_lr, r_lr, c_link, r_link, c_logps, r_logps = per_pair.unbind(dim=1)
+        # one row per statistic, each contiguous: its mean is reduced in the order TRL reduces it
+        per_pair = gather(per_pair).t().contiguous()
+        c_lr, r_lr, c_link, r_link, c_logps, r_logps = per_pair.unbind(dim=0)
 
-        m = self._metrics[mode]
+        m = _trl.metrics(self, mode)
         m["entropy"].append(ent / n_tok if n_tok > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += int(n_attn) // self._tp_size
-        m["num_tokens"] = [self._total_train_tokens]
+        m["num_tokens"] = [_trl.count_train_tokens(self, int(n_attn) if mode == "train" else 0)]
         m["logits/chosen"].append(lc / n_c if n_c > 0 else 0.0)
         m["logits/rejected"].append(lr / n_r if n_r > 0 else 0.0)
         m["mean_token_accuracy"].append(top1 / n_c if n_c > 0 else 0.0)
+        if aux is not None:
+            m["aux_loss"].append(aux_sum / world)
         # f-DPO's implicit reward is beta * f'(u) (Theorem 1); for reverse KL it is TRL's beta * log-ratio.
         chosen_rewards, rejected_rewards = self.beta * c_link, self.beta * r_link
         m["rewards/chosen"].append(chosen_rewards.mean().item())
@@ -366,7 +451,7 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         if pending:
             logits = torch.cat(pending)
             ece = preference_ece(logits, torch.zeros_like(logits), beta=1.0)
-            self._metrics[mode]["calibration/ece"] = [ece.item()]
+            _trl.metrics(self, mode)["calibration/ece"] = [ece.item()]
             pending.clear()
         super().log(logs, start_time)
 

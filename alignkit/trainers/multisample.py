@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import textwrap
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
 from ..losses import fdpo_scores, group_mean, group_stats, mdpo_loss, mipo_loss
+from . import _trl
 from .fdpo import FDPOConfig, FDPOTrainer
 
 __all__ = ["MultiSampleDPOConfig", "MultiSampleDPOTrainer"]
@@ -60,11 +57,26 @@ class MultiSampleDPOConfig(FDPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        types = list(self.loss_type)
+        if len(types) == 2 and types[1] == "sft" and types[0] in ("sigmoid", "ipo"):
+            # TRL's ["sigmoid", "sft"] (RPO-style NLL on the chosen side) is nll_weight on groups: the same mean
+            # per-token NLL of the chosen completions, weighted by the second loss weight.
+            weights = self.loss_weights or [1.0, 1.0]
+            if self.nll_weight and self.nll_weight != weights[1]:
+                raise ValueError(f"loss_type {types} with loss_weights {weights} sets the NLL weight to {weights[1]}, "
+                                 f"but nll_weight is {self.nll_weight}; set one of them.")
+            self.nll_weight, self.loss_type, self.loss_weights = weights[1], [types[0]], [weights[0]]
         if self.loss_type not in (["sigmoid"], ["ipo"]):
             raise ValueError(
-                f"MultiSampleDPOTrainer takes loss_type 'sigmoid' (mDPO) or 'ipo' (mIPO), got {self.loss_type}. "
-                "Add an NLL term on the chosen group with nll_weight instead of 'sft'."
-            )
+                f"MultiSampleDPOTrainer takes loss_type 'sigmoid' (mDPO) or 'ipo' (mIPO), optionally with 'sft', got "
+                f"{self.loss_type}: the other TRL loss types are defined on one pair, and alignkit has no group form "
+                "for them. Use FDPOTrainer on pairs for those.")
+        if self.use_weighting:
+            raise ValueError("use_weighting (WPO) weights a pair by the policy's probability of its two completions; it "
+                             "has no group form here. Remove it, or use FDPOTrainer on pairs.")
+        if self.ld_alpha is not None:
+            raise ValueError("ld_alpha (LD-DPO) weights tokens by the length of the other completion of a pair; it has "
+                             "no group form here. Remove it, or use FDPOTrainer on pairs.")
         if self.nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}.")
         if self.completion_sub_batch_size is not None and self.completion_sub_batch_size < 1:
@@ -138,8 +150,11 @@ class MultiSampleDPOTrainer(FDPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *pargs, **kwargs)
+        if self.aux_loss_enabled and (args.shared_prefix or args.completion_sub_batch_size):
+            raise ValueError("shared_prefix and completion_sub_batch_size do not compute a Mixture-of-Experts model's "
+                             "router (aux) loss; drop them for this model, or set router_aux_loss_coef: 0.")
         if args.shared_prefix:
-            impl = self.accelerator.unwrap_model(self.model).config._attn_implementation
+            impl = _trl.attn_implementation(self.accelerator.unwrap_model(self.model))
             if impl not in ("sdpa", "eager"):
                 raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager' (custom 4D masks); the "
                                  f"model uses {impl!r}. Load it with attn_implementation='sdpa' or drop shared_prefix.")
@@ -150,14 +165,13 @@ class MultiSampleDPOTrainer(FDPOTrainer):
     # completion starts at the common prefix of prompt and prompt+completion), using TRL's helpers.
     # ------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        from trl.data_utils import _tokenize, common_prefix_length
-
         if "prompt_ids" in (dataset.column_names or []):
             return dataset  # already tokenized (idempotent, as TRL's)
         if isinstance(dataset, IterableDataset):
             raise ValueError("MultiSampleDPOTrainer needs a map-style datasets.Dataset (group sizes are checked up front).")
         validate_group_dataset(dataset, f"{dataset_name} dataset")
-        eos = self._tokenizer.eos_token
+        eos = _trl.tokenizer_of(self).eos_token
+        _tokenize, common_prefix_length = _trl.tokenize, _trl.common_prefix_length
 
         def tokenize(example):
             conversational = isinstance(example["prompt"], list)
@@ -229,6 +243,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             "shift_mask": mask,
             "logps": logps,
             "ref_logps": ref_logps,
+            "is_chosen": torch.arange(logps.size(0), device=logps.device) < inputs["chosen_row_index"].numel(),
             "lengths": mask.sum(dim=1).to(logps.dtype),
             "num_input_tokens": inputs["packed_lengths"].sum(),
         }
@@ -237,12 +252,12 @@ class MultiSampleDPOTrainer(FDPOTrainer):
 
     def _packed_forward(self, model, inputs, fields):
         mask = inputs["attention_mask"]
-        if self.accelerator.unwrap_model(self.model).config._attn_implementation == "eager":
+        if _trl.attn_implementation(self.accelerator.unwrap_model(self.model)) == "eager":
             dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
-                    labels=labels, fused_lm_head=True, use_cache=False)
+        out = _trl.fused_forward(model, dict(input_ids=inputs["input_ids"], attention_mask=mask,
+                                             position_ids=inputs["position_ids"], use_cache=False), labels)
         return {f: getattr(out, f) for f in fields}
 
     @staticmethod
@@ -261,14 +276,12 @@ class MultiSampleDPOTrainer(FDPOTrainer):
 
     def _shared_prefix_reference(self, inputs) -> torch.Tensor:
         model = self.ref_model if self.ref_model is not None else self.model
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                adapter, self.accelerator.autocast():
+        with _trl.reference_context(self):
             packed = self._packed_forward(model, inputs, ("log_probs",))
         return self._unpack(inputs, packed)[0].sum(dim=1)
+
+    def _num_chosen_sequences(self, inputs, num_sequences: int) -> int:
+        return inputs["chosen_row_index"].numel()  # [chosen completions; rejected completions]
 
     def _policy_forward(self, model, model_kwargs, labels):
         size = self.args.completion_sub_batch_size
@@ -277,8 +290,8 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             return super()._policy_forward(model, model_kwargs, labels)
 
         def run(input_ids, attention_mask, lab):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=lab, fused_lm_head=True,
-                        use_cache=False)
+            out = _trl.fused_forward(model, dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+                                     lab)
             return out.log_probs, out.entropy, out.mean_logits, out.is_top1
 
         parts = []
@@ -308,9 +321,11 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         return torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------
-    # The loss (replaces FDPOTrainer._fdpo_loss, which pairs sequence i with sequence B + i).
+    # The loss (replaces FDPOTrainer._preference_loss, which pairs sequence i with sequence B + i).
     # ------------------------------------------------------------------------------------------
-    def _fdpo_loss(self, fwd, inputs):
+    def _preference_loss(self, fwd, inputs):
+        """mDPO / mIPO per row from the group statistics of the completions' link values; the statistics
+        returned are per row (group means), so TRL's pair metrics read as the metrics of the groups."""
         ci, ri = inputs["chosen_row_index"], inputs["rejected_row_index"]
         n_c = ci.numel()
         num_rows = int(ci.max().item()) + 1
@@ -332,58 +347,30 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         stats = {
             "chosen_logratios": group_mean(logratios[:n_c].detach(), ci, num_rows),
             "rejected_logratios": group_mean(logratios[n_c:].detach(), ri, num_rows),
-            "chosen_link": w.mean.detach(),
-            "rejected_link": l.mean.detach(),
+            # the implicit reward beta * f'(u) of each completion, averaged over its group (not length-normalised:
+            # TRL's IPO logs un-normalised rewards too)
+            "chosen_link": group_mean(s.chosen.detach(), ci, num_rows),
+            "rejected_link": group_mean(s.rejected.detach(), ri, num_rows),
+            "chosen_logps": group_mean(fwd["logps"][:n_c].detach(), ci, num_rows),
+            "rejected_logps": group_mean(fwd["logps"][n_c:].detach(), ri, num_rows),
             "num_clamped": s.num_clamped,
             "chosen_std": w.var.detach().sqrt(),
             "rejected_std": l.var.detach().sqrt(),
             "correction": (w.var / w.count + l.var / l.count).detach(),
-            "row_logps": (group_mean(fwd["logps"][:n_c].detach(), ci, num_rows),
-                          group_mean(fwd["logps"][n_c:].detach(), ri, num_rows)),
         }
         return loss, stats
 
-    def _log_step_metrics(self, mode, fwd, inputs, s):
-        # Reuse FDPO's logging on per-row group means (rewards/*, link/*, logps/*, ECE on group means)...
-        n_c = inputs["chosen_row_index"].numel()
-        row_fwd = dict(fwd)
-        row_fwd["logps"] = torch.cat(s["row_logps"])
-        # FDPO's token metrics split the batch in two halves; give it a [chosen; rejected] view of equal size.
-        row_fwd["shift_mask"], row_fwd["outputs"] = _equalise_halves(fwd["shift_mask"], fwd["outputs"], n_c)
-        super()._log_step_metrics(mode, row_fwd, inputs, s)
+    def _log_step_metrics(self, mode, fwd, s):
+        # FDPO's metrics on per-row group means (rewards/*, link/*, logps/*, ECE on group means)...
+        super()._log_step_metrics(mode, fwd, s)
         # ...plus the group statistics.
+        inputs_sizes = (fwd["is_chosen"].sum(), (~fwd["is_chosen"]).sum())
         gather = self.accelerator.gather_for_metrics
         extra = gather(torch.stack([self.beta * s["chosen_std"], self.beta * s["rejected_std"], s["correction"]], 1).float())
-        m = self._metrics[mode]
+        m = _trl.metrics(self, mode)
         m["rewards/chosen_group_std"].append(extra[:, 0].mean().item())
         m["rewards/rejected_group_std"].append(extra[:, 1].mean().item())
         m["mipo/variance_correction"].append(extra[:, 2].mean().item())
-        counts = gather(torch.tensor([[inputs["chosen_row_index"].numel(), inputs["rejected_row_index"].numel()]],
-                                     device=extra.device, dtype=torch.float))
+        counts = gather(torch.stack(inputs_sizes).float().unsqueeze(0))
         m["group/chosen_size"].append((counts[:, 0].sum() / max(1, extra.size(0))).item())
         m["group/rejected_size"].append((counts[:, 1].sum() / max(1, extra.size(0))).item())
-
-
-def _equalise_halves(shift_mask, outputs, n_c):
-    """FDPO's token metrics read the first half of the batch as chosen; with unequal group sizes
-    reorder nothing but pad the smaller side with empty rows so the halves line up."""
-    n = shift_mask.size(0)
-    n_r = n - n_c
-    if n_c == n_r:
-        return shift_mask, outputs
-    k = max(n_c, n_r)
-
-    def split_pad(x, fill):
-        c, r = x[:n_c], x[n_c:]
-        pad_c = x.new_full((k - n_c, *x.shape[1:]), fill)
-        pad_r = x.new_full((k - n_r, *x.shape[1:]), fill)
-        return torch.cat([c, pad_c, r, pad_r])
-
-    mask = split_pad(shift_mask, 0)
-    seq_len = shift_mask.size(1)
-    out = SimpleNamespace(
-        entropy=split_pad(outputs.entropy[:, -seq_len:], 0),
-        mean_logits=split_pad(outputs.mean_logits[:, -seq_len:], 0),
-        is_top1=split_pad(outputs.is_top1[:, -seq_len:], False),
-    )
-    return mask, out

@@ -30,6 +30,7 @@ from transformers import GenerationConfig, Trainer, TrainerState, TrainingArgume
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..divergences import get_divergence
+from . import _trl
 from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
                       default_precision_for_this_machine, describe_base_model)
 
@@ -263,6 +264,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                              "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
                              "processes); lower one of them or add prompts.")
         wrapper = PolicyAndValue(model, value_model)
+        _trl.require()
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
@@ -478,9 +480,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         start = 0
         if resume_from_checkpoint:
             self._load_checkpoint_weights(resume_from_checkpoint)
-            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            _trl.load_optimizer_and_scheduler(self, resume_from_checkpoint)
             self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
-            self._load_rng_state(resume_from_checkpoint)
+            _trl.load_rng_state(self, resume_from_checkpoint)
             start = self.state.global_step
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
@@ -520,7 +522,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             if self.control.should_log or (it + 1) % max(args.logging_steps, 1) == 0 or it + 1 == args.max_steps:
                 self.log(self._iteration_metrics(ro, acc), start_time)
             if args.save_strategy == "steps" and args.save_steps and (it + 1) % int(args.save_steps) == 0:
-                self._save_checkpoint(self.model, trial=None)
+                _trl.save_checkpoint(self)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
             if self.control.should_training_stop:
                 break

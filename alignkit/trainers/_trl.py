@@ -1,0 +1,208 @@
+"""The one place where alignkit depends on TRL's and transformers' private internals.
+
+alignkit's trainers subclass TRL's `DPOTrainer` and `RewardTrainer` (and transformers' `Trainer`). Where a
+public API exists they use it; what has none is listed here, and every access goes through this module:
+
+* `OVERRIDDEN_HOOKS`: private methods the trainers override or call, with the parameters they rely on;
+* `FUNCTIONS`: private (or undocumented) functions they call;
+* `ATTRIBUTES`: private attributes of a constructed trainer they read or write;
+* `FUSED_HEAD_FIELDS`: the output fields of TRL's fused LM head (`model(..., fused_lm_head=True)`).
+
+`check()` compares these with the installed TRL/transformers and returns one line per difference; the trainers
+call `require()` once at construction, which raises with those lines, so a TRL upgrade that renames what we
+rely on fails at once with a message naming it instead of deep inside a training step. `tests/test_trl_canary.py`
+runs the same check on every test run. `TESTED_TRL` is the range setup.cfg declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from functools import lru_cache
+
+import torch
+import trl
+
+TRL_VERSION = trl.__version__
+#: the TRL versions the test suite ran against (setup.cfg declares the same range)
+TESTED_TRL = (">=1.16.0", "<1.17")
+
+#: (object path, method, the parameter names alignkit's override or call passes, in order)
+OVERRIDDEN_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("trl.DPOTrainer", "_compute_loss", ("self", "model", "inputs", "return_outputs")),
+    ("trl.DPOTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
+    ("trl.DPOTrainer", "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
+    ("trl.DPOTrainer", "_set_signature_columns_if_needed", ("self",)),
+    ("trl.DPOTrainer", "compute_ref_log_probs", ("self", "model", "inputs")),
+    ("trl.RewardTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
+    ("trl.RewardTrainer", "_set_signature_columns_if_needed", ("self",)),
+    ("transformers.Trainer", "_get_train_sampler", ("self",)),
+    ("transformers.Trainer", "_save", ("self", "output_dir", "state_dict")),
+    ("transformers.Trainer", "_save_checkpoint", ("self", "model", "trial")),
+    ("transformers.Trainer", "_load_rng_state", ("self", "checkpoint")),
+    ("transformers.Trainer", "_load_optimizer_and_scheduler", ("self", "checkpoint")),
+]
+
+#: (module, function, the parameter names alignkit passes)
+FUNCTIONS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("trl.data_utils", "_tokenize", ("processing_class", "input")),
+    ("trl.data_utils", "common_prefix_length", ("ids", "other_ids")),
+    ("trl.models.utils", "disable_gradient_checkpointing", ("model", "gradient_checkpointing_kwargs")),
+    ("trl.trainer.utils", "use_adapter", ("model", "adapter_name")),
+    ("trl.trainer.utils", "pad", ("tensors", "padding_value")),
+]
+
+#: private attributes of a constructed trainer: trainer class name -> attribute names
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "DPOTrainer": ("_metrics", "_total_train_tokens", "_tp_size", "_tokenizer", "_signature_columns",
+                   "aux_loss_enabled", "router_aux_loss_coef", "precompute_ref_logps", "loss_types", "loss_weights",
+                   "ld_alpha", "use_weighting", "label_smoothing", "beta"),
+    "RewardTrainer": ("_metrics", "_signature_columns"),
+}
+
+#: what `model(..., fused_lm_head=True)` returns (TRL's fused LM head); `log_sum_sq_probs` only with WPO
+FUSED_HEAD_FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def _resolve(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _params_problem(where: str, fn, expected: tuple[str, ...]) -> str | None:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: nothing to compare
+        return None
+    if params[: len(expected)] != list(expected):
+        return f"{where} now takes ({', '.join(params)}); alignkit passes ({', '.join(expected)})"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _static_problems() -> tuple[str, ...]:
+    problems = []
+    for owner_path, name, expected in OVERRIDDEN_HOOKS:
+        owner = _resolve(owner_path)
+        fn = getattr(owner, name, None)
+        if fn is None:
+            problems.append(f"{owner_path}.{name} no longer exists")
+        elif (p := _params_problem(f"{owner_path}.{name}", fn, expected)):
+            problems.append(p)
+    for module, name, expected in FUNCTIONS:
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            problems.append(f"{module}.{name} no longer exists")
+            continue
+        if (p := _params_problem(f"{module}.{name}", fn, expected)):
+            problems.append(p)
+    return tuple(problems)
+
+
+def check(trainer=None) -> list[str]:
+    """One line per private name or signature alignkit relies on that the installed TRL/transformers lacks.
+
+    With a constructed `trainer`, its private attributes are checked too."""
+    problems = list(_static_problems())
+    if trainer is not None:
+        for base, names in ATTRIBUTES.items():
+            if any(cls.__name__ == base for cls in type(trainer).__mro__):
+                problems += [f"{base} instances no longer have `{n}`" for n in names if not hasattr(trainer, n)]
+    return problems
+
+
+def require(trainer=None) -> None:
+    """Raise one error naming every internal that changed (called by each trainer at construction)."""
+    problems = check(trainer)
+    if problems:
+        raise RuntimeError(
+            f"alignkit was tested with TRL {' '.join(TESTED_TRL)}, and TRL {TRL_VERSION} changed internals it relies "
+            "on: " + "; ".join(problems) + ". Install a TRL version in that range (pip install 'trl"
+            + ",".join(TESTED_TRL) + "').")
+
+
+# ---- the accessors the trainers use ---------------------------------------------------------------------
+
+def metrics(trainer, mode: str):
+    """TRL's per-mode metric store (`{"train": defaultdict(list), "eval": ...}`), averaged and cleared by `log`."""
+    return trainer._metrics[mode]
+
+
+def count_train_tokens(trainer, new_tokens: int) -> int:
+    """Add `new_tokens` (gathered over processes) to TRL's running count of training tokens, corrected for
+    tensor parallelism as TRL does, and return the total (TRL's `num_tokens` metric)."""
+    trainer._total_train_tokens += new_tokens // trainer._tp_size
+    return trainer._total_train_tokens
+
+
+def tokenizer_of(trainer):
+    """The text tokenizer of the trainer's processing class (the tokenizer inside a processor)."""
+    return trainer._tokenizer
+
+
+def add_signature_columns(trainer, columns) -> None:
+    """Keep extra dataset columns through Trainer's removal of unused columns."""
+    trainer._signature_columns = list(dict.fromkeys([*trainer._signature_columns, *columns]))
+
+
+def fused_forward(model, model_kwargs: dict, labels: torch.Tensor):
+    """`model(...)` through TRL's fused LM head: per-token log-probs of `labels` (0 where -100) and the metric
+    fields of `FUSED_HEAD_FIELDS`, without materialising the logits."""
+    return model(**model_kwargs, labels=labels, fused_lm_head=True)
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation a loaded model runs (`sdpa`, `eager`, `flash_attention_2`, ...)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def tokenize(processing_class, *args, **kwargs):
+    """TRL's tokenization of a prompt or prompt+completion (plain text or conversation)."""
+    from trl.data_utils import _tokenize
+
+    return _tokenize(processing_class, *args, **kwargs)
+
+
+def common_prefix_length(a, b) -> int:
+    from trl.data_utils import common_prefix_length as _cpl
+
+    return _cpl(a, b)
+
+
+def pad(tensors, padding_value, **kwargs):
+    from trl.trainer.utils import pad as _pad
+
+    return _pad(tensors, padding_value=padding_value, **kwargs)
+
+
+def reference_context(trainer):
+    """The context in which `trainer.model` computes reference log-probs when no separate reference exists:
+    no gradient, gradient checkpointing off, the PEFT adapter disabled (or TRL's "ref" adapter active), under
+    the accelerator's autocast, as TRL's `compute_ref_log_probs` does."""
+    from accelerate.utils import is_peft_model
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs))
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        stack.enter_context(use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None))
+    stack.enter_context(trainer.accelerator.autocast())
+    return stack
+
+
+def load_rng_state(trainer, checkpoint: str) -> None:
+    trainer._load_rng_state(checkpoint)
+
+
+def load_optimizer_and_scheduler(trainer, checkpoint: str) -> None:
+    trainer._load_optimizer_and_scheduler(checkpoint)
+
+
+def save_checkpoint(trainer) -> None:
+    """Trainer's checkpoint save (model, optimizer, scheduler, RNG, trainer state, rotation)."""
+    trainer._save_checkpoint(trainer.model, trial=None)
