@@ -51,9 +51,10 @@ def _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=_count_target
     value = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
     args = dict(base_args(tmp_path, seed=seed), per_device_train_batch_size=16, num_ppo_epochs=4, response_length=8,
                 learning_rate=1e-2, lr_scheduler_type="constant", temperature=1.0, kl_coef=0.05, logging_steps=1)
+    eval_dataset = kw.pop("eval_dataset", None)
     args.update(kw)
     return PPOTrainer(args=PPOConfig(**args), processing_class=tokenizer, model=policy, ref_model=ref,
-                      reward_model=reward, value_model=value, train_dataset=prompts)
+                      reward_model=reward, value_model=value, train_dataset=prompts, eval_dataset=eval_dataset)
 
 
 def _gain(scores):
@@ -260,3 +261,125 @@ def test_ppo_under_ddp_keeps_the_ranks_in_sync(tmp_path):
     assert r0["first_batch"] != r1["first_batch"]  # each rank generated for its own prompts
     assert r0["before"] == pytest.approx(r1["before"], abs=1e-9)
     assert r0["after"] == pytest.approx(r1["after"], rel=1e-9) and abs(r0["after"] - r0["before"]) > 1e-3
+
+
+# ---- evaluation during training, samples, checkpoints, collator, former TRL fields (issue 14) -----------------
+
+def _small(tiny_model_path, tokenizer, prompts, tmp_path, **kw):
+    args = dict(per_device_train_batch_size=8, num_ppo_epochs=1, response_length=2, max_steps=4,
+                num_sample_generations=0)
+    args.update(kw)
+    return _trainer(tiny_model_path, tokenizer, prompts, tmp_path, **args)
+
+
+def _train_logs(trainer):
+    trainer.train()
+    return [{k: v for k, v in log.items() if not k.startswith(("eval_", "time/", "train_runtime", "train_iter"))}
+            for log in trainer.state.log_history if not any(k.startswith("eval_") for k in log)]
+
+
+def test_evaluation_every_eval_steps_reports_and_never_changes_training(tiny_model_path, tokenizer, prompts,
+                                                                         tmp_path):
+    eval_prompts = prompts.select(range(10))
+    with_eval = _small(tiny_model_path, tokenizer, prompts, tmp_path / "a", eval_strategy="steps", eval_steps=2,
+                       per_device_eval_batch_size=4, eval_dataset=eval_prompts)
+    logs_a = _train_logs(with_eval)
+    evals = [log for log in with_eval.state.log_history if "eval_objective/scores" in log]
+    assert [log["step"] for log in evals] == [2, 4]
+    for log in evals:
+        assert log["eval_samples"] == 10 and log["eval_response/length"] > 0
+        assert {f"eval_divergence/{d}" for d in ("reverse_kl", "forward_kl", "jsd", "alpha")} <= set(log)
+    # the same run without evaluation trains identically (evaluation samples under a forked RNG)
+    logs_b = _train_logs(_small(tiny_model_path, tokenizer, prompts, tmp_path / "b"))
+    assert logs_a == logs_b
+    # and evaluating twice gives the same figures
+    again = with_eval.evaluate()
+    assert again["eval_objective/scores"] == with_eval.evaluate()["eval_objective/scores"]
+
+
+def test_train_returns_the_mean_loss_and_old_logprobs_are_computed_without_dropout(tiny_model_path, tokenizer,
+                                                                                  prompts, tmp_path):
+    trainer = _small(tiny_model_path, tokenizer, prompts, tmp_path)
+    result = trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 4 and result.training_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert result.training_loss != 0.0
+    # old log-probs: with dropout in the policy, the rollout's log-probs equal an eval-mode forward
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    policy.config.attention_dropout = 0.5
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    batch = next(trainer._prompt_batches(0))
+    ro = trainer._rollout(batch)
+    from alignkit.trainers.ppo import response_logprobs
+
+    policy.eval()
+    with torch.no_grad():
+        expected, _ = response_logprobs(policy, ro["ids"], ro["mask"], ro["context_len"], trainer.args.temperature)
+    torch.testing.assert_close(ro["logp"], expected, rtol=0, atol=1e-6)
+
+
+def test_divergence_penalty_normalization_in_the_loss(tiny_model_path, tokenizer, prompts, tmp_path):
+    losses = {}
+    for norm in ("sum", "length_plus_one"):
+        trainer = _small(tiny_model_path, tokenizer, prompts, tmp_path / norm, divergence_penalty="loss",
+                         divergence_penalty_normalization=norm, response_length=4)
+        torch.manual_seed(0)
+        ro = trainer._rollout(next(trainer._prompt_batches(0)))
+        ro["ref_logp"] = ro["ref_logp"] - 0.3  # a policy away from its reference
+        idx = torch.arange(ro["ids"].size(0))
+        _, stats = trainer._ppo_loss(ro, idx)
+        lengths = ro["response_mask"].sum(1)
+        losses[norm] = (stats["div_loss"].item(), lengths)
+    (s, lengths), (n, _) = losses["sum"], losses["length_plus_one"]
+    # the same rollouts (seeded), so the estimates per sequence agree; with equal lengths L, sum = (L + 1) * norm
+    assert torch.all(lengths == lengths[0])
+    assert s == pytest.approx(n * (lengths[0].item() + 1), rel=1e-5)
+    with pytest.raises(ValueError, match="divergence_penalty_normalization must be one of sum, length_plus_one"):
+        PPOConfig(**base_args(tmp_path, divergence_penalty_normalization="mean"))
+
+
+@pytest.mark.parametrize("strategy,expected", [("no", []), ("steps", ["checkpoint-2", "checkpoint-4"]),
+                                               ("epoch", ["checkpoint-4"])])
+def test_every_save_strategy_is_honoured(strategy, expected, tiny_model_path, tokenizer, prompts, tmp_path):
+    # 64 prompts, 16 per iteration: an epoch is 4 iterations
+    trainer = _small(tiny_model_path, tokenizer, prompts, tmp_path, per_device_train_batch_size=16,
+                     save_strategy=strategy, save_steps=2)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == expected
+    with pytest.raises(ValueError, match="save_strategy 'best'"):
+        PPOConfig(**base_args(tmp_path, save_strategy="best", eval_strategy="steps", metric_for_best_model="loss"))
+
+
+def test_data_collator_and_sample_generations_are_used(tiny_model_path, tokenizer, prompts, tmp_path):
+    calls = []
+    trainer = _small(tiny_model_path, tokenizer, prompts, tmp_path, num_sample_generations=2,
+                     per_device_eval_batch_size=3)
+
+    def collator(rows):
+        calls.append(len(rows))
+        return trainer._collate(rows)
+
+    trainer.data_collator = collator
+    trainer.train()
+    assert calls and calls[0] == 8  # every training batch goes through the given collator
+    import json
+
+    files = sorted(p.name for p in (tmp_path / "samples").glob("*.jsonl"))
+    assert files == ["step_2.jsonl", "step_4.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "samples" / "step_4.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"step", "prompt", "completion", "score"}
+
+
+def test_former_trl_model_paths_load_the_models(tiny_model_path, tokenizer, prompts, tmp_path):
+    args = PPOConfig(**base_args(tmp_path, sft_model_path=tiny_model_path, reward_model_path=tiny_model_path,
+                                 max_steps=1, per_device_train_batch_size=8, response_length=2, num_ppo_epochs=1,
+                                 num_sample_generations=0))
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, train_dataset=prompts)
+    assert trainer.ref_model is not None and trainer.value_model is not None
+    assert trainer.reward_model.config.num_labels == 1
+    trainer.train()
+    assert args.run_name == "ppo"  # exp_name names the run when run_name is unset
+    with pytest.raises(ValueError, match="both `model` and `sft_model_path`"):
+        PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                   train_dataset=prompts)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from alignkit.cli import main
@@ -31,6 +32,28 @@ def test_ppo_recipe_is_determined_by_its_seed(tmp_path, monkeypatch):
         runs.append(_metrics(out))
     assert runs[0] == runs[1]
     assert len(runs[0]) >= 4
+
+
+def test_ppo_recipe_evaluates_and_a_failing_evaluation_keeps_the_trained_model(tmp_path, monkeypatch):
+    from alignkit import PPOTrainer
+
+    ppo = [str(ROOT / "recipes" / "ppo-fdiv.yaml"), "--set", "max_steps=2", "--set", "dataset.eval_split=test",
+           "--set", "dataset.max_eval_samples=8"]
+    out = tmp_path / "ok"
+    assert main(["train", *ppo, "--set", f"output_dir={out}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["eval_samples"] == 8 and "eval_objective/scores" in metrics["eval"]
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("evaluation failed on purpose")
+
+    monkeypatch.setattr(PPOTrainer, "evaluate", broken)
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="on purpose"):
+        main(["train", *ppo, "--set", f"output_dir={out}"])
+    assert (out / "model.safetensors").is_file() and (out / "value_model" / "model.safetensors").is_file()
+    status = json.loads((out / "alignkit_run.json").read_text())
+    assert status["status"] == "failed" and status["model_saved"] is True
 
 
 QUICK = ["--set", "max_steps=4", "--set", "eval_strategy=no", "--set", "eval_on_start=false",

@@ -18,6 +18,7 @@ then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -30,6 +31,8 @@ from transformers import GenerationConfig, Trainer, TrainerState, TrainingArgume
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..divergences import get_divergence
+from ..losses import (SEQUENCE_PENALTY_NORMALIZATIONS, gae_advantages, masked_mean, masked_whiten, ppo_policy_loss,
+                      ppo_value_loss, sequence_divergence_penalty)
 from . import _trl
 from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
                       default_precision_for_this_machine, describe_base_model)
@@ -53,20 +56,25 @@ class PPOConfig(TrainingArguments):
             constraint, as in `FDPOConfig`.
         divergence_penalty (`str`, defaults to `"reward"`): `reward` (per-token penalty in the reward) or
             `loss` (sequence estimate added to the loss).
+        divergence_penalty_normalization (`str`, defaults to `"length_plus_one"`): with `divergence_penalty:
+            loss`, each sequence's summed divergence estimate is divided by (response length + 1), as the thesis'
+            own code does, so `kl_coef` weighs a per-token average; `sum` keeps the sum (a `kl_coef` then weighs
+            about `response length + 1` times more).
         length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
             thesis' length-penalty baseline).
     """
 
     # TRL's former OnPolicyConfig / PPOConfig fields
-    exp_name: str = field(default="ppo", metadata={"help": "Experiment name (kept for TRL compatibility)."})
-    reward_model_path: str | None = field(default=None, metadata={"help": "Accepted for TRL compatibility; "
-                                                                          "pass the model as reward_model."})
-    sft_model_path: str | None = field(default=None, metadata={"help": "Accepted for TRL compatibility; pass "
-                                                                       "the policy as model."})
+    exp_name: str = field(default="ppo", metadata={"help": "Experiment name: the run name when run_name is unset."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "Folder or hub id of the reward model, loaded when no reward_model is passed (and of the value "
+                "model's initialisation when no value_model is passed)."})
+    sft_model_path: str | None = field(default=None, metadata={
+        "help": "Folder or hub id of the policy (and reference), loaded when no model (ref_model) is passed."})
     model_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
     ref_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
-    num_sample_generations: int = field(default=10, metadata={"help": "Accepted for TRL compatibility; no effect "
-                                                                      "(samples are not printed during training)."})
+    num_sample_generations: int = field(default=10, metadata={"help": "Tables of sample completions during training "
+                                                                      "(output_dir/samples, W&B); 0 turns them off."})
     ds3_gather_for_generation: bool = field(default=True, metadata={"help": "Accepted for TRL compatibility."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
     num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
@@ -93,8 +101,13 @@ class PPOConfig(TrainingArguments):
     alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
     divergence_penalty: str = field(default="reward", metadata={"help": "reward or loss."})
     length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
+    divergence_penalty_normalization: str = field(
+        default="length_plus_one",
+        metadata={"help": "Loss placement: divide each sequence's penalty by (length + 1) (the thesis' code), or sum."})
 
     def __post_init__(self):
+        if self.run_name is None:
+            self.run_name = self.exp_name
         check_ranges(self, TRAINING_RULES, PPO_RULES)
         default_precision_for_this_machine(self)
         if self.learning_rate == TrainingArguments.learning_rate:
@@ -103,6 +116,9 @@ class PPOConfig(TrainingArguments):
         self.divergence = get_divergence(self.divergence, self.alpha).name
         if self.divergence_penalty not in ("reward", "loss"):
             raise ValueError(f"divergence_penalty must be 'reward' or 'loss', got {self.divergence_penalty!r}.")
+        if self.divergence_penalty_normalization not in SEQUENCE_PENALTY_NORMALIZATIONS:
+            raise ValueError(f"divergence_penalty_normalization must be one of {', '.join(SEQUENCE_PENALTY_NORMALIZATIONS)}"
+                             f", got {self.divergence_penalty_normalization!r}.")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
         if self.stop_token not in (None, "eos"):
@@ -113,6 +129,9 @@ class PPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
+            raise ValueError("save_strategy 'best' needs a metric_for_best_model from Trainer's evaluation loop, which "
+                             "PPO does not run; use 'steps' or 'epoch' (an epoch is a pass over the prompts).")
         if self.model_adapter_name or self.ref_adapter_name:
             raise ValueError("model_adapter_name/ref_adapter_name (several adapters on one model) are not supported; "
                              "pass peft_config (the reference is the policy with its adapter disabled) or a "
@@ -172,17 +191,6 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = _masked_mean(x, mask)
-    var = _masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
-
-
 class PPOTrainer(ConfigResolverMixin, Trainer):
     """PPO for causal LMs with an f-divergence constraint; TRL's former experimental PPOTrainer API.
 
@@ -199,6 +207,13 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
     `reward_model` is a sequence-classification model with one output (e.g. a `CausalRewardTrainer`
     output), or a callable `(prompts, completions) -> list[float]` on decoded text. `train_dataset` has
     a `prompt` column (text or conversational) or already tokenized `input_ids`.
+
+    `eval_dataset` (prompts, or a dict of them) is evaluated by `evaluate()`: every `eval_steps` with
+    `eval_strategy: steps`, after each pass over the prompts with `epoch`; it reports `eval_objective/scores`,
+    `eval_divergence/<name>`, `eval_response/length` and `eval_objective/entropy`. `num_sample_generations`
+    tables of completions go to `output_dir/samples/` (and W&B). `data_collator`, if given, turns a list of
+    tokenized rows (`input_ids`) into a left-padded batch (`input_ids`, `attention_mask`). Checkpoints follow
+    `save_strategy` (`steps`, `epoch` or `no`) and resume with `train(resume_from_checkpoint=...)`.
     """
 
     config_class = PPOConfig
@@ -210,8 +225,11 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                  reward_model: nn.Module | RewardFunc | None = None, train_dataset=None, value_model=None,
                  data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
                  peft_config=None):
+        if args is not None and isinstance(args, PPOConfig):
+            model, ref_model, reward_model, value_model = self._load_from_paths(
+                args, model, ref_model, reward_model, value_model, peft_config)
         if model is None:
-            raise ValueError("PPOTrainer needs the policy as `model`.")
+            raise ValueError("PPOTrainer needs the policy as `model` (or `sft_model_path` in the config).")
         args = self._resolve_args(model, args)
         if args.deepspeed:
             raise ValueError("PPOTrainer does not drive a DeepSpeed engine yet (generation under ZeRO-3 needs the "
@@ -253,6 +271,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         self.stop_token_id = args.stop_token_id if args.stop_token_id is not None else (
             tok.eos_token_id if args.stop_token == "eos" else None)
         train_dataset = self._prepare_prompts(train_dataset, tok, args)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_prompts(v, tok, args) for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_prompts(eval_dataset, tok, args)
         if args.total_episodes is not None:
             args.max_steps = math.ceil(args.total_episodes / (args.local_batch_size * args.world_size))
         if args.max_steps <= 0:
@@ -276,6 +298,27 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
             do_sample=True, pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
+
+    @staticmethod
+    def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config):
+        """TRL's former `sft_model_path` / `reward_model_path`: the models they name are loaded where none is
+        passed (reference: a second copy of the policy unless PEFT; value model: initialised from the reward
+        model, as TRL's PPO examples did). A path and a model for the same role is an error."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        for path_field, given, role in (("sft_model_path", model, "model"),
+                                        ("reward_model_path", reward_model, "reward_model")):
+            if getattr(args, path_field) and given is not None:
+                raise ValueError(f"both `{role}` and `{path_field}` are set; pass one of them.")
+        if args.sft_model_path:
+            model = AutoModelForCausalLM.from_pretrained(args.sft_model_path)
+            if ref_model is None and peft_config is None:
+                ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path)
+        if args.reward_model_path:
+            reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
+            if value_model is None:
+                value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
+        return model, ref_model, reward_model, value_model
 
     # ---- data ------------------------------------------------------------------------------------
     def _prepare_prompts(self, dataset, tok, args):
@@ -321,7 +364,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             for s in range(0, n - per_iter + 1, per_iter):
                 if iteration >= start_iteration:
                     idx = order[s + rank * self.args.local_batch_size: s + (rank + 1) * self.args.local_batch_size]
-                    yield self._collate([self.train_dataset[i] for i in idx])
+                    yield self.data_collator([self.train_dataset[i] for i in idx])
                 iteration += 1
             epoch += 1
 
@@ -360,7 +403,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         return self.divergence.estimator(logr)
 
     @torch.no_grad()
-    def _rollout(self, batch) -> dict[str, torch.Tensor]:
+    def _generate_and_score(self, batch, values: bool = True) -> dict[str, torch.Tensor]:
+        """Sample a response per prompt with the current policy, then (dropout off) the log-probs of policy
+        and reference, the token entropy, the values (if asked) and the scores."""
         args, model = self.args, self.accelerator.unwrap_model(self.model)
         device = self.accelerator.device
         prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -369,7 +414,6 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         model.eval()
         seqs = model.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                      generation_config=self.generation_config)
-        model.train()
         self._timings["generation"] += _now() - t0
         response = seqs[:, context_len:]
         # a response ends at its first stop token (kept); everything after is padding
@@ -396,12 +440,23 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             chunks["logp"].append(logp)
             chunks["entropy"].append(ent)
             chunks["ref_logp"].append(ref_logp)
-            chunks["values"].append(self._values(model.value_model, i, m, context_len))
+            if values:
+                chunks["values"].append(self._values(model.value_model, i, m, context_len))
             t1 = _now()
             chunks["scores"].append(self._scores(i, m, context_len, rm))
             self._timings["forward"] += t1 - t0
             self._timings["scoring"] += _now() - t1
-        r = {k: torch.cat(v) for k, v in chunks.items()}
+        r = {k: torch.cat(v) for k, v in chunks.items() if v}
+        model.train()  # the old log-probs and values above were computed with dropout off
+        r.update(ids=ids, mask=mask, response_mask=response_mask, context_len=context_len, has_stop=has_stop)
+        return r
+
+    @torch.no_grad()
+    def _rollout(self, batch) -> dict[str, torch.Tensor]:
+        args, device = self.args, self.accelerator.device
+        r = self._generate_and_score(batch)
+        ids, mask, response_mask, has_stop = r["ids"], r["mask"], r["response_mask"], r["has_stop"]
+        context_len = r["context_len"]
         lengths = response_mask.sum(1).float()
         scores = r["scores"] - args.length_penalty * lengths
         if args.missing_eos_penalty is not None:
@@ -415,19 +470,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         last = (lengths.long() - 1).clamp(min=0)
         rewards[torch.arange(rewards.size(0), device=device), last] += scores
         if args.whiten_rewards:
-            rewards = _masked_whiten(rewards, maskf, shift_mean=False) * maskf
+            rewards = masked_whiten(rewards, maskf, shift_mean=False) * maskf
         values = r["values"] * maskf
-        advantages = torch.zeros_like(rewards)
-        gae = torch.zeros(rewards.size(0), device=device)
-        T = rewards.size(1)
-        for t in reversed(range(T)):
-            next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(gae)
-            delta = rewards[:, t] + args.gamma * next_v - values[:, t]
-            gae = delta + args.gamma * args.lam * gae
-            gae = gae * maskf[:, t]  # nothing flows back from padding
-            advantages[:, t] = gae
-        returns = advantages + values
-        advantages = _masked_whiten(advantages, maskf) * maskf
+        advantages, returns = gae_advantages(rewards, values, maskf, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, maskf) * maskf
         return {"ids": ids, "mask": mask, "response_mask": maskf, "context_len": context_len,
                 "logp": r["logp"], "ref_logp": r["ref_logp"], "values": values, "advantages": advantages,
                 "returns": returns, "scores": scores, "raw_scores": r["scores"], "penalty": penalty,
@@ -440,26 +486,19 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         ids, mask, rmask, c = ro["ids"][idx], ro["mask"][idx], ro["response_mask"][idx], ro["context_len"]
         logp, vpred = self.model(ids, mask, c, args.temperature)  # through DDP when there are several ranks
         old_logp, old_v, adv, ret = ro["logp"][idx], ro["values"][idx], ro["advantages"][idx], ro["returns"][idx]
-        vclipped = old_v + (vpred - old_v).clamp(-args.cliprange_value, args.cliprange_value)
-        vf_losses = torch.maximum((vpred - ret) ** 2, (vclipped - ret) ** 2)
-        vf_loss = 0.5 * _masked_mean(vf_losses, rmask)
-        ratio = torch.exp((logp - old_logp) * rmask)
-        pg_losses = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
-        pg_loss = _masked_mean(pg_losses, rmask)
+        vf_loss, vf_clipfrac = ppo_value_loss(vpred, old_v, ret, rmask, args.cliprange_value)
+        pg_loss, pg_clipfrac, ratio, approxkl = ppo_policy_loss(logp, old_logp, adv, rmask, args.cliprange)
         loss = pg_loss + args.vf_coef * vf_loss
         div_loss = torch.zeros((), device=loss.device)
         if args.divergence_penalty == "loss":
             logr = (logp - ro["ref_logp"][idx]) * rmask
-            div_loss = (self.divergence.estimator(logr) * rmask).sum(1).mean()
+            per_seq = sequence_divergence_penalty(self.divergence.estimator(logr) * rmask, rmask,
+                                                  args.divergence_penalty_normalization)
+            div_loss = per_seq.mean()
             loss = loss + args.kl_coef * div_loss
-        with torch.no_grad():
-            stats = {
-                "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "div_loss": div_loss.detach(),
-                "pg_clipfrac": _masked_mean(((pg_losses - (-adv * ratio)) > 0).float(), rmask),
-                "vf_clipfrac": _masked_mean(((vclipped - ret) ** 2 > (vpred - ret) ** 2).float(), rmask),
-                "approxkl": 0.5 * _masked_mean((logp - old_logp) ** 2, rmask),
-                "ratio": _masked_mean(ratio, rmask),
-            }
+        stats = {"loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                 "div_loss": div_loss.detach(), "pg_clipfrac": pg_clipfrac, "vf_clipfrac": vf_clipfrac,
+                 "approxkl": approxkl, "ratio": ratio}
         return loss, stats
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -477,6 +516,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                                                       if hasattr(cb, "state")])
         self.state.max_steps, self.state.logging_steps = args.max_steps, args.logging_steps
         self.state.save_steps = args.save_steps
+        self.state.eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps
         start = 0
         if resume_from_checkpoint:
             self._load_checkpoint_weights(resume_from_checkpoint)
@@ -489,6 +529,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         batches = self._prompt_batches(start)
         mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        iterations_per_epoch = max(1, len(self.train_dataset) // (args.local_batch_size * args.world_size))
+        sample_every = args.max_steps // args.num_sample_generations if args.num_sample_generations > 0 else 0
+        loss_sum = 0.0
         start_time = time.time()
         self.model.train()
         # Progress is shown by Trainer's progress callback (on_step_end), as in every other trainer.
@@ -498,7 +541,8 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             ro = self._rollout(next(batches))
             t_opt = _now()
             n = ro["ids"].size(0)
-            acc = {k: [] for k in ("pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
+            acc = {k: [] for k in ("loss", "pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl",
+                                   "ratio")}
             for _ in range(args.num_ppo_epochs):
                 order = torch.randperm(n, device=ro["ids"].device)
                 for mb in range(0, n, mb_size):
@@ -516,22 +560,131 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                             acc[k].append(v)
                     self.lr_scheduler.step()
             self._timings["optimisation"] = _now() - t_opt
+            loss_sum += torch.stack(acc["loss"]).mean().item()
             self.state.global_step = it + 1
             self.state.epoch = (it + 1) * n * args.world_size / len(self.train_dataset)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if (it + 1) % iterations_per_epoch == 0:  # a pass over the prompts: epoch-based saving/evaluation
+                self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
             if self.control.should_log or (it + 1) % max(args.logging_steps, 1) == 0 or it + 1 == args.max_steps:
                 self.log(self._iteration_metrics(ro, acc), start_time)
-            if args.save_strategy == "steps" and args.save_steps and (it + 1) % int(args.save_steps) == 0:
+                self.control.should_log = False
+            if sample_every and (it + 1) % sample_every == 0:
+                self._log_sample_generations()
+            if self.control.should_evaluate:
+                if self.eval_dataset is not None:
+                    self.evaluate()
+                self.control.should_evaluate = False
+            if self.control.should_save:
                 _trl.save_checkpoint(self)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
+                self.control.should_save = False
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         runtime = time.time() - start_time
-        metrics = {"train_runtime": runtime, "train_iterations": self.state.global_step - start,
-                   "train_iterations_per_second": (self.state.global_step - start) / max(runtime, 1e-9)}
+        done = self.state.global_step - start
+        metrics = {"train_runtime": runtime, "train_iterations": done,
+                   "train_iterations_per_second": done / max(runtime, 1e-9),
+                   "train_loss": loss_sum / max(done, 1)}
         self.log(metrics)
-        return TrainOutput(self.state.global_step, 0.0, metrics)
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _eval_prompts(self, dataset):
+        """The prompts of `dataset` for this process: tokenized like the training prompts, rows split over
+        processes (rank r takes rows r, r + world, ...)."""
+        dataset = self._prepare_prompts(dataset, self.tokenizer, self.args)
+        rows = list(range(self.args.process_index, len(dataset), self.args.world_size))
+        bs = self.args.per_device_eval_batch_size
+        for s in range(0, len(rows), bs):
+            yield self.data_collator([dataset[i] for i in rows[s:s + bs]])
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Rollouts of the current policy on the eval prompts, scored by the training reward: mean score, the
+        estimate of every divergence of the family from the reference, response length and entropy.
+
+        Replaces Trainer.evaluate (which runs the loss on labelled batches; PPO has none). Sampling runs under a
+        forked RNG seeded with `seed`, so evaluating never changes the training trajectory and is repeatable.
+        Several eval datasets (a dict) are evaluated one by one, with their name in the prefix, as in Trainer."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("PPOTrainer.evaluate needs an eval_dataset of prompts (pass one to the trainer or here).")
+        if isinstance(dataset, dict):
+            out = {}
+            for name, part in dataset.items():
+                out.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return out
+        start = time.time()
+        saved_timings = dict(self._timings)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            sums = torch.zeros(8, device=self.accelerator.device)
+            names = ("reverse_kl", "forward_kl", "jsd", "alpha")
+            for batch in self._eval_prompts(dataset):
+                r = self._generate_and_score(batch, values=False)
+                rmask = r["response_mask"].float()
+                logr = (r["logp"] - r["ref_logp"]) * rmask
+                per_seq = [r["scores"], rmask.sum(1), (r["entropy"] * rmask).sum(1)]
+                for name in names:
+                    d = get_divergence(name, 0.5 if name == "alpha" else None)
+                    per_seq.append((d.estimator(logr) * rmask).sum(1))
+                per_seq.append(torch.ones_like(rmask[:, 0]))  # the count of rollouts
+                sums += torch.stack([x.float().sum() for x in per_seq])
+        self._timings = saved_timings
+        total = self.accelerator.reduce(sums, reduction="sum").tolist()
+        n = max(total[7], 1.0)
+        metrics = {
+            f"{metric_key_prefix}_objective/scores": total[0] / n,
+            f"{metric_key_prefix}_response/length": total[1] / n,
+            f"{metric_key_prefix}_objective/entropy": total[2] / max(total[1], 1.0),
+        }
+        for k, name in enumerate(names):
+            metrics[f"{metric_key_prefix}_divergence/{name}"] = total[3 + k] / n
+        metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
+        metrics[f"{metric_key_prefix}_samples"] = int(total[7])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _log_sample_generations(self) -> None:
+        """`num_sample_generations`, as in TRL's former PPOTrainer: a table of completions for a few prompts (the
+        eval prompts, else the first training prompts) at evenly spaced iterations. Written to
+        `output_dir/samples/step_<N>.jsonl` and, when W&B is logging, as a `samples` table."""
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        dataset = self._prepare_prompts(dataset, self.tokenizer, self.args)
+        rows = [dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))]
+        saved_timings = dict(self._timings)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            r = self._generate_and_score(self.data_collator(rows), values=False)
+        self._timings = saved_timings
+        if not self.is_world_process_zero():
+            return
+        c = r["context_len"]
+        table = []
+        for ids, rmask, score in zip(r["ids"], r["response_mask"], r["scores"].tolist()):
+            prompt = self.tokenizer.decode(ids[:c], skip_special_tokens=True)
+            completion = self.tokenizer.decode(ids[c:][rmask.bool()], skip_special_tokens=True)
+            table.append({"step": self.state.global_step, "prompt": prompt, "completion": completion,
+                          "score": score})
+        folder = os.path.join(self.args.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step_{self.state.global_step}.jsonl"), "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in table)
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                columns = ["step", "prompt", "completion", "score"]
+                wandb.log({"samples": wandb.Table(columns=columns, data=[[row[k] for k in columns] for row in table])},
+                          commit=False)
 
     @torch.no_grad()
     def _iteration_metrics(self, ro, acc) -> dict[str, float]:
@@ -542,7 +695,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             "objective/scores": gather(ro["raw_scores"]).mean().item(),
             "objective/rlhf_reward": gather(ro["rewards"].sum(1)).mean().item(),
             f"objective/{self.divergence.name}": gather(seq_penalty).mean().item(),
-            "objective/entropy": gather(_masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
+            "objective/entropy": gather(masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
             "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
             "response/length": gather(ro["lengths"]).mean().item(),
             "lr": self.lr_scheduler.get_last_lr()[0],
@@ -555,7 +708,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             d = get_divergence(name, 0.5 if name == "alpha" else None)
             est = (d.estimator(ro["logr"]) * rmask).sum(1)
             metrics[f"divergence/{name}"] = gather(est).mean().item()
-        names = {"pg_loss": "loss/policy_avg", "vf_loss": "loss/value_avg", "div_loss": "loss/divergence_avg",
+        names = {"loss": "loss", "pg_loss": "loss/policy_avg", "vf_loss": "loss/value_avg", "div_loss": "loss/divergence_avg",
                  "pg_clipfrac": "policy/clipfrac_avg", "vf_clipfrac": "val/clipfrac_avg",
                  "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}
         for k, v in acc.items():
