@@ -226,9 +226,11 @@ def preference_ece(
     ``p = sigma(beta * (s_w - s_l))`` is the model's probability that the chosen completion wins. The
     predicted label is "chosen" when ``p > 0.5`` (then it is correct, since the data says chosen wins),
     and its confidence is ``max(p, 1 - p)``; ECE is ``sum_b (n_b / N) |acc_b - conf_b|`` over 10
-    equal-width confidence bins on [0, 1] (Guo et al., 2017). Returns a 0-d tensor.
+    equal-width confidence bins on [0, 1] (Guo et al., 2017). Pairs with a non-finite score difference are
+    left out. Returns a 0-d tensor.
     """
-    p = torch.sigmoid(beta * (chosen_scores - rejected_scores).detach().float()).flatten()
+    logits = (beta * (chosen_scores - rejected_scores).detach().float()).flatten()
+    p = torch.sigmoid(logits[torch.isfinite(logits)])  # a diverged (NaN) pair has no confidence: left out
     if p.numel() == 0:
         return p.new_zeros(())
     correct = (p > 0.5).float()

@@ -50,8 +50,20 @@ def test_extreme_log_ratios_inside_the_trainer(make_model, tokenizer, pair_datas
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_non_finite_loss_is_an_error_not_a_filtered_log(make_model, tokenizer, pair_dataset, tmp_path):
-    trainer = _trainer(make_model, tokenizer, pair_dataset(8), tmp_path, max_steps=1)
+def test_non_finite_loss_warns_and_trains_on_as_trl_or_stops_when_asked(make_model, tokenizer, pair_dataset,
+                                                                        tmp_path):
+    # TRL's DPOTrainer carries on after a non-finite loss (its own test_train_model_dtype, fp16 at lr 0.1, does
+    # so); ours does too, with one warning naming the step and the likely causes (Trainer's logging_nan_inf_filter
+    # would otherwise hide it from the logs), and the logging after it must not fail (ECE skips NaN pairs).
+    trainer = _trainer(make_model, tokenizer, pair_dataset(8), tmp_path / "a", max_steps=2, logging_steps=1)
+    with torch.no_grad():
+        trainer.model.model.norm.weight.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="f-DPO loss is nan at step 0") as record:
+        trainer.train()
+    assert len([w for w in record if "f-DPO loss is" in str(w.message)]) == 1  # once per run, not per step
+    assert trainer.state.global_step == 2
+    trainer = _trainer(make_model, tokenizer, pair_dataset(8), tmp_path / "b", max_steps=1,
+                       stop_on_nonfinite_loss=True)
     with torch.no_grad():
         trainer.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="f-DPO loss is nan"):

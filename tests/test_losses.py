@@ -146,3 +146,11 @@ def test_logratio_losses_by_hand():
     }
     for loss_type, value in expected.items():
         assert logratio_loss(cw, rw, cref, rref, loss_type, beta).item() == pytest.approx(value, rel=1e-6), loss_type
+
+
+def test_ece_ignores_non_finite_pairs():
+    """A NaN batch (a diverged fp16 run) must not crash logging: non-finite pairs are left out of the ECE."""
+    scores = torch.tensor([2.0, float("nan"), -1.0, float("inf")])
+    expected = preference_ece(torch.tensor([2.0, -1.0]), torch.zeros(2), beta=1.0)
+    assert preference_ece(scores, torch.zeros(4), beta=1.0).item() == pytest.approx(expected.item())
+    assert preference_ece(torch.tensor([float("nan")]), torch.zeros(1), beta=1.0).item() == 0.0

@@ -41,6 +41,10 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
             The exponentials inside the forward-KL and alpha links are continued linearly above this
             exponent, so extreme log-ratios give a finite loss and finite gradients. The fraction of
             continued values is logged as `link/clamped_fraction`. `None` disables it.
+        stop_on_nonfinite_loss (`bool`, defaults to `False`):
+            A NaN or infinite loss is reported by one warning (step, log-ratio range, likely causes) and training
+            goes on, as in TRL (Trainer's `logging_nan_inf_filter` would otherwise keep it out of the logs).
+            `True` stops training there with a `FloatingPointError` instead.
         mmd_coef (`float`, defaults to `0.0`):
             Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
             is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
@@ -64,6 +68,10 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
     max_link_exponent: float | None = field(
         default=DEFAULT_MAX_EXPONENT,
         metadata={"help": "Exponent above which exp() inside the link is continued linearly (None: never)."},
+    )
+    stop_on_nonfinite_loss: bool = field(
+        default=False,
+        metadata={"help": "Stop training with an error at a NaN/inf loss (default: warn once and go on, as TRL)."},
     )
 
     def __post_init__(self):
@@ -190,6 +198,7 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         _trl.require(self)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        self._warned_nonfinite = False
         if self._causal_enabled():
             self.data_collator = CollatorWithBins(self.data_collator)
 
@@ -364,15 +373,20 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         return loss, stats
 
     def _check_finite(self, loss, fwd):
-        # Trainer's `logging_nan_inf_filter` would hide a non-finite loss from the logs and keep training.
-        if not torch.isfinite(loss.detach()).all():
-            lr = (fwd["logps"] - fwd["ref_logps"]).detach()
-            raise FloatingPointError(
-                f"f-DPO loss is {loss.item()} at step {self.state.global_step} (divergence={self.divergence}, "
-                f"beta={self.beta}); log-ratios ranged from {lr.min().item():.3g} to {lr.max().item():.3g}, and "
-                f"{(~torch.isfinite(fwd['logps'])).sum().item()} policy log-probs were not finite. Lower the "
-                "learning rate, check the data for empty completions, or use float32/bf16 instead of fp16."
-            )
+        """A non-finite loss: one warning per run (TRL trains on), or an error with `stop_on_nonfinite_loss`."""
+        if torch.isfinite(loss.detach()).all() or (self._warned_nonfinite and not self.args.stop_on_nonfinite_loss):
+            return
+        lr = (fwd["logps"] - fwd["ref_logps"]).detach()
+        message = (
+            f"f-DPO loss is {loss.item()} at step {self.state.global_step} (divergence={self.divergence}, "
+            f"beta={self.beta}); log-ratios ranged from {lr.min().item():.3g} to {lr.max().item():.3g}, and "
+            f"{(~torch.isfinite(fwd['logps'])).sum().item()} policy log-probs were not finite. Lower the "
+            "learning rate, check the data for empty completions, or use float32/bf16 instead of fp16."
+        )
+        if self.args.stop_on_nonfinite_loss:
+            raise FloatingPointError(message)
+        self._warned_nonfinite = True
+        warnings.warn(message + " Training goes on (set stop_on_nonfinite_loss: true to stop here).", stacklevel=2)
 
     def _log_step_metrics(self, mode, fwd, s):
         """TRL's DPO metrics (same names) plus the f-DPO link values, clamping and calibration.
