@@ -217,6 +217,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
     tables of completions go to `output_dir/samples/` (and W&B). `data_collator`, if given, turns a list of
     tokenized rows (`input_ids`) into a left-padded batch (`input_ids`, `attention_mask`). Checkpoints follow
     `save_strategy` (`steps`, `epoch` or `no`) and resume with `train(resume_from_checkpoint=...)`.
+
+    Under DeepSpeed ZeRO-2/3 policy and value model train as one engine; under ZeRO-3 the reference and reward
+    model are sharded too, generation gathers the policy (`ds3_gather_for_generation`) or runs from the shards
+    with `synced_gpus`, and `save_model` must be called on every rank.
     """
 
     config_class = PPOConfig
