@@ -107,7 +107,8 @@ def ppo_references(tmp_path_factory):
     assert ddp["engine"] == "DistributedDataParallel"
     single = ppo_zero.build(str(tmp_path_factory.mktemp("ppo_single")))
     single.train()
-    return {"ddp": ddp["main"], "ddp_dir": out / "main" / "final", "single": ppo_zero.metrics(single)}
+    return {"ddp": ddp["main"], "ddp_dir": out / "main" / "final", "single": ppo_zero.metrics(single),
+            "ddp_eval": ddp["eval"]}
 
 
 @pytest.mark.parametrize("stage,port", [("zero2", 29545), ("zero3", 29546)])
@@ -124,6 +125,12 @@ def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, port, ppo_reference
     # 1e-4 leaves room for that; a rank that skipped its gradient (no sync) is off by more than 10% by
     # iteration 2 (measured: scores 1.00 against 4.31).
     _close(res["main"], ppo_references["ddp"], rel=1e-4)
+    # evaluate(): 5 prompts over 2 ranks (3 and 2; under ZeRO-3 rank 1 runs an uncounted filler batch so that
+    # both run the same sharded forwards), the same metrics as DDP; every rank wrote nothing but rank 0 the samples
+    assert res["eval"]["eval_samples"] == ppo_references["ddp_eval"]["eval_samples"] == 5
+    for key, value in ppo_references["ddp_eval"].items():
+        assert res["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert (tmp_path / "main" / "samples" / "step_3.jsonl").is_file()
     # One process with the same 8 prompts: the first rollout is the same (the same initial policy and greedy
     # samples: scores and the value loss, which does not depend on the advantages, agree to float rounding).
     # The updates then differ by design: advantages are whitened over each process's own rollouts (as TRL's PPO

@@ -45,7 +45,7 @@ def build(output_dir: str, world: int = 1, stage: str | None = None, lora: bool 
     common = dict(output_dir=output_dir, per_device_train_batch_size=GLOBAL_BATCH // world, num_ppo_epochs=2,
                   response_length=5, learning_rate=1e-2, lr_scheduler_type="constant", temperature=1.0, kl_coef=0.05,
                   max_steps=STEPS, logging_steps=1, seed=0, report_to=[], save_strategy="no", disable_tqdm=True,
-                  bf16=False, num_sample_generations=0)
+                  bf16=False, num_sample_generations=1, per_device_eval_batch_size=2)
     common.update(extra)
     if stage == "ddp":  # as tests/scripts/ppo_ddp.py: Trainer's own multi-CPU state (gloo)
         common["use_cpu"] = True
@@ -105,6 +105,13 @@ def main(mode: str, out: str) -> None:
     lap("train")
     trainer.save_model(os.path.join(out, "main", "final"))  # on every rank, as alignkit train does
     lap("save")
+    # evaluation: 5 prompts, 2 per batch, so rank 0 runs 2 batches and rank 1 one (plus, under ZeRO-3, a filler
+    # batch that is not counted); the samples table of the last iteration (num_sample_generations=1) was written
+    from alignkit.data.synthetic import sentiment
+
+    ev = trainer.evaluate(sentiment("test", num_samples=5).select_columns(["prompt"]))
+    lap("evaluate")
+    result["eval"] = {k: v for k, v in ev.items() if not k.endswith(("_runtime", "_per_second"))}
     result.update(main=metrics(trainer), deepspeed=trainer.is_deepspeed_enabled,
                   engine=type(trainer.model_wrapped).__name__)
     if mode != "ddp":
