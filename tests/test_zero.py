@@ -157,11 +157,11 @@ def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, port, ppo_reference
     if stage == "zero3":
         # generating from the sharded weights (synced_gpus; the resume runs) gives the gathered run's samples
         _close(res["resume_full"][:3], res["main"], rel=1e-6)
-        # a LoRA policy (reference = the adapter disabled) trains, and its adapter and critic save and reload
-        from peft import PeftModel
+    # a LoRA policy (reference = the adapter disabled) trains, and its adapter and critic save and reload
+    from peft import PeftModel
 
-        assert len(res["lora"]) == 2 and all(math.isfinite(e["loss"]) for e in res["lora"])
-        assert res["lora_moved"] > 1e-3  # lora_B starts at zero
-        base = AutoModelForCausalLM.from_pretrained(ppo_zero.tiny_model_path())
-        PeftModel.from_pretrained(base, tmp_path / "lora" / "final")
-        AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "final" / "value_model")
+    assert len(res["lora"]) == 2 and all(math.isfinite(e["loss"]) for e in res["lora"])
+    assert res["lora_moved"] > 1e-3  # lora_B starts at zero
+    base = AutoModelForCausalLM.from_pretrained(ppo_zero.tiny_model_path())
+    PeftModel.from_pretrained(base, tmp_path / "lora" / "final")
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "final" / "value_model")

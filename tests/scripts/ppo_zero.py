@@ -7,7 +7,7 @@ Under every mode: 3 PPO iterations with `per_device_train_batch_size` = GLOBAL_B
 reward model (nn.Modules), greedy rollouts (a test-only generation config, so that the samples do not depend on
 which rank's RNG drew them), then `save_model` on every rank. Under ZeRO-2/3 also: a 4-iteration run with
 checkpoints every 2 and a resumed run from checkpoint-2 (under ZeRO-3 generating from the sharded weights,
-`ds3_gather_for_generation=False`), and under ZeRO-3 a LoRA policy. Rank 0 writes OUT_DIR/result.json.
+`ds3_gather_for_generation=False`), and a LoRA policy. Rank 0 writes OUT_DIR/result.json.
 """
 
 import json
@@ -126,7 +126,7 @@ def main(mode: str, out: str) -> None:
         resumed.train(resume_from_checkpoint=os.path.join(out, "resume", "checkpoint-2"))
         lap("resumed")
         result.update(resume_full=metrics(full), resume_resumed=metrics(resumed))
-    if mode == "zero3":
+    if mode != "ddp":
         lora = build(os.path.join(out, "lora"), world, mode, lora=True, max_steps=2)
         lora.train()
         import deepspeed
