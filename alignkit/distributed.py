@@ -86,16 +86,13 @@ def deepspeed_config(spec: str, offload_optimizer: bool = False, offload_params:
 def check_distributed(recipe) -> None:
     """Refuse what cannot run, before anything is launched (ValueError with the fix): a DeepSpeed name or file
     that does not resolve (with one process too: ZeRO on one process is applied, for its memory savings),
-    PPO under DeepSpeed, reference precomputation under DeepSpeed with several processes."""
+    reference precomputation under DeepSpeed with several processes."""
     dist = recipe.distributed
     ds = (dist.deepspeed if dist is not None else None) or recipe.training.get("deepspeed")
     if dist is not None and dist.deepspeed:
         deepspeed_config(dist.deepspeed, dist.offload_optimizer, dist.offload_params)
     elif dist is not None and (dist.offload_optimizer or dist.offload_params):
         raise ValueError("distributed.offload_optimizer / offload_params need distributed.deepspeed (e.g. zero3).")
-    if ds and recipe.method == "ppo":
-        raise ValueError("method 'ppo' does not run under DeepSpeed yet; remove distributed.deepspeed (plain DDP over "
-                         "several processes works).")
     world = dist.num_processes * dist.num_machines if dist is not None else 1
     if ds and world > 1 and recipe.training.get("precompute_ref_log_probs"):
         raise ValueError("precompute_ref_log_probs is not supported under DeepSpeed with several processes; set "

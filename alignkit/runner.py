@@ -184,7 +184,14 @@ def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
     value_key = "reward.value_model" if r.value_model else "reward.model" if r.model else "model.name_or_path"
     value = seq_cls(value_key, r.value_model or r.model or recipe.model.name_or_path)
     if ref is None and peft_config is None:
-        ref = copy.deepcopy(policy)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # the policy was loaded sharded (zero.Init) and a copy of its shards is no model: the reference is
+            # loaded again from the same checkpoint
+            ref, _ = load_models(recipe)
+        else:
+            ref = copy.deepcopy(policy)
     return {"reward_model": reward, "value_model": value, "ref_model": ref}
 
 

@@ -18,6 +18,7 @@ then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -75,7 +76,9 @@ class PPOConfig(TrainingArguments):
     ref_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
     num_sample_generations: int = field(default=10, metadata={"help": "Tables of sample completions during training "
                                                                       "(output_dir/samples, W&B); 0 turns them off."})
-    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "Accepted for TRL compatibility."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={
+        "help": "Under DeepSpeed ZeRO-3: gather the policy's weights for generation (faster; the policy must fit "
+                "on one device), else generate from the sharded weights with the ranks kept in step."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
     num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
     total_episodes: int | None = field(default=None, metadata={"help": "Prompts to generate for (sets max_steps)."})
@@ -214,6 +217,10 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
     tables of completions go to `output_dir/samples/` (and W&B). `data_collator`, if given, turns a list of
     tokenized rows (`input_ids`) into a left-padded batch (`input_ids`, `attention_mask`). Checkpoints follow
     `save_strategy` (`steps`, `epoch` or `no`) and resume with `train(resume_from_checkpoint=...)`.
+
+    Under DeepSpeed ZeRO-2/3 policy and value model train as one engine; under ZeRO-3 the reference and reward
+    model are sharded too, generation gathers the policy (`ds3_gather_for_generation`) or runs from the shards
+    with `synced_gpus`, and `save_model` must be called on every rank.
     """
 
     config_class = PPOConfig
@@ -231,10 +238,6 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         if model is None:
             raise ValueError("PPOTrainer needs the policy as `model` (or `sft_model_path` in the config).")
         args = self._resolve_args(model, args)
-        if args.deepspeed:
-            raise ValueError("PPOTrainer does not drive a DeepSpeed engine yet (generation under ZeRO-3 needs the "
-                             "parameters gathered); run it on one process or with plain DDP (several processes, no "
-                             "deepspeed setting).")
         if processing_class is None:
             raise ValueError("PPOTrainer needs `processing_class` (the policy's tokenizer).")
         tok = getattr(processing_class, "tokenizer", processing_class)
@@ -291,13 +294,30 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
         self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
-        for m in (self.ref_model, self.reward_model):
-            if isinstance(m, nn.Module):
-                m.eval().requires_grad_(False).to(self.accelerator.device)
+        self._frozen_engines = []  # under ZeRO-3: the DeepSpeed engines that shard the reference and reward model
+        for name in ("ref_model", "reward_model"):
+            m = getattr(self, name)
+            if not isinstance(m, nn.Module):
+                continue
+            m.eval().requires_grad_(False)
+            if self._is_zero3:
+                # sharded like the policy, in eval mode (TRL's helper); the module is called directly, its ZeRO-3
+                # hooks gather the weights of each submodule in turn (every rank runs the same forwards)
+                from trl.models.utils import prepare_deepspeed
+
+                engine = prepare_deepspeed(m, self.accelerator)
+                self._frozen_engines.append(engine)
+                setattr(self, name, engine.module)
+            else:  # one process, DDP or ZeRO-2: a whole copy on every rank
+                m.to(self.accelerator.device)
         self.generation_config = GenerationConfig(
             max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
             do_sample=True, pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
+
+    @property
+    def _is_zero3(self) -> bool:
+        return bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     @staticmethod
     def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config):
@@ -370,11 +390,31 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
 
     # ---- rollout ---------------------------------------------------------------------------------
     def _ref_context(self):
-        import contextlib
-
         if self.ref_model is None:
             return self.accelerator.unwrap_model(self.model).policy.disable_adapter()
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _policy_for_generation(self, model):
+        """The policy to generate with, and extra `generate` arguments. Under ZeRO-3 with
+        `ds3_gather_for_generation` the policy's weights are gathered on every rank for the duration of `generate`
+        (ZeRO's hooks removed meanwhile, as TRL's `unwrap_model_for_generation` does) and sharded again after;
+        without it the policy generates from the sharded weights with `synced_gpus=True`, so every rank keeps
+        running forwards (which gather the weights collectively) until all ranks are done."""
+        if not self._is_zero3:
+            yield model.policy, {}
+        elif not self.args.ds3_gather_for_generation:
+            yield model.policy, {"synced_gpus": True}
+        else:
+            import deepspeed
+            from trl.models.utils import add_hooks, remove_hooks
+
+            with deepspeed.zero.GatheredParameters(list(model.policy.parameters())):
+                remove_hooks(self.model_wrapped)
+                try:
+                    yield model.policy, {}
+                finally:
+                    add_hooks(self.model_wrapped)
 
     def _token_logprobs(self, model, ids, mask, context_len):
         return response_logprobs(model, ids, mask, context_len, self.args.temperature)
@@ -412,8 +452,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         context_len = prompt_ids.size(1)
         t0 = _now()
         model.eval()
-        seqs = model.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                     generation_config=self.generation_config)
+        with self._policy_for_generation(model) as (policy, extra):
+            seqs = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                   generation_config=self.generation_config, **extra)
         self._timings["generation"] += _now() - t0
         response = seqs[:, context_len:]
         # a response ends at its first stop token (kept); everything after is padding
@@ -509,8 +550,22 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {args.output_dir} to resume from.")
         updates_per_iter = args.num_ppo_epochs * args.num_mini_batches
-        self.create_optimizer_and_scheduler(num_training_steps=args.max_steps * updates_per_iter)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        num_updates = args.max_steps * updates_per_iter
+        if self.is_deepspeed_enabled:
+            # as Trainer does: the DeepSpeed config finalised (its "auto" values) and the optimizer created, then
+            # the engine built around PolicyAndValue and the optimizer together; the scheduler on the prepared
+            # optimizer (saved in scheduler.pt by Trainer's checkpoints, the rest by the engine's save_checkpoint)
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            if isinstance(self.model, nn.Module) and not hasattr(self.model, "save_checkpoint"):
+                self.optimizer, self.lr_scheduler = deepspeed_init(self, num_training_steps=num_updates)
+                self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            if self.lr_scheduler is None:
+                self.create_scheduler(num_training_steps=num_updates, optimizer=self.optimizer)
+            self.deepspeed = self.model
+        else:
+            self.create_optimizer_and_scheduler(num_training_steps=num_updates)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped = self.model
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
                                                       if hasattr(cb, "state")])
@@ -519,7 +574,12 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         self.state.eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps
         start = 0
         if resume_from_checkpoint:
-            self._load_checkpoint_weights(resume_from_checkpoint)
+            if self.is_deepspeed_enabled:  # weights and optimizer state from the engine's checkpoint
+                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+                deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint)
+            else:
+                self._load_checkpoint_weights(resume_from_checkpoint)
             _trl.load_optimizer_and_scheduler(self, resume_from_checkpoint)
             self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
             _trl.load_rng_state(self, resume_from_checkpoint)
@@ -599,6 +659,14 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         bs = self.args.per_device_eval_batch_size
         for s in range(0, len(rows), bs):
             yield self.data_collator([dataset[i] for i in rows[s:s + bs]])
+        if self._is_zero3:
+            # ZeRO-3's forwards are collective: every rank runs as many batches as rank 0 (which has the most rows);
+            # the extra ones (a repeat of the first prompt) are marked by `_eval_filler` and not counted
+            extra = -(-len(range(0, len(dataset), self.args.world_size)) // bs) - (-(-len(rows) // bs))
+            for _ in range(extra):
+                batch = self.data_collator([dataset[0]])
+                batch["_eval_filler"] = True
+                yield batch
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -624,6 +692,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             sums = torch.zeros(8, device=self.accelerator.device)
             names = ("reverse_kl", "forward_kl", "jsd", "alpha")
             for batch in self._eval_prompts(dataset):
+                filler = bool(batch.pop("_eval_filler", False))
                 r = self._generate_and_score(batch, values=False)
                 rmask = r["response_mask"].float()
                 logr = (r["logp"] - r["ref_logp"]) * rmask
@@ -632,7 +701,8 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                     d = get_divergence(name, 0.5 if name == "alpha" else None)
                     per_seq.append((d.estimator(logr) * rmask).sum(1))
                 per_seq.append(torch.ones_like(rmask[:, 0]))  # the count of rollouts
-                sums += torch.stack([x.float().sum() for x in per_seq])
+                if not filler:
+                    sums += torch.stack([x.float().sum() for x in per_seq])
         self._timings = saved_timings
         total = self.accelerator.reduce(sums, reduction="sum").tolist()
         n = max(total[7], 1.0)
@@ -718,12 +788,20 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
     # ---- saving ----------------------------------------------------------------------------------
     # Replaces Trainer._save: the policy is saved as a normal Hugging Face model (loadable with
     # from_pretrained), the value model in `value_model/`, instead of the state dict of the wrapper.
+    # `state_dict` (of PolicyAndValue: keys `policy.*` and `value_model.*`) is given under ZeRO-3, where the
+    # modules' own parameters are shards.
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.policy.save_pretrained(output_dir)
-        unwrapped.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        parts = {"policy": {}, "value_model": {}}
+        if state_dict is not None:
+            for key, value in state_dict.items():
+                prefix, _, rest = key.partition(".")
+                parts[prefix][rest] = value
+        for name, folder in (("policy", output_dir), ("value_model", os.path.join(output_dir, "value_model"))):
+            kwargs = {"state_dict": parts[name]} if state_dict is not None else {}
+            getattr(unwrapped, name).save_pretrained(folder, **kwargs)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -767,6 +845,13 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             fh.write("\n".join(lines))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the policy (a Hugging Face model folder, or the adapter for PEFT) and the value model in
+        `value_model/`. Under ZeRO-3 every rank must call it (the weights are gathered collectively; rank 0
+        writes); elsewhere rank 0 writes and other ranks return."""
         output_dir = output_dir or self.args.output_dir
-        if self.is_world_process_zero():
+        if self._is_zero3 and hasattr(self.model_wrapped, "save_checkpoint"):
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)  # collective: every rank
+            if self.is_world_process_zero():
+                self._save(output_dir, state_dict=state_dict)
+        elif self.is_world_process_zero():
             self._save(output_dir)
