@@ -151,7 +151,10 @@ def prepare_worker(section, training: dict[str, Any]) -> dict[str, Any]:
     if not gpu:
         from accelerate import PartialState
 
-        PartialState(backend="gloo")
+        # Without DeepSpeed the state must be marked as CPU: a plain gloo PartialState is accelerate's
+        # single-process state (DistributedType.NO) even in a world of N, and each rank then trains its own copy
+        # with no gradient synchronisation (tests/test_ddp.py). Under DeepSpeed the engine's type is used.
+        PartialState(backend="gloo", **({} if section.deepspeed else {"cpu": True}))
         accel = dict(training.get("accelerator_config") or {})
         accel["use_configured_state"] = True
         training["accelerator_config"] = accel

@@ -383,3 +383,19 @@ def test_former_trl_model_paths_load_the_models(tiny_model_path, tokenizer, prom
     with pytest.raises(ValueError, match="both `model` and `sft_model_path`"):
         PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
                    train_dataset=prompts)
+
+
+def test_gradient_accumulation_equals_the_larger_micro_batch(tiny_model_path, tokenizer, prompts, tmp_path):
+    """gradient_accumulation_steps=2 with micro-batches of 4 is one update per mini-batch of 8, as a micro-batch of
+    8 is (it used to step the optimizer after every micro-batch: transformers 5 leaves accumulation to the loop).
+    Responses have a fixed length (no stop token), so each micro-batch mean weighs the same number of tokens."""
+    def run(out, **kw):
+        trainer = _small(tiny_model_path, tokenizer, prompts, out, num_ppo_epochs=2, max_steps=3, **kw)
+        trainer.train()
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log], trainer
+
+    accumulated, a = run(tmp_path / "ga2", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    whole, b = run(tmp_path / "ga1", per_device_train_batch_size=8)
+    assert accumulated == pytest.approx(whole, rel=1e-4)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)

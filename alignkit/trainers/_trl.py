@@ -51,6 +51,11 @@ FUNCTIONS: list[tuple[str, str, tuple[str, ...]]] = [
     ("trl.models.utils", "disable_gradient_checkpointing", ("model", "gradient_checkpointing_kwargs")),
     ("trl.trainer.utils", "use_adapter", ("model", "adapter_name")),
     ("trl.trainer.utils", "pad", ("tensors", "padding_value")),
+    ("trl.models.utils", "prepare_deepspeed", ("model", "accelerator")),
+    ("trl.models.utils", "add_hooks", ("model",)),
+    ("trl.models.utils", "remove_hooks", ("model",)),
+    ("transformers.integrations.deepspeed", "deepspeed_init", ("trainer", "num_training_steps")),
+    ("transformers.integrations.deepspeed", "deepspeed_load_checkpoint", ("deepspeed_engine", "checkpoint_path")),
 ]
 
 #: private attributes of a constructed trainer: trainer class name -> attribute names
@@ -206,3 +211,38 @@ def load_optimizer_and_scheduler(trainer, checkpoint: str) -> None:
 def save_checkpoint(trainer) -> None:
     """Trainer's checkpoint save (model, optimizer, scheduler, RNG, trainer state, rotation)."""
     trainer._save_checkpoint(trainer.model, trial=None)
+
+
+# ---- DeepSpeed (PPOTrainer, which drives its own engine) ----------------------------------------------------
+
+def prepare_deepspeed(model, accelerator):
+    """A frozen model (reference, reward) as an eval-mode DeepSpeed engine, sharded like the policy (TRL's helper)."""
+    from trl.models.utils import prepare_deepspeed as _prepare
+
+    return _prepare(model, accelerator)
+
+
+def remove_hooks(engine) -> None:
+    """Take ZeRO-3's parameter hooks off an engine (while its gathered weights generate)."""
+    from trl.models.utils import remove_hooks as _remove
+
+    _remove(engine)
+
+
+def add_hooks(engine) -> None:
+    from trl.models.utils import add_hooks as _add
+
+    _add(engine)
+
+
+def deepspeed_init(trainer, num_training_steps: int):
+    """Trainer's DeepSpeed set-up (optimizer and scheduler from the DeepSpeed config or the Trainer's)."""
+    from transformers.integrations.deepspeed import deepspeed_init as _init
+
+    return _init(trainer, num_training_steps=num_training_steps)
+
+
+def deepspeed_load_checkpoint(engine, checkpoint: str, **kwargs):
+    from transformers.integrations.deepspeed import deepspeed_load_checkpoint as _load
+
+    return _load(engine, checkpoint, **kwargs)

@@ -303,9 +303,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             if self._is_zero3:
                 # sharded like the policy, in eval mode (TRL's helper); the module is called directly, its ZeRO-3
                 # hooks gather the weights of each submodule in turn (every rank runs the same forwards)
-                from trl.models.utils import prepare_deepspeed
-
-                engine = prepare_deepspeed(m, self.accelerator)
+                engine = _trl.prepare_deepspeed(m, self.accelerator)
                 self._frozen_engines.append(engine)
                 setattr(self, name, engine.module)
             else:  # one process, DDP or ZeRO-2: a whole copy on every rank
@@ -407,14 +405,13 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             yield model.policy, {"synced_gpus": True}
         else:
             import deepspeed
-            from trl.models.utils import add_hooks, remove_hooks
 
             with deepspeed.zero.GatheredParameters(list(model.policy.parameters())):
-                remove_hooks(self.model_wrapped)
+                _trl.remove_hooks(self.model_wrapped)
                 try:
                     yield model.policy, {}
                 finally:
-                    add_hooks(self.model_wrapped)
+                    _trl.add_hooks(self.model_wrapped)
 
     def _token_logprobs(self, model, ids, mask, context_len):
         return response_logprobs(model, ids, mask, context_len, self.args.temperature)
@@ -555,10 +552,8 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             # as Trainer does: the DeepSpeed config finalised (its "auto" values) and the optimizer created, then
             # the engine built around PolicyAndValue and the optimizer together; the scheduler on the prepared
             # optimizer (saved in scheduler.pt by Trainer's checkpoints, the rest by the engine's save_checkpoint)
-            from transformers.integrations.deepspeed import deepspeed_init
-
             if isinstance(self.model, nn.Module) and not hasattr(self.model, "save_checkpoint"):
-                self.optimizer, self.lr_scheduler = deepspeed_init(self, num_training_steps=num_updates)
+                self.optimizer, self.lr_scheduler = _trl.deepspeed_init(self, num_training_steps=num_updates)
                 self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
             if self.lr_scheduler is None:
                 self.create_scheduler(num_training_steps=num_updates, optimizer=self.optimizer)
@@ -575,9 +570,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         start = 0
         if resume_from_checkpoint:
             if self.is_deepspeed_enabled:  # weights and optimizer state from the engine's checkpoint
-                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
-
-                deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint)
+                _trl.deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint)
             else:
                 self._load_checkpoint_weights(resume_from_checkpoint)
             _trl.load_optimizer_and_scheduler(self, resume_from_checkpoint)
@@ -607,15 +600,28 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 order = torch.randperm(n, device=ro["ids"].device)
                 for mb in range(0, n, mb_size):
                     mb_idx = order[mb:mb + mb_size]
-                    for micro in range(0, mb_idx.numel(), args.per_device_train_batch_size):
+                    starts = range(0, mb_idx.numel(), args.per_device_train_batch_size)
+                    for k_micro, micro in enumerate(starts):
                         idx = mb_idx[micro:micro + args.per_device_train_batch_size]
-                        with self.accelerator.accumulate(self.model):
+                        if self.is_deepspeed_enabled:  # the engine accumulates (and scales) over its micro-batches
+                            with self.accelerator.accumulate(self.model):
+                                loss, stats = self._ppo_loss(ro, idx)
+                                self.accelerator.backward(loss)
+                                if self.accelerator.sync_gradients and args.max_grad_norm:
+                                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                                self.optimizer.step()
+                                self.optimizer.zero_grad()
+                        else:
+                            # one update per mini-batch: transformers 5 builds the accelerator with accumulation
+                            # left to the training loop, so the micro-batch losses are averaged here
+                            last = k_micro == len(starts) - 1
                             loss, stats = self._ppo_loss(ro, idx)
-                            self.accelerator.backward(loss)
-                            if self.accelerator.sync_gradients and args.max_grad_norm:
-                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
+                            self.accelerator.backward(loss / len(starts))
+                            if last:
+                                if args.max_grad_norm:
+                                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                                self.optimizer.step()
+                                self.optimizer.zero_grad()
                         for k, v in stats.items():
                             acc[k].append(v)
                     self.lr_scheduler.step()
