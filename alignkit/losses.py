@@ -424,7 +424,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
     """``(x - m) / sqrt(v + 1e-8)``, with ``m`` the masked mean and ``v = masked_mean((x - m)^2)`` the biased
     (divide by the number of tokens) masked variance. With ``shift_mean=False`` the mean is added back:
     ``(x - m) / sqrt(v + 1e-8) + m`` (the scale changes, the mean stays; used for rewards).
@@ -432,9 +432,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     Masked positions are not zeroed in the output (the caller multiplies by the mask where needed).
     Advantage normalisation is an implementation practice of PPO codes (Schulman et al. 2017, arXiv 1707.06347,
     and their baselines), not part of the objective.
+
+    ``reduce`` (a function summing a tensor over processes, e.g. ``accelerator.reduce(t, "sum")``) takes the mean
+    and variance over the tokens of every process, so that N processes whiten as one process with all the data.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        total, count = reduce(torch.stack([(x * mask).sum(), mask.sum()])).unbind()
+        mean = total / count.clamp(min=1)
+        var = reduce(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 

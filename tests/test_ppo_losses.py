@@ -232,3 +232,28 @@ def test_masked_positions_have_no_effect(seed):
     assert (a["g_logp"][mask == 0] == 0).all() and (a["g_values"][mask == 0] == 0).all()
     adv, ret = a["gae"]
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_masked_whiten_over_processes_equals_whitening_all_the_data():
+    """With `reduce` summing over "processes" (here: two halves of a batch), whitening each half gives the
+    whitening of the whole batch (what N PPO processes must do to train as one)."""
+    from alignkit.losses import masked_whiten
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 8.0, 0.0], [-1.0, 5.0, 7.0], [2.0, 2.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    halves = [(x[:2], m[:2]), (x[2:], m[2:])]
+    mean = (x * m).sum() / m.sum()  # 43 / 10 = 4.3
+
+    def all_reduce_from(other):
+        """What an all-reduce (sum) returns on one process: its statistic plus the other process's."""
+        def reduce(t):
+            if t.dim() == 1:  # [sum(x * mask), sum(mask)]
+                return t + torch.stack([(other[0] * other[1]).sum(), other[1].sum()])
+            return t + ((other[0] - mean) ** 2 * other[1]).sum()  # the squared deviations from the global mean
+        return reduce
+
+    for shift in (True, False):
+        whole = masked_whiten(x, m, shift_mean=shift)
+        parts = [masked_whiten(xi, mi, shift_mean=shift, reduce=all_reduce_from(halves[1 - i]))
+                 for i, (xi, mi) in enumerate(halves)]
+        torch.testing.assert_close(torch.cat(parts) * m, whole * m)

@@ -131,14 +131,13 @@ def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, port, ppo_reference
     for key, value in ppo_references["ddp_eval"].items():
         assert res["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert (tmp_path / "main" / "samples" / "step_3.jsonl").is_file()
-    # One process with the same 8 prompts: the first rollout is the same (the same initial policy and greedy
-    # samples: scores and the value loss, which does not depend on the advantages, agree to float rounding).
-    # The updates then differ by design: advantages are whitened over each process's own rollouts (as TRL's PPO
-    # did), so the policy loss differs from iteration 1 (measured 0.1146 in one process, 0.1245 on 2 processes,
-    # under DDP as under ZeRO).
-    one, two = ppo_references["single"][0], res["main"][0]
-    for key in ("objective/scores", "loss/value_avg", "divergence/reverse_kl", "divergence/jsd"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    # One process with the same 8 prompts trains the same way: greedy samples, advantages whitened over both
+    # ranks' rollouts (as over one process's), the gradient averaged over ranks. What differs is float rounding:
+    # each rank pads its 4 prompts to their own longest (one process pads 8), and the gradient sums run in another
+    # order. Measured at most 4.4e-5 relative (ZeRO-2) and 3.2e-5 (ZeRO-3) over 3 iterations; whitening per process
+    # instead (TRL's PPO did) is off by 9% from iteration 1 (policy loss 0.1245 against 0.1146), so 2e-4 separates
+    # the two by 400x.
+    _close(res["main"], ppo_references["single"], rel=2e-4)
     # save_model on every rank: a Hugging Face policy and critic, with the weights DDP trained. Adam turns the
     # rounding differences of near-zero gradient entries into visible weight differences: measured at most 4e-7
     # (ZeRO-2) and 4.3e-5 (ZeRO-3) against DDP, for weights of magnitude 0.1 that 6 Adam steps at lr 1e-2 moved by

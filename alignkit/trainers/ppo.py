@@ -413,6 +413,13 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 finally:
                     _trl.add_hooks(self.model_wrapped)
 
+    @property
+    def _sum_over_processes(self):
+        """`None` on one process (the plain masked statistics), else a sum over processes."""
+        if self.args.world_size <= 1:
+            return None
+        return lambda t: self.accelerator.reduce(t, reduction="sum")
+
     def _token_logprobs(self, model, ids, mask, context_len):
         return response_logprobs(model, ids, mask, context_len, self.args.temperature)
 
@@ -508,10 +515,11 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         last = (lengths.long() - 1).clamp(min=0)
         rewards[torch.arange(rewards.size(0), device=device), last] += scores
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False) * maskf
+            rewards = masked_whiten(rewards, maskf, shift_mean=False, reduce=self._sum_over_processes) * maskf
         values = r["values"] * maskf
         advantages, returns = gae_advantages(rewards, values, maskf, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, maskf) * maskf
+        # whitened over the rollouts of every process: N processes train as one process with the same global batch
+        advantages = masked_whiten(advantages, maskf, reduce=self._sum_over_processes) * maskf
         return {"ids": ids, "mask": mask, "response_mask": maskf, "context_len": context_len,
                 "logp": r["logp"], "ref_logp": r["ref_logp"], "values": values, "advantages": advantages,
                 "returns": returns, "scores": scores, "raw_scores": r["scores"], "penalty": penalty,
