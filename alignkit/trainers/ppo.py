@@ -188,6 +188,10 @@ class PolicyAndValue(nn.Module):
         return logp, response_values(self.value_model, input_ids, attention_mask, context_len)
 
 
+#: the parts of a PPO iteration logged as time/<part> (gather: ZeRO-3 weight gathering, inside generation)
+_TIMED_PARTS = ("generation", "gather", "forward", "scoring", "optimisation")
+
+
 def _now() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -293,7 +297,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
-        self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
+        self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
         self._frozen_engines = []  # under ZeRO-3: the DeepSpeed engines that shard the reference and reward model
         for name in ("ref_model", "reward_model"):
             m = getattr(self, name)
@@ -406,12 +410,16 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         else:
             import deepspeed
 
+            t0 = _now()  # time/gather: gathering the weights and sharding them again (part of time/generation)
             with deepspeed.zero.GatheredParameters(list(model.policy.parameters())):
                 _trl.remove_hooks(self.model_wrapped)
+                self._timings["gather"] += _now() - t0
                 try:
                     yield model.policy, {}
                 finally:
+                    t0 = _now()
                     _trl.add_hooks(self.model_wrapped)
+            self._timings["gather"] += _now() - t0
 
     @property
     def _sum_over_processes(self):
@@ -598,7 +606,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         # Progress is shown by Trainer's progress callback (on_step_end), as in every other trainer.
         for it in range(start, args.max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._timings = dict.fromkeys(("generation", "forward", "scoring", "optimisation"), 0.0)
+            self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
             ro = self._rollout(next(batches))
             t_opt = _now()
             n = ro["ids"].size(0)
