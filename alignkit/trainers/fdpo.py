@@ -332,8 +332,9 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         weights = None
         if self.use_weighting:
             seq_len = fwd["shift_mask"].size(1)
-            w = wpo_weights(fwd["per_token_logps"], fwd["outputs"].log_sum_sq_probs[:, -seq_len:], fwd["shift_mask"])
-            weights = w.chunk(2, dim=0)[0] * w.chunk(2, dim=0)[1]
+            chosen_w, rejected_w = wpo_weights(fwd["per_token_logps"], fwd["outputs"].log_sum_sq_probs[:, -seq_len:],
+                                               fwd["shift_mask"]).chunk(2, dim=0)
+            weights = chosen_w * rejected_w
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":

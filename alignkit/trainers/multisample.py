@@ -171,16 +171,15 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             raise ValueError("MultiSampleDPOTrainer needs a map-style datasets.Dataset (group sizes are checked up front).")
         validate_group_dataset(dataset, f"{dataset_name} dataset")
         eos = _trl.tokenizer_of(self).eos_token
-        _tokenize, common_prefix_length = _trl.tokenize, _trl.common_prefix_length
 
         def tokenize(example):
             conversational = isinstance(example["prompt"], list)
-            prompt_ids = _tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
+            prompt_ids = _trl.tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
             full = {}
             for side in ("chosen", "rejected"):
                 comps = example[side] if conversational else [c if c.endswith(eos) else c + eos for c in example[side]]
-                full[side] = [_tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
-            prompt_len = min(common_prefix_length(prompt_ids, f) for side in full for f in full[side])
+                full[side] = [_trl.tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
+            prompt_len = min(_trl.common_prefix_length(prompt_ids, f) for side in full for f in full[side])
             return {
                 "prompt_ids": prompt_ids[:prompt_len],
                 "chosen_ids": [f[prompt_len:] for f in full["chosen"]],
@@ -243,7 +242,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             "shift_mask": mask,
             "logps": logps,
             "ref_logps": ref_logps,
-            "is_chosen": torch.arange(logps.size(0), device=logps.device) < inputs["chosen_row_index"].numel(),
+            "is_chosen": torch.arange(logps.size(0), device=logps.device) < self._num_chosen_sequences(inputs, 0),
             "lengths": mask.sum(dim=1).to(logps.dtype),
             "num_input_tokens": inputs["packed_lengths"].sum(),
         }

@@ -188,6 +188,16 @@ class PolicyAndValue(nn.Module):
         return logp, response_values(self.value_model, input_ids, attention_mask, context_len)
 
 
+#: the divergences estimated from every batch of rollouts (divergence/<name>), alpha at 0.5
+ESTIMATED_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "alpha")
+
+
+def _divergence_estimates(logr: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sequence, the unbiased estimate of each divergence of `ESTIMATED_DIVERGENCES` from the reference."""
+    return {name: (get_divergence(name, 0.5 if name == "alpha" else None).estimator(logr) * mask).sum(1)
+            for name in ESTIMATED_DIVERGENCES}
+
+
 #: the parts of a PPO iteration logged as time/<part> (gather: ZeRO-3 weight gathering, inside generation)
 _TIMED_PARTS = ("generation", "gather", "forward", "scoring", "optimisation")
 
@@ -690,6 +700,17 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 batch["_eval_filler"] = True
                 yield batch
 
+    @contextlib.contextmanager
+    def _rollouts_outside_training(self):
+        """Evaluation and sample tables: sampling under a forked RNG seeded with `seed` (repeatable, and the
+        training run's RNG stream is untouched) and the iteration's `time/*` figures left as they were."""
+        saved_timings = dict(self._timings)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            yield
+        self._timings = saved_timings
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Rollouts of the current policy on the eval prompts, scored by the training reward: mean score, the
@@ -707,25 +728,18 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
                 out.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return out
         start = time.time()
-        saved_timings = dict(self._timings)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.args.seed)
+        with self._rollouts_outside_training():
             sums = torch.zeros(8, device=self.accelerator.device)
-            names = ("reverse_kl", "forward_kl", "jsd", "alpha")
             for batch in self._eval_prompts(dataset):
                 filler = bool(batch.pop("_eval_filler", False))
                 r = self._generate_and_score(batch, values=False)
                 rmask = r["response_mask"].float()
                 logr = (r["logp"] - r["ref_logp"]) * rmask
-                per_seq = [r["scores"], rmask.sum(1), (r["entropy"] * rmask).sum(1)]
-                for name in names:
-                    d = get_divergence(name, 0.5 if name == "alpha" else None)
-                    per_seq.append((d.estimator(logr) * rmask).sum(1))
-                per_seq.append(torch.ones_like(rmask[:, 0]))  # the count of rollouts
+                per_seq = [r["scores"], rmask.sum(1), (r["entropy"] * rmask).sum(1),
+                           *_divergence_estimates(logr, rmask).values(),
+                           torch.ones_like(rmask[:, 0])]  # the count of rollouts
                 if not filler:
                     sums += torch.stack([x.float().sum() for x in per_seq])
-        self._timings = saved_timings
         total = self.accelerator.reduce(sums, reduction="sum").tolist()
         n = max(total[7], 1.0)
         metrics = {
@@ -733,7 +747,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             f"{metric_key_prefix}_response/length": total[1] / n,
             f"{metric_key_prefix}_objective/entropy": total[2] / max(total[1], 1.0),
         }
-        for k, name in enumerate(names):
+        for k, name in enumerate(ESTIMATED_DIVERGENCES):
             metrics[f"{metric_key_prefix}_divergence/{name}"] = total[3 + k] / n
         metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         metrics[f"{metric_key_prefix}_samples"] = int(total[7])
@@ -751,12 +765,8 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             dataset = next(iter(dataset.values()))
         dataset = self._prepare_prompts(dataset, self.tokenizer, self.args)
         rows = [dataset[i] for i in range(min(len(dataset), self.args.per_device_eval_batch_size))]
-        saved_timings = dict(self._timings)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.args.seed)
+        with self._rollouts_outside_training():
             r = self._generate_and_score(self.data_collator(rows), values=False)
-        self._timings = saved_timings
         if not self.is_world_process_zero():
             return
         c = r["context_len"]
@@ -796,9 +806,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         # seconds of this iteration: sampling, no-grad forwards (policy, reference, value), reward, updates
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         # the unbiased estimate of every divergence of the family, from the same samples
-        for name in ("reverse_kl", "forward_kl", "jsd", "alpha"):
-            d = get_divergence(name, 0.5 if name == "alpha" else None)
-            est = (d.estimator(ro["logr"]) * rmask).sum(1)
+        for name, est in _divergence_estimates(ro["logr"], rmask).items():
             metrics[f"divergence/{name}"] = gather(est).mean().item()
         names = {"loss": "loss", "pg_loss": "loss/policy_avg", "vf_loss": "loss/value_avg", "div_loss": "loss/divergence_avg",
                  "pg_clipfrac": "policy/clipfrac_avg", "vf_clipfrac": "val/clipfrac_avg",
