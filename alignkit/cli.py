@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-pairs", type=int, default=None, help="use the first N pairs (default: all)")
     ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward for pair calibration")
     ev.add_argument("--reward-model", help="sequence-classification reward model to score the samples")
+    ev.add_argument("--reward-function", help="score the samples with a function instead: builtin:vader (real "
+                                              "text), builtin:sentiment, or package.module:function")
     ev.add_argument("--compare-model", help="another policy; with --reward-model, gives the win-rate score")
     ev.add_argument("--attribute", help="spurious attribute for reward-model bias (length, a column, regex:...)")
     ev.add_argument("--output", default="outputs/eval", help="folder for report.json, samples.jsonl and PNGs")
@@ -98,9 +100,18 @@ def _run_eval(args) -> int:
     if args.pairs and not (args.ref or args.reward_model):
         raise EvalError("--pairs needs --ref (calibration of the policy's implicit reward against the reference) "
                         "or --reward-model (its accuracy and bias on the pairs); add one of them.")
-    if args.compare_model and not args.reward_model:
-        raise EvalError("--compare-model needs --reward-model: the win rate compares the two policies' samples by "
-                        "reward; add --reward-model.")
+    if args.compare_model and not (args.reward_model or args.reward_function):
+        raise EvalError("--compare-model needs --reward-model or --reward-function: the win rate compares the two "
+                        "policies' samples by reward; add one of them.")
+    if args.reward_model and args.reward_function:
+        raise EvalError("--reward-model and --reward-function both score the samples; give one of them.")
+    if args.reward_function:
+        from .rewards import load_reward_function
+
+        try:
+            load_reward_function(args.reward_function)
+        except ValueError as exc:
+            raise EvalError(f"--reward-function: {exc}") from None
     if args.attribute and not (args.reward_model and args.pairs):
         raise EvalError("--attribute measures a reward model's bias on pairs; add --reward-model and --pairs.")
     check_model_source(args.model, "MODEL (the policy)", need_tokenizer=True)
@@ -118,7 +129,8 @@ def _run_eval(args) -> int:
         validate_preference_dataset(pairs, f"--pairs {args.pairs}")
     report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, reward_model=args.reward_model, compare_model=args.compare_model,
-                      pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed)
+                      pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed,
+                      reward_function=args.reward_function)
     files = write_report(report, args.output)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()
              if k not in ("samples",) and not isinstance(v, dict)}

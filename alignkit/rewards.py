@@ -1,6 +1,6 @@
 """Reward functions for PPOTrainer (and TRL's GRPO/RLOO `reward_funcs`): `(prompts, completions) -> scores`.
 
-Built-in ones score the built-in synthetic tasks; recipes name them `builtin:<name>`, or any importable
+Built-in ones: ``sentiment`` scores the built-in synthetic tasks, ``vader`` real English text; recipes name them `builtin:<name>`, or any importable
 callable as `package.module:function`.
 """
 
@@ -24,7 +24,24 @@ def sentiment(prompts: list[str], completions: list[str], **_) -> list[float]:
     return out
 
 
-BUILTIN_REWARDS = {"sentiment": sentiment}
+_VADER = None
+
+
+def vader(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """A real sentiment scorer for real text: VADER's compound score of the completion, in [-1, 1] (Hutto and
+    Gilbert, 2014; the MIT-licensed `vaderSentiment` package, a lexicon and rules, no model)."""
+    global _VADER
+    if _VADER is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ValueError("builtin:vader needs the vaderSentiment package: pip install vaderSentiment "
+                             "(or pip install 'alignkit[real]').") from None
+        _VADER = SentimentIntensityAnalyzer()
+    return [float(_VADER.polarity_scores(text)["compound"]) for text in completions]
+
+
+BUILTIN_REWARDS = {"sentiment": sentiment, "vader": vader}
 
 
 def load_reward_function(spec: str):

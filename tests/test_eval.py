@@ -63,6 +63,23 @@ def test_eval_with_a_reward_model_random_numbers_and_wandb(tmp_path, monkeypatch
     assert set(numbers) == {"entropy", "kl_to_uniform", "invalid_fraction"}
 
 
+def test_eval_with_a_reward_function(tmp_path, capsys):
+    """--reward-function scores the samples (here the built-in sentiment rule) and, with --compare-model, gives the
+    win-rate score; each sample's reward is the function's value on its completion."""
+    from alignkit.rewards import sentiment
+
+    assert main(["eval", "builtin:tiny-llama", "--prompts", "builtin:sentiment", "--num-prompts", "3", "-k", "2",
+                 "--max-new-tokens", "6", "--reward-function", "builtin:sentiment", "--compare-model",
+                 "builtin:tiny-llama", "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["reward"] for s in samples] == sentiment([], [s["completion"] for s in samples])
+    assert report["reward"]["mean"] == pytest.approx(sum(s["reward"] for s in samples) / len(samples))
+    assert 0.0 <= report["reward"]["win_rate_score"] <= 100.0  # a percentage
+    assert main(["eval", "builtin:tiny-llama", "--reward-function", "builtin:nope", "--output", str(tmp_path)]) == 2
+    assert "builtin:nope" in capsys.readouterr().err
+
+
 def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "builtin:tiny-llama", "-k", "1", "--output", str(tmp_path)]) == 2
     assert "use k >= 2" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batc
 
 def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
              reward_model=None, compare_model=None, pairs=None, beta: float = 0.1, attribute: str | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, reward_function=None) -> dict[str, Any]:
     """Sample `k` completions for each prompt of `prompts` (a datasets.Dataset with a `prompt` column, or
     a list of strings) and report the metrics that apply:
 
@@ -114,6 +114,8 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
     * `ref` (model or path): estimates of every f-divergence D_f(policy || ref) from the samples;
     * prompts with `low`/`high` columns (random numbers): entropy and KL to uniform of the sampled numbers;
     * `pairs` (+ `ref`): accuracy and ECE of the policy's implicit reward `beta * log(pi/pi_ref)` on them;
+    * `reward_function` (``builtin:vader``, ``package.module:function`` or a callable ``(prompts, completions)
+      -> scores``): mean reward of the samples, and with `compare_model` the win-rate score;
     * `reward_model`: mean reward of the samples; with `compare_model`, the win-rate score against its
       samples; with `pairs`, the reward model's accuracy, and with `attribute` its Spearman correlation
       with the attribute, accuracy where the attribute sits on the rejected side, and the Simpson
@@ -160,6 +162,21 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
     samples = [{"prompt": texts[i // k], "completion": c} for i, c in enumerate(comps)]
     if pairs is not None and ref_model is not None:
         report["pairs"] = _pair_calibration(policy, ref_model, tok, pairs, beta)
+    if reward_function is not None and reward_model is None:
+        from ..rewards import load_reward_function
+
+        fn = load_reward_function(reward_function) if isinstance(reward_function, str) else reward_function
+        prompts_rep = [texts[i // k] for i in range(len(comps))]
+        scores = [float(x) for x in fn(prompts_rep, comps)]
+        for smp, sc in zip(samples, scores):
+            smp["reward"] = sc
+        report["reward"] = {"mean": sum(scores) / len(scores)}
+        if compare_model is not None:
+            other, other_tok = _load_causal_lm(compare_model)
+            o = sample(other, other_tok, texts, k, max_new_tokens, temperature, desc="Sampling (compare)")
+            other_scores = [float(x) for x in fn(prompts_rep, o["completions"])]
+            report["reward"]["win_rate_score"] = win_rate_score(scores, other_scores)
+            report["reward"]["compare_mean"] = sum(other_scores) / len(other_scores)
     if reward_model is not None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
