@@ -276,6 +276,23 @@ def check_model_source(name: str, key: str, need_tokenizer: bool = True, revisio
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{key}: {name!r} is a file; give the model's folder (the one holding config.json).")
+        adapter = path / "adapter_config.json"
+        if adapter.is_file() and not (path / "config.json").is_file():  # a PEFT adapter (a LoRA run's output)
+            import json
+
+            try:
+                base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError):
+                base = None
+            if not base:
+                raise ModelError(f"{key}: {name!r} holds a PEFT adapter whose adapter_config.json names no base model "
+                                 "(base_model_name_or_path); merge it into its base and save that instead.")
+            check_model_source(base, f"{key} (base model of the adapter in {name})", need_tokenizer=False,
+                               revision=revision)
+            if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+                raise ModelError(f"{key}: {name!r} has no tokenizer (no tokenizer.json or tokenizer_config.json); save "
+                                 "the model's tokenizer there with tokenizer.save_pretrained(folder).")
+            return
         if not (path / "config.json").is_file():
             raise ModelError(f"{key}: {name!r} has no config.json, so it is not a Hugging Face model folder; save one "
                              "there with model.save_pretrained(folder), or point at the folder that has it.")

@@ -669,6 +669,8 @@ def train(recipe: Recipe) -> dict:
     if trainer.is_world_process_zero():
         for head in new_heads():
             _info(f"new score head ({head}), initialised with seed {config.seed}")
+        if getattr(trainer.args, "_bf16_note", None):
+            _info(trainer.args._bf16_note)
         _report_datasets(pre, trainer)
     out = Path(config.output_dir)
     main = trainer.is_world_process_zero()

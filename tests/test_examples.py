@@ -37,3 +37,18 @@ def test_every_shipped_recipe_validates(tmp_path, monkeypatch):
     for recipe in recipes:
         extra = ["--set", f"reward.model={tmp_path / 'rm'}"] if recipe.name == "ppo-crm-sycophancy.yaml" else []
         assert main(["validate", str(recipe), *extra]) == 0, recipe
+
+
+def test_every_real_model_recipe_validates(tmp_path, monkeypatch):
+    """recipes/real/: SmolLM2 with the data files shipped in recipes/real/data (validation reads the data, the
+    tokenizer and the model's config, not its weights; a full run of each takes minutes: README, "Real models")."""
+    from alignkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipes = sorted((ROOT / "recipes" / "real").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        import yaml
+
+        data = yaml.safe_load(recipe.read_text())["dataset"]["name"]
+        assert main(["validate", str(recipe), "--set", f"dataset.name={ROOT / data}"]) == 0, recipe

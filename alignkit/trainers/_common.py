@@ -77,11 +77,11 @@ def bf16_on_cpu_if_it_pays(args, model) -> None:
         return
     args.bf16 = True
     args.mixed_precision = "bf16"  # what Trainer hands to accelerate; TrainingArguments set it from bf16 already
+    args._bf16_note = (f"bf16 autocast on: this CPU computes bf16 natively and the model has {n / 1e6:.0f}M "
+                       "parameters (bf16: false keeps float32)")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.get_logger("alignkit").info(
-        "bf16 autocast on: this CPU has native bf16 and the model has %.0fM parameters (set bf16: false to keep "
-        "float32)", n / 1e6)
+    hf_logging.get_logger("alignkit").info(args._bf16_note)
 
 
 class ConfigResolverMixin:

@@ -93,3 +93,39 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def sample_groups(model, tok, prompts: list[str], k: int, seed: int, max_new_tokens: int = 6) -> list[list[str]]:
+    """k sampled completions per prompt (temperature 1, the whole vocabulary, as `alignkit eval` samples). The
+    prompt is run once and its cache repeated k times: 6x cheaper here than sampling k copies of a 50-token prompt."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    eos, out = tok.eos_token_id, []
+    for text in prompts:
+        with torch.no_grad():
+            out.append(_sample_one(model, tok, text, k, gen, eos, max_new_tokens))
+    return out
+
+
+def _sample_one(model, tok, text: str, k: int, gen, eos: int, max_new_tokens: int) -> list[str]:
+    """k completions of one prompt: the prompt runs once, its KV cache is repeated k times."""
+    import torch
+
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    step = model(input_ids=ids, use_cache=True)
+    cache = step.past_key_values
+    cache.batch_repeat_interleave(k)
+    logits = step.logits[:, -1].float().repeat(k, 1)
+    tokens, done = [], torch.zeros(k, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+        tokens.append(nxt)
+        done |= nxt == eos
+        if done.all():
+            break
+        step = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+        cache, logits = step.past_key_values, step.logits[:, -1].float()
+    seqs = torch.stack(tokens, 1).tolist()
+    return [tok.decode(q[:q.index(eos)] if eos in q else q, skip_special_tokens=True) for q in seqs]
