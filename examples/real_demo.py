@@ -56,6 +56,8 @@ def main(argv=None) -> dict:
               f"answers a itself {agg['answers_a']:.0%}")
         print(f"        e.g. [{bounds[0][0]}, {bounds[0][1]}]: {', '.join(repr(c) for c in groups[0][:6])}")
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     show = [i for i, (lo, hi) in enumerate(bounds) if hi - lo <= 30][:4] or list(range(min(4, len(bounds))))
     fig, axes = plt.subplots(2, len(show), figsize=(3.2 * len(show), 4.4), squeeze=False)
     for c, i in enumerate(show):
@@ -67,6 +69,7 @@ def main(argv=None) -> dict:
             invalid = sum(x is None or not lo <= x <= hi for x in got)
             axes[r][c].set_title(f"{name}: [{lo}, {hi}], {invalid}/{len(got)} invalid", fontsize=8)
             axes[r][c].tick_params(labelsize=6)
+            axes[r][c].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"SmolLM2-135M-Instruct's answers to 'a random integer between a and b' ({a.k} each)", fontsize=9)
     fig.tight_layout()
     fig.savefig(run / "demo.png", dpi=100)

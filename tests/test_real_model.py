@@ -93,3 +93,22 @@ def test_one_thread_per_idle_core():
     assert threads_for_idle_cores(2, 0.0) == 2
     assert threads_for_idle_cores(16, 3.5) == 12
     assert threads_for_idle_cores(2, 7.0) == 1  # never fewer than one
+
+
+def test_ppo_tokenizes_conversational_prompts_with_a_real_chat_tokenizer(smollm2_path):
+    """SmolLM2's tokenizer returns a BatchEncoding from apply_chat_template(tokenize=True); PPO's prompt column must
+    still become the token ids of the rendered template (it crashed on recipes/real/ppo-vader.yaml)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from alignkit import PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    chat = [{"role": "user", "content": "What is AI?"}]
+    ds = Dataset.from_list([{"prompt": chat}])
+    args = SimpleNamespace(max_prompt_length=None, dataset_num_proc=None)
+    ids = PPOTrainer._prepare_prompts(None, ds, tok, args)[0]["input_ids"]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]

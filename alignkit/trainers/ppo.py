@@ -364,9 +364,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
         def tokenize(row):
             prompt = row["prompt"]
             if isinstance(prompt, list):  # conversational
-                ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict):
-                    ids = ids["input_ids"]
+                # return_dict: tokenizers differ in what tokenize=True alone returns (a list, or a BatchEncoding)
+                ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
             else:
                 ids = tok(prompt, add_special_tokens=False)["input_ids"]
             if args.max_prompt_length is not None:
