@@ -282,7 +282,10 @@ CASES: list[Case] = [
          "sequence-classification"),
     Case("eval-compare-without-reward", "eval --compare-model without --reward-model",
          ["eval", "builtin:tiny-llama", "--compare-model", "builtin:tiny-llama"], "--compare-model",
-         "add --reward-model"),
+         "add one of them"),
+    Case("eval-unknown-reward-function", "eval --reward-function naming no reward function",
+         ["eval", "builtin:tiny-llama", "--reward-function", "builtin:vadr"], "--reward-function",
+         "builtin:vader"),
 ]
 
 
