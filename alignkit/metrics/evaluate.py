@@ -162,21 +162,14 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
     samples = [{"prompt": texts[i // k], "completion": c} for i, c in enumerate(comps)]
     if pairs is not None and ref_model is not None:
         report["pairs"] = _pair_calibration(policy, ref_model, tok, pairs, beta)
+    score = None  # (prompts, completions) -> rewards, from the reward function or the reward model
     if reward_function is not None and reward_model is None:
         from ..rewards import load_reward_function
 
         fn = load_reward_function(reward_function) if isinstance(reward_function, str) else reward_function
-        prompts_rep = [texts[i // k] for i in range(len(comps))]
-        scores = [float(x) for x in fn(prompts_rep, comps)]
-        for smp, sc in zip(samples, scores):
-            smp["reward"] = sc
-        report["reward"] = {"mean": sum(scores) / len(scores)}
-        if compare_model is not None:
-            other, other_tok = _load_causal_lm(compare_model)
-            o = sample(other, other_tok, texts, k, max_new_tokens, temperature, desc="Sampling (compare)")
-            other_scores = [float(x) for x in fn(prompts_rep, o["completions"])]
-            report["reward"]["win_rate_score"] = win_rate_score(scores, other_scores)
-            report["reward"]["compare_mean"] = sum(other_scores) / len(other_scores)
+
+        def score(ps, cs):
+            return [float(x) for x in fn(ps, cs)]
     if reward_model is not None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -187,17 +180,22 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         rm_tok = AutoTokenizer.from_pretrained(rm_path)
         if rm_tok.pad_token is None:
             rm_tok.pad_token = rm_tok.eos_token
+
+        def score(ps, cs):
+            return _rewards(rm, rm_tok, ps, cs)
+    if score is not None:
         prompts_rep = [texts[i // k] for i in range(len(comps))]
-        scores = _rewards(rm, rm_tok, prompts_rep, comps)
+        scores = score(prompts_rep, comps)
         for smp, sc in zip(samples, scores):
             smp["reward"] = sc
         report["reward"] = {"mean": sum(scores) / len(scores)}
         if compare_model is not None:
             other, other_tok = _load_causal_lm(compare_model)
             o = sample(other, other_tok, texts, k, max_new_tokens, temperature, desc="Sampling (compare)")
-            other_scores = _rewards(rm, rm_tok, prompts_rep, o["completions"])
+            other_scores = score(prompts_rep, o["completions"])
             report["reward"]["win_rate_score"] = win_rate_score(scores, other_scores)
             report["reward"]["compare_mean"] = sum(other_scores) / len(other_scores)
+    if reward_model is not None:
         if pairs is not None:
             report["reward_model_bias"] = _reward_bias(rm, rm_tok, pairs, attribute)
         if attribute is not None and (attribute.startswith("length") or attribute.startswith("regex:")):
