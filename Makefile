@@ -55,6 +55,7 @@ reproduce: setup
 # the reproductions on the real pretrained model (SmolLM2-135M-Instruct); results in docs/results.md
 reproduce-real: setup
 	$(BIN)/python examples/reproduce/random_numbers_real.py --jobs 2
+	$(BIN)/python examples/reproduce/fdpo_diversity_real.py --threads 1
 
 clean:
 	rm -rf outputs .pytest_cache
