@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type name when the message is empty (an
@@ -25,8 +27,6 @@ def threads_for_idle_cores(cores: int, load: float) -> int:
 
 def set_torch_threads_for_this_machine() -> str | None:
     """Apply threads_for_idle_cores unless the user chose (OMP_NUM_THREADS set); returns the line that says so."""
-    import os
-
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     try:

