@@ -25,6 +25,7 @@ examples:
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=2 --set distributed.deepspeed=zero3
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=8 --dry-run
   alignkit eval outputs/quickstart --ref builtin:tiny-llama --pairs builtin:sentiment -k 4
+  alignkit plot outputs/quickstart
 
 A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo
 `reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default="outputs/eval", help="folder for report.json, samples.jsonl and PNGs")
     ev.add_argument("--report-to", choices=["none", "wandb"], default="none")
     ev.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plot", help="training curves as PNGs from a run's metrics.json (no W&B needed)",
+                        description="Write one PNG per metric family (train, rewards, perf, ...) from the log_history "
+                                    "of a run's metrics.json (or a checkpoint's trainer_state.json).")
+    pl.add_argument("run", help="a run's output_dir, or its metrics.json / trainer_state.json")
+    pl.add_argument("--output", help="folder for the PNGs (default: RUN/plots)")
     return parser
 
 
@@ -155,9 +161,10 @@ def _user_errors():
     from .divergences import UnsupportedDivergenceError
     from .metrics.evaluate import EvalError
     from .models import ModelError
+    from .plot import PlotError
     from .recipes import RecipeError
 
-    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError)
+    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError)
 
 
 def _one_line_warnings() -> None:
@@ -206,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             # import that it fell back to the CPU; naming the CPU accelerator is what it would pick anyway.
             os.environ["DS_ACCELERATOR"] = "cpu"
     try:
+        if args.command == "plot":
+            from .plot import plot_run
+
+            for path in plot_run(args.run, args.output):
+                print(path)
+            return 0
         if args.command == "eval":
             _set_threads(say=False)  # an error in the eval arguments stays the only line printed
             return _run_eval(args)

@@ -713,8 +713,19 @@ def train(recipe: Recipe) -> dict:
     if main:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         _write_status(out, "complete", step=trainer.state.global_step, resumed_from=pre.resume_from)
+        _finish_wandb_run()
         _summarise(recipe, config, trainer, out, wandb_dir)
     return metrics
+
+
+def _finish_wandb_run() -> None:
+    """Close the W&B run the Trainer opened (its callback leaves it open until the interpreter exits), so that the
+    run's files are complete, and `wandb sync` can upload them, when `train` returns."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _summarise(recipe: Recipe, config, trainer, out: Path, wandb_dir: str | None) -> None:

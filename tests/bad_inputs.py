@@ -286,6 +286,14 @@ CASES: list[Case] = [
     Case("eval-unknown-reward-function", "eval --reward-function naming no reward function",
          ["eval", "builtin:tiny-llama", "--reward-function", "builtin:vadr"], "--reward-function",
          "builtin:vader"),
+    Case("plot-missing-run", "plot of a folder that does not exist", ["plot", "{dir}/nowhere"], "nowhere",
+         "output_dir"),
+    Case("plot-no-metrics", "plot of a folder without metrics.json", ["plot", "{dir}/run"], "run",
+         "finished", files={"run/config.json": "{}"}),
+    Case("plot-not-json", "plot of a metrics.json that is not JSON", ["plot", "{dir}/run"], "metrics.json",
+         "metrics.json", files={"run/metrics.json": "{oops"}),
+    Case("plot-no-history", "plot of a metrics.json without training logs", ["plot", "{dir}/run"], "metrics.json",
+         "logging_steps", files={"run/metrics.json": '{"train": {"train_loss": 0.6}}'}),
 ]
 
 

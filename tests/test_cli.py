@@ -120,6 +120,16 @@ def test_train_quickstart_writes_model_recipe_metrics_and_learns(tmp_path, capsy
     assert evals[0]["eval_rewards/accuracies"] < 0.5 < evals[-1]["eval_rewards/accuracies"]
     card = (out / "README.md").read_text()
     assert "f-DPO" in card and "divergence: `jsd`" in card and "method: fdpo" in card
+    # throughput in every training log (issue 18): tokens/s and peak memory; no MFU on a CPU without peak_tflops
+    train_logs = [e for e in metrics["log_history"] if "loss" in e]
+    assert train_logs and all(e["perf/tokens_per_second"] > 0 and e["perf/peak_memory_gb"] > 0 for e in train_logs)
+    # alignkit plot: one PNG per metric family, from this run's metrics.json
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
+    written = capsys.readouterr().out.split()
+    names = {Path(f).name for f in written}
+    assert {"train.png", "rewards.png", "perf.png", "link.png"} <= names, names
+    assert all(Path(f).stat().st_size > 5000 and Path(f).read_bytes()[:4] == b"\x89PNG" for f in written)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)

@@ -274,7 +274,7 @@ def _small(tiny_model_path, tokenizer, prompts, tmp_path, **kw):
 
 def _train_logs(trainer):
     trainer.train()
-    return [{k: v for k, v in log.items() if not k.startswith(("eval_", "time/", "train_runtime", "train_iter"))}
+    return [{k: v for k, v in log.items() if not k.startswith(("eval_", "time/", "perf/", "train_runtime", "train_iter"))}
             for log in trainer.state.log_history if not any(k.startswith("eval_") for k in log)]
 
 

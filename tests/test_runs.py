@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _metrics(out: Path) -> list[dict]:
     """The logged metrics of a run, without the wall-clock ones."""
     history = json.loads((out / "metrics.json").read_text())["log_history"]
-    return [{k: v for k, v in e.items() if not k.startswith("time/") and "runtime" not in k and "per_second" not in k}
+    return [{k: v for k, v in e.items() if not k.startswith(("time/", "perf/")) and "runtime" not in k and "per_second" not in k}
             for e in history]
 
 

@@ -147,6 +147,7 @@ TRAINING_RULES: dict[str, Rule] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)", "e.g. 42"),
     "data_seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)", "e.g. 42"),
     "dataloader_num_workers": (_ge(0), "an integer >= 0", "0 loads data in the main process"),
+    "peak_tflops": (_gt(0), "> 0", "the dense bf16 peak of one device in TFLOP/s, e.g. 989 for an H100 SXM"),
 }
 PREFERENCE_RULES: dict[str, Rule] = {
     "beta": (_gt(0), "> 0", "a beta <= 0 turns the divergence constraint into a reward for moving away from "

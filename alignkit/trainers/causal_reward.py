@@ -19,12 +19,13 @@ from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArgume
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
+from ._perf import PerfArguments, PerfMetricsMixin
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
 
 
 @dataclass
-class CausalRewardConfig(CausalPenaltyArguments, RewardConfig):
+class CausalRewardConfig(PerfArguments, CausalPenaltyArguments, RewardConfig):
     r"""Configuration for [`CausalRewardTrainer`]: TRL's `RewardConfig` plus the MMD penalty.
 
     Parameters:
@@ -51,7 +52,7 @@ class CausalRewardConfig(CausalPenaltyArguments, RewardConfig):
         self._check_causal_fields()
 
 
-class CausalRewardTrainer(AttributeBinsMixin, ConfigResolverMixin, RewardTrainer):
+class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, RewardTrainer):
     """Drop-in replacement for TRL's `RewardTrainer` that makes the reward independent of a spurious
     attribute with an MMD penalty. Everything but the penalty is TRL's (data preparation, collator,
     loss, metrics, saving); the fitted attribute bins are saved next to the model."""

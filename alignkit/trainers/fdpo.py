@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import warnings
@@ -16,6 +17,7 @@ from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_
 from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
+from ._perf import PerfArguments, PerfMetricsMixin
 from ..losses import (LOGRATIO_LOSS_TYPES, SCORE_DIFFERENCE_LOSS_TYPES, fdpo_scores, length_desensitised_logps,
                       logratio_loss, preference_ece, preference_loss, wpo_weights)
 from . import _trl
@@ -26,7 +28,7 @@ _TRL_VERSION = _trl.TRL_VERSION
 
 
 @dataclass
-class FDPOConfig(CausalPenaltyArguments, DPOConfig):
+class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
     r"""Configuration for [`FDPOTrainer`]: TRL's `DPOConfig` plus the f-divergence.
 
     Parameters:
@@ -45,6 +47,12 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
             A NaN or infinite loss is reported by one warning (step, log-ratio range, likely causes) and training
             goes on, as in TRL (Trainer's `logging_nan_inf_filter` would otherwise keep it out of the logs).
             `True` stops training there with a `FloatingPointError` instead.
+        generate_during_eval (`bool`, defaults to `False`):
+            TRL's former field, back: at each evaluation the policy samples one completion for each of the first
+            `per_device_eval_batch_size` eval prompts (at most 8; up to 64 new tokens, within `max_length`), written
+            with its implicit reward to
+            `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the table `samples/eval_step_<N>`.
+            Sampling leaves the random state of the run untouched.
         mmd_coef (`float`, defaults to `0.0`):
             Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
             is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
@@ -72,6 +80,11 @@ class FDPOConfig(CausalPenaltyArguments, DPOConfig):
     stop_on_nonfinite_loss: bool = field(
         default=False,
         metadata={"help": "Stop training with an error at a NaN/inf loss (default: warn once and go on, as TRL)."},
+    )
+    generate_during_eval: bool = field(
+        default=False,
+        metadata={"help": "At each evaluation, sample the policy on a few eval prompts and write the samples with "
+                          "their implicit rewards (samples/*.jsonl, and a W&B table)."},
     )
 
     def __post_init__(self):
@@ -147,7 +160,7 @@ def _ours_to_trl(name: str) -> str:
     return {"jsd": "js_divergence", "alpha": "alpha_divergence"}.get(name, name)
 
 
-class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
+class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
     """Drop-in replacement for TRL's `DPOTrainer` that trains under any f-divergence of Theorem 1.
 
     Everything but the loss is TRL's: dataset preparation, the collator, the fused LM head, reference
@@ -459,6 +472,56 @@ class FDPOTrainer(AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
         m["link/clamped_fraction"].append(n_clamped / (2 * c_link.numel()))
         # ECE is computed at log time over every pair seen since the last log, not averaged per batch.
         self._pref_logits[mode].append((self.beta * (c_link - r_link)).cpu())
+
+    # TRL 1.16's DPOTrainer no longer samples during evaluation (its former `generate_during_eval` logged a W&B
+    # table of policy and reference samples). With `generate_during_eval`, after TRL's evaluation the policy samples
+    # one completion for each of the first `per_device_eval_batch_size` (at most 8) eval prompts, written with the
+    # implicit reward of each sample, beta * (f'(pi/pi_ref) - f'(1)) at the sequence level, as `rewards/*` is.
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # Trainer.evaluate's per-name call for a dict of eval datasets
+            dataset = self.eval_dataset[dataset]
+        if self.args.generate_during_eval and dataset is not None and not isinstance(dataset, dict):
+            self._write_eval_samples(dataset, metric_key_prefix)
+        return metrics
+
+    def _write_eval_samples(self, dataset, prefix: str) -> None:
+        from trl.models import unwrap_model_for_generation
+
+        from ._samples import sample_completions, sequence_logps, write_sample_table
+
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        n = min(len(dataset), self.args.per_device_eval_batch_size, 8)
+        prompts = [list(dataset[i]["prompt_ids"]) for i in range(n)]
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as policy:
+                room = (self.args.max_length or 10**9) - max(len(p) for p in prompts)
+                completions = sample_completions(policy, tok, prompts, max(1, min(64, room)),
+                                                 seed=self.args.seed + self.state.global_step)
+                logps = sequence_logps(policy, prompts, completions)
+                if self.ref_model is not None:
+                    with unwrap_model_for_generation(self.ref_model, self.accelerator) if zero3 else \
+                            contextlib.nullcontext(self.ref_model) as ref:
+                        ref_logps = sequence_logps(ref, prompts, completions)
+                elif hasattr(policy, "disable_adapter"):
+                    with policy.disable_adapter():
+                        ref_logps = sequence_logps(policy, prompts, completions)
+                else:  # precomputed reference log-probs and no reference model: no implicit reward to give
+                    ref_logps = None
+        finally:
+            self.model.train(was_training)
+        rewards = [None] * n
+        if ref_logps is not None:
+            logratio = logps - ref_logps.to(logps.device)
+            rewards = (self.beta * self.divergence.link(logratio, self.args.max_link_exponent)).tolist()
+        rows = [{"step": self.state.global_step, "prompt": tok.decode(p, skip_special_tokens=False),
+                 "completion": tok.decode(c, skip_special_tokens=True), "implicit_reward": r}
+                for p, c, r in zip(prompts, completions, rewards)]
+        write_sample_table(self, rows, f"{prefix}_step_{self.state.global_step}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -37,6 +37,8 @@ from ..losses import (SEQUENCE_PENALTY_NORMALIZATIONS, gae_advantages, masked_me
 from . import _trl
 from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
                       default_precision_for_this_machine, describe_base_model)
+from ._perf import PerfArguments, PerfMetricsMixin
+from ._samples import write_sample_table
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
@@ -44,7 +46,7 @@ RewardFunc = Callable[[list[str], list[str]], list[float]]
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(PerfArguments, TrainingArguments):
     r"""Configuration for [`PPOTrainer`]: the fields of TRL's former `PPOConfig`, plus the f-divergence.
 
     Batch sizes follow TRL's PPO: one iteration generates for `per_device_train_batch_size *
@@ -208,7 +210,7 @@ def _now() -> float:
     return time.perf_counter()
 
 
-class PPOTrainer(ConfigResolverMixin, Trainer):
+class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
     """PPO for causal LMs with an f-divergence constraint; TRL's former experimental PPOTrainer API.
 
     Example:
@@ -618,6 +620,9 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
             ro = self._rollout(next(batches))
+            # perf/*: the tokens the policy trains on (prompt and response, once per PPO epoch); the iteration's
+            # time includes the rollout, so perf/tokens_per_second is end-to-end PPO throughput
+            self._perf_count(ro["mask"].sum(1), repeats=args.num_ppo_epochs)
             t_opt = _now()
             n = ro["ids"].size(0)
             acc = {k: [] for k in ("loss", "pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl",
@@ -759,7 +764,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
     def _log_sample_generations(self) -> None:
         """`num_sample_generations`, as in TRL's former PPOTrainer: a table of completions for a few prompts (the
         eval prompts, else the first training prompts) at evenly spaced iterations. Written to
-        `output_dir/samples/step_<N>.jsonl` and, when W&B is logging, as a `samples` table."""
+        `output_dir/samples/step_<N>.jsonl` and, when W&B is logging, as the table `samples/step_<N>`."""
         dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()))
@@ -776,17 +781,7 @@ class PPOTrainer(ConfigResolverMixin, Trainer):
             completion = self.tokenizer.decode(ids[c:][rmask.bool()], skip_special_tokens=True)
             table.append({"step": self.state.global_step, "prompt": prompt, "completion": completion,
                           "score": score})
-        folder = os.path.join(self.args.output_dir, "samples")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"step_{self.state.global_step}.jsonl"), "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in table)
-        if "wandb" in (self.args.report_to or []):
-            import wandb
-
-            if wandb.run is not None:
-                columns = ["step", "prompt", "completion", "score"]
-                wandb.log({"samples": wandb.Table(columns=columns, data=[[row[k] for k in columns] for row in table])},
-                          commit=False)
+        write_sample_table(self, table, f"step_{self.state.global_step}")
 
     @torch.no_grad()
     def _iteration_metrics(self, ro, acc) -> dict[str, float]:
