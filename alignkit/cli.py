@@ -26,6 +26,7 @@ examples:
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=8 --dry-run
   alignkit eval outputs/quickstart --ref builtin:tiny-llama --pairs builtin:sentiment -k 4
   alignkit plot outputs/quickstart
+  alignkit dashboard --project alignkit --entity my-team
 
 A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo
 `reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
@@ -84,7 +85,37 @@ def _parser() -> argparse.ArgumentParser:
                                     "of a run's metrics.json (or a checkpoint's trainer_state.json).")
     pl.add_argument("run", help="a run's output_dir, or its metrics.json / trainer_state.json")
     pl.add_argument("--output", help="folder for the PNGs (default: RUN/plots)")
+    db = sub.add_parser("dashboard", help="a W&B workspace with each method's panels (offline: a file to push later)",
+                        description="Build a W&B workspace with one section per method (f-DPO, mDPO/mIPO, causal reward "
+                                    "model, PPO) and one for throughput. With a W&B API key it is saved to the "
+                                    "project; without one (or with --output) its definition is written to a file.")
+    db.add_argument("--project", help="the W&B project your runs log to")
+    db.add_argument("--entity", default=os.environ.get("WANDB_ENTITY", ""), help="W&B user or team (default: "
+                                                                                   "$WANDB_ENTITY)")
+    db.add_argument("--run-dir", help="an alignkit train output_dir: only its method's section (and throughput)")
+    db.add_argument("--output", help="write the definition to this JSON file instead of saving it to W&B")
+    db.add_argument("--push", metavar="FILE", help="save a definition written earlier to W&B (needs an API key)")
     return parser
+
+
+def _run_dashboard(args) -> int:
+    from .dashboard import DashboardError, build_workspace, push_definition, save_definition
+    from .runner import _has_wandb_key
+
+    if args.push:
+        print(push_definition(args.push, args.entity))
+        return 0
+    if not args.project:
+        raise DashboardError("--project is missing; give the W&B project your runs log to, e.g. --project alignkit.")
+    workspace = build_workspace(args.project, args.entity, args.run_dir)
+    if args.output is None and _has_wandb_key() and args.entity:
+        print(workspace.save().url)
+        return 0
+    path = save_definition(workspace, args.output or f"wandb-workspace-{args.project}.json")
+    entity = args.entity or "YOUR_ENTITY"
+    print(f"W&B workspace definition written to {path} ({len(workspace.sections)} sections); save it to W&B with: "
+          f"alignkit dashboard --push {path} --entity {entity}")
+    return 0
 
 
 def _run_eval(args) -> int:
@@ -161,10 +192,11 @@ def _user_errors():
     from .divergences import UnsupportedDivergenceError
     from .metrics.evaluate import EvalError
     from .models import ModelError
+    from .dashboard import DashboardError
     from .plot import PlotError
     from .recipes import RecipeError
 
-    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError)
+    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError, DashboardError)
 
 
 def _one_line_warnings() -> None:
@@ -213,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             # import that it fell back to the CPU; naming the CPU accelerator is what it would pick anyway.
             os.environ["DS_ACCELERATOR"] = "cpu"
     try:
+        if args.command == "dashboard":
+            return _run_dashboard(args)
         if args.command == "plot":
             from .plot import plot_run
 

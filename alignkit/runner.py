@@ -663,6 +663,8 @@ def train(recipe: Recipe) -> dict:
         raise RecipeError(f"{recipe.source or 'recipe'}: {exc}") from None
     trainer.alignkit_recipe = recipe.to_yaml()
     trainer.alignkit_base_model = recipe.model.name_or_path
+    if wandb_dir is not None or _wants_wandb(config):
+        trainer.add_callback(_wandb_run_setup(recipe))
     from .console import new_heads, use_console
 
     use_console(trainer)
@@ -718,11 +720,36 @@ def train(recipe: Recipe) -> dict:
     return metrics
 
 
+#: W&B summaries that say how a run ended: the best evaluation accuracy, the last divergence estimates, throughput
+WANDB_SUMMARIES = (("eval/rewards/accuracies", "max"), ("eval/accuracy", "max"), ("train/divergence/*", "last"),
+                   ("train/objective/scores", "last"), ("train/perf/tokens_per_second", "mean"),
+                   ("train/perf/mfu", "mean"), ("train/perf/peak_memory_gb", "max"))
+
+
+def _wandb_run_setup(recipe: Recipe):
+    """A callback that, once transformers' W&B callback has opened the run (its on_train_begin runs first), logs
+    the resolved recipe as the run's config (`alignkit_recipe`, beside the TrainingArguments the W&B callback
+    logs) and defines the summaries of WANDB_SUMMARIES."""
+    from transformers import TrainerCallback
+
+    class WandbRunSetup(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            wandb = sys.modules.get("wandb")
+            if not state.is_world_process_zero or wandb is None or wandb.run is None:
+                return
+            import yaml
+
+            wandb.run.config.update({"alignkit_recipe": yaml.safe_load(recipe.to_yaml()),
+                                     "alignkit_method": recipe.method}, allow_val_change=True)
+            for name, summary in WANDB_SUMMARIES:
+                wandb.run.define_metric(name, summary=summary)
+
+    return WandbRunSetup()
+
+
 def _finish_wandb_run() -> None:
     """Close the W&B run the Trainer opened (its callback leaves it open until the interpreter exits), so that the
     run's files are complete, and `wandb sync` can upload them, when `train` returns."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()

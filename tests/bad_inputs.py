@@ -294,6 +294,13 @@ CASES: list[Case] = [
          "metrics.json", files={"run/metrics.json": "{oops"}),
     Case("plot-no-history", "plot of a metrics.json without training logs", ["plot", "{dir}/run"], "metrics.json",
          "logging_steps", files={"run/metrics.json": '{"train": {"train_loss": 0.6}}'}),
+    Case("dashboard-no-project", "dashboard without --project", ["dashboard"], "--project", "--project alignkit"),
+    Case("dashboard-run-dir-no-recipe", "dashboard --run-dir of a folder that is not a run",
+         ["dashboard", "--project", "p", "--run-dir", "{dir}/run", "--output", "{dir}/ws.json"], "--run-dir",
+         "output_dir", files={"run/config.json": "{}"}),
+    Case("dashboard-push-not-definition", "dashboard --push of a file that is not a workspace definition",
+         ["dashboard", "--push", "{dir}/ws.json", "--entity", "me"], "--push", "alignkit dashboard",
+         files={"ws.json": '{"hello": 1}'}),
 ]
 
 

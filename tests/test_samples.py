@@ -89,3 +89,6 @@ def test_offline_wandb_quickstart_holds_samples_tables_and_perf_metrics(tmp_path
     # for it): the logged keys appear there as bytes
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"perf/tokens_per_second" in log and b"perf/peak_memory_gb" in log and b"rewards/accuracies" in log
+    # the resolved recipe is the run's config, and the summaries say how the run ended
+    assert b"alignkit_recipe" in log and b"generate_during_eval" in log
+    assert b"train/divergence/*" in log  # a define_metric glob: no f-DPO metric has this name
