@@ -78,6 +78,11 @@ def test_eval_with_a_reward_function(tmp_path, capsys):
     assert 0.0 <= report["reward"]["win_rate_score"] <= 100.0  # a percentage
     assert main(["eval", "builtin:tiny-llama", "--reward-function", "builtin:nope", "--output", str(tmp_path)]) == 2
     assert "builtin:nope" in capsys.readouterr().err
+    # the Python API refuses both scorers at once too (it used to score with the reward model, silently)
+    from alignkit.metrics.evaluate import EvalError, evaluate
+
+    with pytest.raises(EvalError, match="give one of them"):
+        evaluate("builtin:tiny-llama", ["Hi"], k=2, reward_model="builtin:tiny-llama", reward_function=sentiment)
 
 
 def test_eval_bad_input(tmp_path, capsys):

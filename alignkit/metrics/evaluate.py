@@ -125,6 +125,8 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
 
     if k < 1:
         raise EvalError(f"k must be >= 1, got {k}.")
+    if reward_model is not None and reward_function is not None:
+        raise EvalError("reward_model and reward_function both score the samples; give one of them.")
     if hasattr(prompts, "column_names"):
         if "prompt" not in prompts.column_names:
             raise EvalError(f"the prompts have no 'prompt' column (columns: {prompts.column_names}).")
@@ -163,7 +165,7 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
     if pairs is not None and ref_model is not None:
         report["pairs"] = _pair_calibration(policy, ref_model, tok, pairs, beta)
     score = None  # (prompts, completions) -> rewards, from the reward function or the reward model
-    if reward_function is not None and reward_model is None:
+    if reward_function is not None:
         from ..rewards import load_reward_function
 
         fn = load_reward_function(reward_function) if isinstance(reward_function, str) else reward_function
