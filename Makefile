@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # DeepSpeed compiles its ops at first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
 
-.PHONY: setup demo demo-real test bench reproduce reproduce-real clean
+.PHONY: setup demo demo-real test bench bench-gpu gpu-wheels reproduce reproduce-real clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,15 @@ bench: setup
 	$(BIN)/python benchmarks/crm_vs_trl.py
 	$(BIN)/python benchmarks/crm_bias.py
 	$(BIN)/python benchmarks/ppo_profile.py
+
+# On a GPU machine: every trainer against TRL at the Qwen2-0.5B shape, one process and ZeRO-3 (benchmarks/RESULTS.md)
+bench-gpu:
+	bash benchmarks/gpu/run.sh
+
+# The wheels bench-gpu installs on a GPU machine without a package index (GPU_PYTHON: that machine's Python)
+GPU_PYTHON ?= 3.11
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu/wheels.py --python-version $(GPU_PYTHON)
 
 # the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md.
 # One torch thread: the float rounding, hence the figures, then match the docs on the same machine.
