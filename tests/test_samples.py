@@ -92,3 +92,29 @@ def test_offline_wandb_quickstart_holds_samples_tables_and_perf_metrics(tmp_path
     # the resolved recipe is the run's config, and the summaries say how the run ended
     assert b"alignkit_recipe" in log and b"generate_during_eval" in log
     assert b"train/divergence/*" in log  # a define_metric glob: no f-DPO metric has this name
+
+
+def test_causal_reward_model_writes_eval_pairs_with_rewards_and_bins(tiny_model_path, tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit import CausalRewardConfig, CausalRewardTrainer
+    from alignkit.data.synthetic import sycophancy
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    args = CausalRewardConfig(**base_args(tmp_path, attributes=["sycophantic"], eval_strategy="steps", eval_steps=2,
+                                          eval_sample_pairs=3))
+    trainer = CausalRewardTrainer(model=rm, args=args, train_dataset=sycophancy("train", num_samples=16),
+                                  eval_dataset=sycophancy("test", num_samples=6), processing_class=tokenizer)
+    trainer.train()
+    rows = _rows(tmp_path, "eval_step_2")
+    assert len(rows) == 3
+    assert set(rows[0]) == {"step", "chosen", "rejected", "reward_chosen", "reward_rejected", "bin_chosen",
+                            "bin_rejected"}
+    # the written rewards are the model's: re-score the first pair's chosen text by hand
+    import torch
+
+    enc = tokenizer(rows[0]["chosen"] + tokenizer.eos_token, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        again = trainer.model.eval()(**enc).logits[0, 0].item()
+    assert again == pytest.approx(rows[0]["reward_chosen"], abs=1e-4)
+    assert {r["bin_chosen"] for r in rows} <= {0, 1} and {r["bin_rejected"] for r in rows} <= {0, 1}

@@ -169,6 +169,7 @@ CAUSAL_RULES: dict[str, Rule] = {
 REWARD_RULES: dict[str, Rule] = {
     "max_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole sequences"),
     "center_rewards_coefficient": (_ge(0), ">= 0", "leave it unset to turn it off"),
+    "eval_sample_pairs": (_ge(0), "an integer >= 0", "0 writes no sample pairs"),
 }
 PPO_RULES: dict[str, Rule] = {
     "temperature": (_gt(0), "> 0", "sampling divides the logits by it; e.g. 0.7 or 1.0"),

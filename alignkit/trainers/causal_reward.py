@@ -38,10 +38,15 @@ class CausalRewardConfig(PerfArguments, CausalPenaltyArguments, RewardConfig):
             `FDPOConfig`, where they give Causal DPO).
         mmd_on (`str`, defaults to `"reward"`): `reward` (the scalar reward) or `hidden` (the last hidden
             state at the scored token).
+        eval_sample_pairs (`int`, defaults to `8`): at each evaluation, the first eval pairs are written with their
+            rewards and attribute bins to `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the table
+            `samples/eval_step_<N>`. `0` writes none.
     """
 
     mmd_coef: float = field(default=1.0, metadata={"help": "Weight of the MMD penalty (0: plain RewardTrainer)."})
     mmd_on: str = field(default="reward", metadata={"help": "reward or hidden."})
+    eval_sample_pairs: int = field(default=8, metadata={"help": "Eval pairs written with their rewards and bins at "
+                                                                  "each evaluation (0: none)."})
 
     def __post_init__(self):
         check_ranges(self, TRAINING_RULES, REWARD_RULES, CAUSAL_RULES)
@@ -148,9 +153,44 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         previous, self._eval_prefix = self._eval_prefix, metric_key_prefix
         try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._eval_prefix = previous
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # Trainer.evaluate's per-name call for a dict of eval datasets
+            dataset = self.eval_dataset[dataset]
+        if self.args.eval_sample_pairs and dataset is not None and not isinstance(dataset, dict):
+            self._write_eval_pairs(dataset, metric_key_prefix)
+        return metrics
+
+    @torch.no_grad()
+    def _write_eval_pairs(self, dataset, prefix: str) -> None:
+        """The first `eval_sample_pairs` eval pairs with the reward of each side and its attribute bin, through
+        the training collator (so the bins are the ones the penalty sees). Every process runs the forward (ZeRO-3
+        needs them all); rank 0 writes."""
+        from ._samples import write_sample_table
+
+        dataset = self._remove_unused_columns(dataset, description="evaluation")
+        rows = [dataset[i] for i in range(min(len(dataset), self.args.eval_sample_pairs))]
+        batch = self._prepare_inputs(self.data_collator(rows))
+        bins = batch.pop("z_bins", None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rewards = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        finally:
+            self.model.train(was_training)
+        n = len(rows)
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        table = []
+        for i, row in enumerate(rows):
+            entry = {"step": self.state.global_step, "chosen": tok.decode(row["chosen_ids"], skip_special_tokens=True),
+                     "rejected": tok.decode(row["rejected_ids"], skip_special_tokens=True),
+                     "reward_chosen": rewards[i].item(), "reward_rejected": rewards[n + i].item()}
+            if bins is not None:
+                entry.update(bin_chosen=int(bins[i]), bin_rejected=int(bins[n + i]))
+            table.append(entry)
+        write_sample_table(self, table, f"{prefix}_step_{self.state.global_step}")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, naming the real base model (TRL writes "[None]" for a local one)."""
