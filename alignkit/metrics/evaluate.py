@@ -95,11 +95,16 @@ def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
 
 @torch.no_grad()
 def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batch_size=16) -> list[float]:
+    """The reward model's score of each prompt + completion, the text prepared as TRL's RewardTrainer prepares
+    its training texts: the eos token appended unless the text ends with it, then the tokenizer's own special
+    tokens (a BERT reward model sees [CLS] ... [SEP] as in training)."""
     out = []
     tok.padding_side = "right"
+    eos = tok.eos_token or ""
     for s in range(0, len(prompts), batch_size):
-        texts = [p + c + (tok.eos_token or "") for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        texts = [p + c for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
+        texts = [t if t.endswith(eos) else t + eos for t in texts]
+        enc = tok(texts, return_tensors="pt", padding=True)
         out += reward_model(**enc).logits.squeeze(-1).float().tolist()
     return out
 
