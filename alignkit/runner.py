@@ -753,6 +753,9 @@ def _finish_wandb_run() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+        # W&B keeps its settings (WANDB_DIR, the mode) in a process-wide singleton read at the first run: a second
+        # run in this process (a notebook, the tests) would be written into the first run's folder
+        wandb.teardown()
 
 
 def _summarise(recipe: Recipe, config, trainer, out: Path, wandb_dir: str | None) -> None:

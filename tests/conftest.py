@@ -91,3 +91,17 @@ def base_args(tmp_path, **kw):
     )
     args.update(kw)
     return args
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B as on a machine without an account: no API key, no netrc, its folders in tmp_path. alignkit train sets
+    WANDB_MODE and WANDB_DIR itself (in os.environ): set-then-delete makes monkeypatch restore them afterwards (a bare
+    delenv of an unset variable records nothing, and the next test's run would go to this test's folder)."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -135,13 +135,7 @@ def test_train_quickstart_writes_model_recipe_metrics_and_learns(tmp_path, capsy
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_wandb_without_api_key_goes_offline(tmp_path, capsys, monkeypatch):
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_without_api_key_goes_offline(tmp_path, capsys, offline_wandb):
     out = tmp_path / "run"
     code = main(["train", QUICKSTART, "--set", f"output_dir={out}", "--set", "max_steps=2", "--set", "report_to=wandb",
                  "--set", "eval_strategy=no", "--set", "eval_on_start=false", "--set", "wandb={project: alignkit-test}"])

@@ -67,15 +67,9 @@ def test_multisample_writes_eval_samples(tiny_model_path, tokenizer, tmp_path):
     assert len(samples) == 2 and all(isinstance(r["implicit_reward"], float) for r in samples)
 
 
-def test_offline_wandb_quickstart_holds_samples_tables_and_perf_metrics(tmp_path, monkeypatch):
+def test_offline_wandb_quickstart_holds_samples_tables_and_perf_metrics(tmp_path, offline_wandb):
     from alignkit.cli import main
 
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"output_dir={out}", "--set",
                  "max_steps=2", "--set", "eval_steps=2", "--set", "logging_steps=1", "--set", "report_to=wandb", "--set",

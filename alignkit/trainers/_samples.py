@@ -43,6 +43,15 @@ def write_sample_table(trainer, rows: list[dict], name: str) -> None:
                       commit=False)
 
 
+def single_eval_dataset(trainer, eval_dataset):
+    """The dataset an `evaluate(eval_dataset)` call evaluates, or None: Trainer.evaluate calls itself once per name
+    for a dict of eval datasets (passing the name), and the samples are written in those inner calls."""
+    dataset = trainer.eval_dataset if eval_dataset is None else eval_dataset
+    if isinstance(dataset, str):
+        dataset = trainer.eval_dataset[dataset]
+    return None if isinstance(dataset, dict) else dataset
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, seed: int,
                        synced_gpus: bool = False) -> list[list[int]]:

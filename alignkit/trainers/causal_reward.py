@@ -20,6 +20,7 @@ from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
 from ._perf import PerfArguments, PerfMetricsMixin
+from ._samples import single_eval_dataset, write_sample_table
 
 __all__ = ["CausalRewardConfig", "CausalRewardTrainer", "BinBalancedSampler"]
 
@@ -156,10 +157,8 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._eval_prefix = previous
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(dataset, str):  # Trainer.evaluate's per-name call for a dict of eval datasets
-            dataset = self.eval_dataset[dataset]
-        if self.args.eval_sample_pairs and dataset is not None and not isinstance(dataset, dict):
+        dataset = single_eval_dataset(self, eval_dataset)
+        if self.args.eval_sample_pairs and dataset is not None:
             self._write_eval_pairs(dataset, metric_key_prefix)
         return metrics
 
@@ -168,7 +167,6 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
         """The first `eval_sample_pairs` eval pairs with the reward of each side and its attribute bin, through
         the training collator (so the bins are the ones the penalty sees). Every process runs the forward (ZeRO-3
         needs them all); rank 0 writes."""
-        from ._samples import write_sample_table
 
         dataset = self._remove_unused_columns(dataset, description="evaluation")
         rows = [dataset[i] for i in range(min(len(dataset), self.args.eval_sample_pairs))]

@@ -478,11 +478,11 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
     # one completion for each of the first `per_device_eval_batch_size` (at most 8) eval prompts, written with the
     # implicit reward of each sample, beta * (f'(pi/pi_ref) - f'(1)) at the sequence level, as `rewards/*` is.
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        from ._samples import single_eval_dataset
+
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(dataset, str):  # Trainer.evaluate's per-name call for a dict of eval datasets
-            dataset = self.eval_dataset[dataset]
-        if self.args.generate_during_eval and dataset is not None and not isinstance(dataset, dict):
+        dataset = single_eval_dataset(self, eval_dataset)
+        if self.args.generate_during_eval and dataset is not None:
             self._write_eval_samples(dataset, metric_key_prefix)
         return metrics
 

@@ -38,6 +38,14 @@ def load_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def held_out_prompts(n: int) -> tuple[list, list]:
+    """(`n` evaluation prompts spread over the chat prompts the preference pairs do not use, the other unused ones)."""
+    used = {r["prompt"][0]["content"] for r in load_jsonl(DATA / "cheerful-smollm2.jsonl")}
+    held_out = [r["prompt"] for r in load_jsonl(DATA / "chat-prompts.jsonl") if r["prompt"][0]["content"] not in used]
+    prompts = held_out[:: max(len(held_out) // n, 1)][:n]
+    return prompts, [x for x in held_out if x not in prompts]
+
+
 def train(divergence: str, alpha, out: Path, a, seed: int) -> str:
     from datasets import Dataset
     from peft import LoraConfig
@@ -86,9 +94,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     setup(a.threads)
     out = Path(a.output)
-    used = {r["prompt"][0]["content"] for r in load_jsonl(DATA / "cheerful-smollm2.jsonl")}
-    held_out = [r["prompt"] for r in load_jsonl(DATA / "chat-prompts.jsonl") if r["prompt"][0]["content"] not in used]
-    prompts = held_out[:: max(len(held_out) // a.prompts, 1)][:a.prompts]
+    prompts, _ = held_out_prompts(a.prompts)
     rows = [{"divergence": "base (SmolLM2)", **measure(MODEL, prompts, a, seed=0)}]
     print(rows[-1], flush=True)
     for divergence, alpha in DIVERGENCES:
