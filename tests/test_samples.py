@@ -45,6 +45,9 @@ def test_fdpo_writes_eval_samples_with_implicit_rewards_and_training_is_unchange
     assert all(r["implicit_reward"] == 0.0 for r in start)
     assert any(abs(r["implicit_reward"]) > 1e-4 for r in end)
     assert all(r["completion"] and r["prompt"] for r in end)
+    # a raw dataset given to evaluate() is prepared like the trainer's own
+    trainer.evaluate(data.select(range(2)), metric_key_prefix="extra")
+    assert len(_rows(tmp_path / "on", "extra_step_2")) == 2
     # sampling leaves the run's random state alone: the same training with it off logs the same losses
     off = _fdpo(tiny_model_path, tokenizer, data, tmp_path / "off", peft=peft, learning_rate=5e-3)
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (trainer, off)]

@@ -43,13 +43,18 @@ def write_sample_table(trainer, rows: list[dict], name: str) -> None:
                       commit=False)
 
 
-def single_eval_dataset(trainer, eval_dataset):
-    """The dataset an `evaluate(eval_dataset)` call evaluates, or None: Trainer.evaluate calls itself once per name
-    for a dict of eval datasets (passing the name), and the samples are written in those inner calls."""
+def single_eval_dataset(trainer, eval_dataset, tokenized_column: str):
+    """The tokenized dataset an `evaluate(eval_dataset)` call evaluates, or None. Trainer.evaluate calls itself once
+    per name for a dict of eval datasets (passing the name; the samples are written in those inner calls); a raw
+    dataset given to evaluate() (no `tokenized_column`) is prepared as the trainer prepares its own."""
     dataset = trainer.eval_dataset if eval_dataset is None else eval_dataset
     if isinstance(dataset, str):
         dataset = trainer.eval_dataset[dataset]
-    return None if isinstance(dataset, dict) else dataset
+    if dataset is None or isinstance(dataset, dict):
+        return None
+    if tokenized_column not in (dataset.column_names or []):
+        dataset = trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, "eval")
+    return dataset
 
 
 @torch.no_grad()

@@ -157,7 +157,7 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._eval_prefix = previous
-        dataset = single_eval_dataset(self, eval_dataset)
+        dataset = single_eval_dataset(self, eval_dataset, "chosen_ids")
         if self.args.eval_sample_pairs and dataset is not None:
             self._write_eval_pairs(dataset, metric_key_prefix)
         return metrics

@@ -481,7 +481,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         from ._samples import single_eval_dataset
 
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = single_eval_dataset(self, eval_dataset)
+        dataset = single_eval_dataset(self, eval_dataset, "prompt_ids")
         if self.args.generate_during_eval and dataset is not None:
             self._write_eval_samples(dataset, metric_key_prefix)
         return metrics
