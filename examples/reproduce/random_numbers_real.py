@@ -17,6 +17,11 @@ of valid answers (an integer in [a, b]); "A vs B" is the fraction of prompts whe
 
     python examples/reproduce/random_numbers_real.py --threads 1 --jobs 2   # full form (make reproduce-real)
     python examples/reproduce/random_numbers_real.py --quick                # a smoke run of the real model
+    python examples/reproduce/random_numbers_real.py --jobs 2 --label-noise 0.3 --methods DPO mDPO \
+        --output outputs/reproduce/random_numbers_real_noise                  # thesis 3.6.4: per-pair label noise
+
+With `--label-noise p` each (chosen, rejected) pair of a prompt is swapped with probability p before training (the
+same swaps for every method); the table reports the measured fraction of wrong pairs and of wrong or tied groups.
 
 Figures and their command: docs/results.md.
 """
@@ -74,7 +79,7 @@ def load_policy(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def preference_data(tok, base, n_prompts: int, seed: int):
+def preference_data(tok, base, n_prompts: int, seed: int, label_noise: float = 0.0):
     """Chosen: 4 distinct uniform draws from [a, b]; rejected: 4 samples of the base model (its own bias)."""
     import random
 
@@ -87,6 +92,13 @@ def preference_data(tok, base, n_prompts: int, seed: int):
     rng = random.Random(f"chosen-{seed}")
     rows = [{"prompt": p, "chosen": [f" {x}" for x in rng.sample(range(a, b + 1), 4)], "rejected": r}
             for p, (a, b), r in zip(prompts, bounds, rejected)]
+    if label_noise:  # per-sample label noise (thesis 3.6.4): the i-th pair swapped with probability label_noise
+        flip = random.Random(f"noise-{seed}")
+        for r in rows:
+            for i in range(4):
+                if flip.random() < label_noise:
+                    r["chosen"][i], r["rejected"][i] = r["rejected"][i], r["chosen"][i]
+                    r["swapped"] = r.get("swapped", 0) + 1
     return rows
 
 
@@ -123,10 +135,15 @@ def run_seed(a, seed: int) -> dict:
     out = Path(a.output) / f"seed{seed}"
     base_path = resolve_model_path(MODEL)
     base, tok = load_policy(base_path)
-    rows = preference_data(tok, base, a.train_prompts, seed)
+    rows = preference_data(tok, base, a.train_prompts, seed, a.label_noise)
+    swapped = [r.pop("swapped", 0) for r in rows]
+    noise = {"pairs wrong": sum(swapped) / (4 * len(rows)),
+             "groups wrong (3-4 of 4 swapped)": sum(n >= 3 for n in swapped) / len(rows),
+             "groups tied (2 of 4)": sum(n == 2 for n in swapped) / len(rows)}
+    print(f"seed {seed} label noise: {noise}", flush=True)
     bounds = intervals("test", a.eval_prompts, seed=1)
     prompts = [prompt_text(tok, x, y) for x, y in bounds]
-    result = {}
+    result = {"noise": noise}
     if seed == 0:
         groups = sample_groups(base, tok, prompts, a.k, seed=seed)
         result["base"] = (*score(groups, bounds), groups)
@@ -151,6 +168,7 @@ def win_rate(x: list[float], y: list[float]) -> float:
 def report(a, results: list[dict]) -> dict:
     out = Path(a.output)
     base = results[0]["base"]
+    noise = [r.get("noise", {}) for r in results]
     bounds = intervals("test", a.eval_prompts, seed=1)
     method_rows = [{"method": "base (SmolLM2)", "entropy": base[1]["entropy"], "valid_fraction": base[1]["valid_fraction"],
                     "answers a": base[1]["answers_a"], "per seed entropy": f"{base[1]['entropy']:.2f}"}]
@@ -171,7 +189,11 @@ def report(a, results: list[dict]) -> dict:
                          "per seed": " ".join(f"{v:.2f}" for v in rates)})
     md = (f"SmolLM2-135M-Instruct, LoRA r=16, {a.steps} steps of {a.prompts_per_step} prompts x 4 chosen + 4 "
           f"rejected, beta {a.beta}, lr {a.lr}, NLL weight {a.nll_weight}; {a.eval_prompts} held-out prompts, "
-          f"k={a.k}; {len(results)} seed(s):\n\n")
+          f"k={a.k}; {len(results)} seed(s)")
+    if a.label_noise:
+        md += (f"; label noise {a.label_noise} (each chosen/rejected pair swapped independently): "
+               + "; ".join(f"{k} {statistics.mean(n[k] for n in noise):.3f}" for k in noise[0]))
+    md += ":\n\n"
     md += write_table(method_rows, ["method", "entropy", "valid_fraction", "answers a", "per seed entropy",
                                     "per seed valid", "train s"], out, "methods")
     md += "\nWin rate by entropy (thesis Table 3.1, Llama-3-8B: mIPO vs IPO 0.95, mDPO vs DPO 0.80):\n\n"
@@ -216,6 +238,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--nll-weight", type=float, default=1.0)
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="swap each chosen/rejected pair with this probability (thesis 3.6.4)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report-only", action="store_true", help="tables and figure from the seeds' result.json")
     a = p.parse_args(argv)
