@@ -38,7 +38,10 @@ class PerfArguments:
 
 
 class _StepTimer(TrainerCallback):
-    """Sums the wall time of the optimizer steps (on_step_begin to on_step_end) into the trainer's counters."""
+    """Sums the wall time of the optimizer steps (on_step_begin to on_step_end) into the trainer's counters. On a
+    GPU the step that ends a logging window waits for the device first (the flow callback, which runs before this
+    one, has decided by then whether to log), so the window's time includes the work still queued; the other steps
+    add no synchronisation."""
 
     def __init__(self, counters: dict):
         self.counters, self.t0 = counters, None
@@ -48,6 +51,8 @@ class _StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.t0 is not None:
+            if control.should_log and torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.counters["seconds"] += time.perf_counter() - self.t0
             self.t0 = None
 
@@ -79,9 +84,10 @@ class PerfMetricsMixin:
         self.add_callback(_StepTimer(self._perf))
 
     def _perf_count(self, lengths: torch.Tensor, repeats: int = 1) -> None:
-        lengths = lengths.detach().double().cpu()
-        self._perf["tokens"] += repeats * lengths.sum().item()
-        self._perf["tokens_times_length"] += repeats * lengths.square().sum().item()
+        # summed where the batch lives, read at log time: no device synchronisation per step
+        lengths = lengths.detach().double()
+        self._perf["tokens"] = self._perf["tokens"] + repeats * lengths.sum()
+        self._perf["tokens_times_length"] = self._perf["tokens_times_length"] + repeats * lengths.square().sum()
 
     # Wraps Trainer.training_step (unchanged) to count the batch's tokens before it runs.
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -93,8 +99,9 @@ class PerfMetricsMixin:
     def _perf_metrics(self) -> dict[str, float]:
         """The window's figures (all processes), then the counters reset. Collective: every process calls it."""
         p = self._perf
-        totals = torch.tensor([p["tokens"], p["tokens_times_length"], p["seconds"]], dtype=torch.float64,
-                              device=self.accelerator.device)
+        device = self.accelerator.device
+        totals = torch.stack([torch.as_tensor(p[k], dtype=torch.float64).to(device)
+                              for k in ("tokens", "tokens_times_length", "seconds")])
         totals = self.accelerator.reduce(totals, reduction="sum").tolist() if self.accelerator.num_processes > 1 \
             else totals.tolist()
         p.update(tokens=0.0, tokens_times_length=0.0, seconds=0.0)
