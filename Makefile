@@ -62,11 +62,13 @@ reproduce: setup
 	for r in $(REPRODUCTIONS); do $(BIN)/python examples/reproduce/$$r.py --threads 1 || exit 1; done
 
 # the reproductions on the real pretrained model (SmolLM2-135M-Instruct); results in docs/results.md
-# about 3 hours on 2 CPU cores: Table 3.1, 3.6.4 (label noise), Table 2.2 and Figure 2.2 on SmolLM2 (docs/results.md)
+# about 4 hours on 2 CPU cores: Table 3.1, 3.6.4 (label noise), Table 2.2 and Figure 2.2 on SmolLM2 (docs/results.md)
 reproduce-real: setup
 	$(BIN)/python examples/reproduce/random_numbers_real.py --jobs 2
 	$(BIN)/python examples/reproduce/random_numbers_real.py --jobs 2 --label-noise 0.3 --methods DPO mDPO \
 		--output outputs/reproduce/random_numbers_real_noise
+	$(BIN)/python examples/reproduce/random_numbers_real.py --jobs 2 --label-noise 0.3 --methods IPO mIPO \
+		--output outputs/reproduce/random_numbers_real_noise_ipo
 	$(BIN)/python examples/reproduce/fdpo_diversity_real.py --threads 1
 	$(BIN)/python examples/reproduce/fdpo_frontier_real.py --threads 1
 
