@@ -38,6 +38,14 @@ def load_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def add_eval_arguments(p) -> None:
+    """The evaluation options shared by the scripts that score SmolLM2's replies with VADER on held-out prompts."""
+    p.add_argument("--prompts", type=int, default=40, help="held-out eval prompts")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+
+
 def held_out_prompts(n: int) -> tuple[list, list]:
     """(`n` evaluation prompts spread over the chat prompts the preference pairs do not use, the other unused ones)."""
     used = {r["prompt"][0]["content"] for r in load_jsonl(DATA / "cheerful-smollm2.jsonl")}
@@ -87,10 +95,7 @@ def main(argv=None) -> dict:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--prompts", type=int, default=40, help="held-out eval prompts")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    add_eval_arguments(p)
     a = p.parse_args(argv)
     setup(a.threads)
     out = Path(a.output)
