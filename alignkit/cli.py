@@ -188,11 +188,11 @@ def _run_eval(args) -> int:
 
 
 def _user_errors():
+    from .dashboard import DashboardError
     from .data.validation import DatasetError
     from .divergences import UnsupportedDivergenceError
     from .metrics.evaluate import EvalError
     from .models import ModelError
-    from .dashboard import DashboardError
     from .plot import PlotError
     from .recipes import RecipeError
 

@@ -58,8 +58,8 @@ def single_eval_dataset(trainer, eval_dataset, tokenized_column: str):
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, seed: int,
-                       synced_gpus: bool = False) -> list[list[int]]:
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                       seed: int) -> list[list[int]]:
     """One sampled completion (temperature 1, no top-k/top-p) per prompt, each cut after its first eos. The global
     RNG is left as it was (sampling here must not change the training run that follows)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -71,7 +71,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, synced_gpus=synced_gpus)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad)
     completions = []
     for row in out[:, width:].tolist():
         if tokenizer.eos_token_id in row:

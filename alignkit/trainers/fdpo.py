@@ -49,10 +49,9 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
             `True` stops training there with a `FloatingPointError` instead.
         generate_during_eval (`bool`, defaults to `False`):
             TRL's former field, back: at each evaluation the policy samples one completion for each of the first
-            `per_device_eval_batch_size` eval prompts (at most 8; up to 64 new tokens, within `max_length`), written
-            with its implicit reward to
-            `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the table `samples/eval_step_<N>`.
-            Sampling leaves the random state of the run untouched.
+            `per_device_eval_batch_size` eval prompts (at most 8; up to 64 new tokens, within `max_length`),
+            written with its implicit reward to `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the
+            table `samples/eval_step_<N>`. Sampling leaves the random state of the run untouched.
         mmd_coef (`float`, defaults to `0.0`):
             Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
             is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
