@@ -52,6 +52,7 @@ SECTIONS: dict[str, list[tuple[str, list[str] | str]]] = {
         ("reward by attribute bin", r"^(train|eval)/reward_by_bin/.*"),
         ("MMD penalty", _both("mmd/penalty")),
         ("Spearman(reward, bin)", _both("mmd/spearman_reward_bin")),
+        ("reward spread (a collapse shows here)", _both("mmd/reward_std")),
         ("bins used / skipped", _train("mmd/bins_used", "mmd/bins_skipped")),
         ("accuracy", ["eval/accuracy", "train/accuracy"]),
         ("loss", _both("loss")),

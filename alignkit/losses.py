@@ -350,15 +350,31 @@ class BinnedMMD:
     pairs: int
 
 
+def standardize_values(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``values`` (N[, d]) centred on their mean and divided by their RMS distance to it (for scalars: the population
+    standard deviation), with the gradient flowing through the scale. Constant values give zeros."""
+    centred = values - values.mean(0, keepdim=True)
+    scale = centred.reshape(values.size(0), -1).pow(2).sum(-1).mean().clamp_min(eps * eps).sqrt()
+    return centred / scale
+
+
 def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None,
-                       groups: torch.Tensor | None = None) -> BinnedMMD:
+                       groups: torch.Tensor | None = None, standardize: bool = False) -> BinnedMMD:
     """``sum_{m < m'} MMD^2(P_m, P_m')`` of ``values`` (N[, d]) grouped by integer ``bins`` (N,).
 
     Bins with fewer than two examples are skipped (counted in ``bins_skipped``). With ``groups``
     (e.g. 1 for chosen, 0 for rejected) the penalty is computed within each group separately and
     summed: the *conditional* form, which regularises ``r`` independent of ``Z`` given the label.
     One kernel matrix is built for the whole batch; every bin pair's MMD^2 comes from its block sums.
+
+    ``standardize``: the values are first standardised over the whole batch (:func:`standardize_values`,
+    gradient included), and ``bandwidths`` are in units of that scale. The penalty is then unchanged, value
+    and gradient, when every value is moved towards a constant: shrinking the reward cannot lower it
+    (docs/methods.md section 3). Without it, the median-heuristic bandwidth (which carries no gradient)
+    gives a penalty whose gradient points towards shrinking the values, with a size that grows as 1/scale.
     """
+    if standardize:
+        values = standardize_values(values)
     if groups is not None:
         total, used, skipped, pairs = values.new_zeros(()), 0, 0, 0
         for g in torch.unique(groups):

@@ -142,3 +142,4 @@ def test_eval_metrics_per_dataset_and_per_bin(reward_model, tokenizer, tmp_path)
         assert metrics[f"eval_anti_reward_by_bin/{b}"] == pytest.approx(sum(rewards[b]) / len(rewards[b]), abs=1e-4)
     assert metrics["eval_anti_mmd/spearman_reward_bin"] == pytest.approx(
         _spearman(torch.tensor(all_r), torch.tensor(all_z)), abs=1e-4)
+    assert metrics["eval_anti_mmd/reward_std"] == pytest.approx(torch.tensor(all_r).std(unbiased=False).item(), abs=1e-4)

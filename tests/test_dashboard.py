@@ -13,7 +13,7 @@ EXPECTED = {
     "fdpo": ["train/rewards/margins", "eval/rewards/accuracies", "train/link/chosen", "eval/calibration/ece",
              "train/entropy", "train/logratios/chosen"],
     "mdpo": ["train/rewards/chosen_group_std", "train/mipo/variance_correction", "train/group/chosen_size"],
-    "crm": ["^(train|eval)/reward_by_bin/.*", "train/mmd/penalty", "eval/mmd/spearman_reward_bin"],
+    "crm": ["^(train|eval)/reward_by_bin/.*", "train/mmd/penalty", "eval/mmd/spearman_reward_bin", "train/mmd/reward_std"],
     "ppo": ["train/objective/scores", "^(train|eval)/divergence/.*", "^train/time/.*", "train/policy/clipfrac_avg",
             "train/val/clipfrac_avg"],
 }

@@ -82,3 +82,70 @@ def test_penalty_is_zero_with_fewer_than_two_usable_bins():
     out = binned_mmd_penalty(v, torch.tensor([0, 0, 0, 1, 2]), [1.0])
     assert out.penalty.item() == 0.0 and out.bins_skipped == 2 and out.pairs == 0
     out.penalty.backward()  # still part of the graph, so a batch without signal does not break backward
+
+
+# --- the penalty cannot be lowered by shrinking every reward towards a constant (issue 16, item 2) ---------------
+
+def _shrunk(v: torch.Tensor, c: float) -> torch.Tensor:
+    """Every value moved towards the batch mean: c = 1 leaves them, c -> 0 collapses them to a constant."""
+    return v.mean() + c * (v - v.mean())
+
+
+def _scale_derivative(v: torch.Tensor, bins: torch.Tensor, **kw) -> float:
+    """d/dc penalty(mean + c (v - mean)) at c = 1, taken through the gradient the optimiser sees: positive means a
+    gradient step lowers the penalty by shrinking the rewards (the collapse pays)."""
+    v = v.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(binned_mmd_penalty(v, bins, **kw).penalty, v)
+    return float((grad * (v - v.mean())).sum().detach())
+
+
+def _biased_batch(seed=0):
+    """Rewards that follow the bin (a learnt shortcut): bin 1 three within-bin deviations above bin 0."""
+    g = torch.Generator().manual_seed(seed)
+    bins = torch.arange(32) % 2
+    return 0.5 * torch.randn(32, generator=g, dtype=torch.float64) + 1.5 * bins, bins
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_standardised_penalty_does_not_fall_when_rewards_shrink(conditional):
+    v, bins = _biased_batch()
+    groups = (torch.arange(32) < 16).long() if conditional else None
+    values = [binned_mmd_penalty(_shrunk(v, c), bins, groups=groups, standardize=True).penalty.item()
+              for c in (1.0, 0.3, 0.1, 0.01)]
+    assert values[0] > 0.05  # a real dependence on the bin, not a vanishing penalty
+    assert max(values) - min(values) < 1e-9 * values[0]
+    # and the optimiser sees no gain in shrinking either: no gradient along the scale direction (to rounding)
+    grad_along_scale = _scale_derivative(v, bins, groups=groups, standardize=True)
+    assert abs(grad_along_scale) < 1e-9
+
+
+def test_the_median_heuristic_alone_rewards_shrinking():
+    """Why the plain median heuristic collapsed rewards: its value is scale-free, but the bandwidth carries no gradient,
+    so every step sees a fixed-bandwidth penalty that shrinking the rewards lowers (and that gradient grows like
+    1/scale as they shrink). A fixed bandwidth is lowered by shrinking outright."""
+    v, bins = _biased_batch()
+    # seeds 0-5 of this batch: the derivative is 0.36-0.56 of the penalty itself, always positive
+    assert _scale_derivative(v, bins) > 0.2 * binned_mmd_penalty(v, bins).penalty.item()
+    # the derivative per unit of log-scale is the same at every scale: per unit of reward it grows like 1/scale
+    torch.testing.assert_close(_scale_derivative(_shrunk(v, 0.1), bins), _scale_derivative(v, bins))
+    fixed = [binned_mmd_penalty(_shrunk(v, c), bins, [1.0]).penalty.item() for c in (1.0, 0.1)]
+    assert fixed[1] < 0.05 * fixed[0]
+
+
+def test_standardised_penalty_is_the_penalty_of_standardised_values():
+    v, bins = _biased_batch(1)
+    z = (v - v.mean()) / v.std(unbiased=False)
+    for bw in (None, [0.5, 2.0]):
+        torch.testing.assert_close(binned_mmd_penalty(v, bins, bw, standardize=True).penalty,
+                                   binned_mmd_penalty(z, bins, bw).penalty)
+    v2 = v.reshape(16, 2)  # vectors (mmd_on: hidden): scaled by the RMS distance to the batch mean
+    z2 = (v2 - v2.mean(0)) / (v2 - v2.mean(0)).pow(2).sum(1).mean().sqrt()
+    torch.testing.assert_close(binned_mmd_penalty(v2, bins[:16], [1.0], standardize=True).penalty,
+                               binned_mmd_penalty(z2, bins[:16], [1.0]).penalty)
+
+
+def test_standardised_penalty_of_constant_rewards_is_zero_and_finite():
+    v = torch.full((8,), 3.0, requires_grad=True)
+    out = binned_mmd_penalty(v, torch.arange(8) % 2, standardize=True)
+    out.penalty.backward()
+    assert out.penalty.item() == 0.0 and torch.isfinite(v.grad).all()

@@ -36,8 +36,12 @@ class CausalPenaltyArguments:
         binning (`str`, defaults to `"quantile"`): `quantile` or `equal_width`.
         conditional (`bool`, defaults to `False`): penalty within chosen and within rejected (reward independent
             of Z given the label) instead of on the pooled completions.
-        mmd_bandwidths (`list[float]`, *optional*): RBF bandwidths summed in the kernel; default: the median
-            heuristic on each batch.
+        mmd_bandwidths (`list[float]`, *optional*): RBF bandwidths summed in the kernel (in units of the batch's
+            standard deviation with `mmd_standardize`); default: the median heuristic on each batch.
+        mmd_standardize (`bool`, defaults to `True`): standardise the penalised values over the (global) batch,
+            gradient included, before the kernel. The penalty is then unchanged when every reward is shrunk
+            towards a constant, so collapsing the reward no longer lowers it (docs/methods.md section 3). `False`
+            is the plain median heuristic of earlier alignkit versions, whose gradient rewards shrinking.
         bin_balanced_sampler (`bool`, defaults to `True`): batches drawn so that each holds several bins with at
             least two examples each, so the penalty has signal with small batches.
     """
@@ -49,6 +53,8 @@ class CausalPenaltyArguments:
     binning: str = field(default="quantile", metadata={"help": "quantile or equal_width."})
     conditional: bool = field(default=False, metadata={"help": "Penalty within chosen and within rejected."})
     mmd_bandwidths: list[float] | None = field(default=None, metadata={"help": "RBF bandwidths (None: median)."})
+    mmd_standardize: bool = field(default=True, metadata={"help": "Standardise the penalised values per batch (the "
+                                                                   "penalty cannot be lowered by shrinking them)."})
     bin_balanced_sampler: bool = field(default=True, metadata={"help": "Batches cover bins with >= 2 examples."})
 
     def _check_causal_fields(self):
@@ -208,7 +214,8 @@ class AttributeBinsMixin:
             bins = self.accelerator.gather(bins)
             groups = self.accelerator.gather(groups)
         out = binned_mmd_penalty(values, bins, self.args.mmd_bandwidths,
-                                 groups=groups if self.args.conditional else None)
+                                 groups=groups if self.args.conditional else None,
+                                 standardize=self.args.mmd_standardize)
         m = _trl.metrics(self, mode)  # the same global figures on every rank: no gather needed
         m["mmd/penalty"].append(out.penalty.item())
         m["mmd/bins_used"].append(out.bins_used)

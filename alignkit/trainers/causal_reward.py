@@ -127,13 +127,15 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
         return (loss, outputs) if return_outputs else loss
 
     def _window_metrics(self, mode: str) -> dict[str, float]:
-        """Spearman correlation of rewards with the bin, and the mean reward per bin, over the window."""
+        """Spearman correlation of rewards with the bin, the rewards' standard deviation and the mean reward per bin,
+        over the window."""
         if not self._window[mode]:
             return {}
         r = torch.cat([w[0] for w in self._window[mode]])
         z = torch.cat([w[1] for w in self._window[mode]])
         self._window[mode].clear()
-        out = {"mmd/spearman_reward_bin": _spearman(r, z.float())}
+        # the reward's spread: a penalty that is cheapest to lower by shrinking every reward shows up here first
+        out = {"mmd/spearman_reward_bin": _spearman(r, z.float()), "mmd/reward_std": r.std(unbiased=False).item()}
         sums = torch.zeros(self.binner.n_bins).index_add_(0, z, r)
         counts = torch.bincount(z, minlength=self.binner.n_bins)
         out.update({f"reward_by_bin/{b}": (sums[b] / counts[b]).item() for b in range(len(counts)) if counts[b]})
