@@ -20,6 +20,7 @@ nothing to remove.
 
     python benchmarks/crm_bias.py                       # both tasks, 3 seeds, about 5 minutes on 2 cores
     python benchmarks/crm_bias.py --task sycophancy --seeds 1 --steps 100
+    python benchmarks/crm_bias.py --task sycophancy --model builtin:minilm-l6 --steps 100 --mmd-coef 0.3
 """
 
 from __future__ import annotations
@@ -36,15 +37,20 @@ from _harness import offline_setup
 TASKS = {
     "sycophancy": dict(attributes=["sycophantic"], num_bins=2, mmd_coef=3.0),
     "length_bias": dict(attributes=["length"], num_bins=2, mmd_coef=3.0),
+    "concept_sentiment": dict(attributes=["concept"], num_bins=2, mmd_coef=3.0),
 }
 VARIANTS = {"vanilla": dict(mmd_coef=0.0), "unconditional": dict(conditional=False), "conditional": dict(conditional=True)}
 SPLITS = ("test_anti", "test_uncorrelated")
+#: learning rate by reward backbone: the tiny Llama is trained from scratch, MiniLM-L6 is pretrained (fine-tuning rate)
+LEARNING_RATES = {"builtin:tiny-llama": 1e-3, "builtin:minilm-l6": 5e-5}
 
 
 def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, batch_size: int = 32,
                     output_dir: str = "/tmp/alignkit-crm-bias", model: str = "builtin:tiny-llama",
-                    mmd_coef: float | None = None) -> dict[str, float]:
-    """Train one reward model and return its accuracy on the held-out splits."""
+                    mmd_coef: float | None = None, learning_rate: float | None = None,
+                    **overrides) -> dict[str, float]:
+    """Train one reward model and return its accuracy on the held-out splits (and, on `concept_sentiment`, Bias@C
+    on `test_uncorrelated`). `overrides`: further CausalRewardConfig fields (e.g. mmd_standardize)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
 
@@ -60,9 +66,13 @@ def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, ba
     if mmd_coef is not None:
         cfg["mmd_coef"] = mmd_coef
     cfg.update(VARIANTS[variant])
-    args = CausalRewardConfig(output_dir=output_dir, learning_rate=1e-3, per_device_train_batch_size=batch_size,
+    cfg.update(overrides)
+    lr = learning_rate or LEARNING_RATES.get(model, 1e-3)
+    # no gradient checkpointing (RewardConfig turns it on): these models are small, and it only costs time
+    args = CausalRewardConfig(output_dir=output_dir, learning_rate=lr, per_device_train_batch_size=batch_size,
                               per_device_eval_batch_size=64, max_steps=steps, logging_steps=max(steps // 4, 1),
-                              report_to=[], save_strategy="no", seed=seed, disable_tqdm=True, **cfg)
+                              report_to=[], save_strategy="no", seed=seed, disable_tqdm=True,
+                              gradient_checkpointing=False, **cfg)
     trainer = CausalRewardTrainer(
         model=reward_model, args=args, processing_class=tokenizer,
         train_dataset=load_builtin_dataset(task, "train", seed=seed),
@@ -70,15 +80,24 @@ def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, ba
     trainer.remove_callback(PrinterCallback)  # no per-log dicts on stdout (tqdm is off)
     trainer.train()
     metrics = trainer.evaluate()
-    return {s: metrics[f"eval_{s}_accuracy"] for s in SPLITS} | {
+    out = {s: metrics[f"eval_{s}_accuracy"] for s in SPLITS} | {
         f"{s}_spearman": metrics[f"eval_{s}_mmd/spearman_reward_bin"] for s in SPLITS}
+    out["train_reward_std"] = next(e["mmd/reward_std"] for e in reversed(trainer.state.log_history) if "loss" in e)
+    if task == "concept_sentiment":  # Bias@C (thesis 4.6.3) where the concept is in half the reviews of each label
+        from alignkit.metrics.evaluate import _reward_bias
+
+        trainer.model.eval()
+        bias = _reward_bias(trainer.model, tokenizer, load_builtin_dataset(task, "test_uncorrelated", seed=seed),
+                            "concept")
+        out |= {k: bias[k] for k in ("bias_at_c", "accuracy_with_concept", "accuracy_without_concept")}
+    return out
 
 
-def compare(task: str, steps: int, seeds: int, batch_size: int = 32, variants=tuple(VARIANTS)) -> dict:
-    """Mean accuracies of every variant over the seeds."""
+def compare(task: str, steps: int, seeds: int, batch_size: int = 32, variants=tuple(VARIANTS), **kwargs) -> dict:
+    """Mean accuracies of every variant over the seeds (`kwargs`: model, mmd_coef, ... of `train_and_score`)."""
     out = {}
     for variant in variants:
-        runs = [train_and_score(task, variant, steps, seed, batch_size) for seed in range(seeds)]
+        runs = [train_and_score(task, variant, steps, seed, batch_size, **kwargs) for seed in range(seeds)]
         out[variant] = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
         out[variant]["per_seed_anti"] = [r["test_anti"] for r in runs]
     return out
@@ -86,7 +105,11 @@ def compare(task: str, steps: int, seeds: int, batch_size: int = 32, variants=tu
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    p.add_argument("--task", choices=[*TASKS, "all"], default="all", help="all: sycophancy and length_bias")
+    p.add_argument("--model", default="builtin:tiny-llama", help="reward backbone, e.g. builtin:minilm-l6")
+    p.add_argument("--mmd-coef", type=float, default=None, help="default: the task's (3)")
+    p.add_argument("--no-standardize", action="store_true", help="mmd_standardize=False: the plain median-heuristic "
+                   "penalty (before alignkit standardised the rewards)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -97,13 +120,15 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    tasks = list(TASKS) if a.task == "all" else [a.task]
+    tasks = ["sycophancy", "length_bias"] if a.task == "all" else [a.task]
     results, ok = {}, True
     for task in tasks:
         t0 = time.time()
-        res = compare(task, a.steps, a.seeds, a.batch_size)
+        res = compare(task, a.steps, a.seeds, a.batch_size, model=a.model, mmd_coef=a.mmd_coef,
+                      mmd_standardize=not a.no_standardize)
         results[task] = res
-        print(f"\n{task}: {a.steps} steps, batch {a.batch_size}, mmd_coef {TASKS[task]['mmd_coef']}, "
+        coef = a.mmd_coef if a.mmd_coef is not None else TASKS[task]["mmd_coef"]
+        print(f"\n{task}: {a.model}, {a.steps} steps, batch {a.batch_size}, mmd_coef {coef:g}, "
               f"{TASKS[task]['num_bins']} bins, mean of {a.seeds} seed(s), {time.time() - t0:.0f} s")
         print(f"  {'variant':<14}{'test_anti':>10}{'test_uncorr':>12}{'spearman(r,Z) uncorr':>22}   anti per seed")
         for v, r in res.items():

@@ -75,9 +75,10 @@ def test_crm_sweep(tmp_path):
     rows = {(r["variant"], r["mmd_coef"]): r for r in result["rows"]}
     assert set(rows) == {("vanilla", 0.0), ("unconditional", 3.0)}
     van, crm = rows["vanilla", 0.0], rows["unconditional", 3.0]
-    # Measured over seeds 0-4 (every training seed shifted; 0-2 also with ATEN_CPU_CAPABILITY=default, another
-    # float rounding), 200 steps: vanilla test_anti 0.00-0.11, Spearman 0.77-0.80; the causal model's test_anti
-    # 0.41-0.87 (gain 0.30-0.84), test_uncorrelated 0.84-0.94 (vanilla 0.69-0.77: it gains), |Spearman| 0.13-0.20.
+    # Measured over seeds 0-4 with the standardised penalty (crm_sweep.py --quick --steps 200 --seeds 5), 200 steps:
+    # vanilla test_anti 0.00-0.09, test_uncorrelated 0.70-0.79, Spearman 0.81 on average; the causal model's
+    # test_anti 0.46-0.82 (gain 0.37-0.81), test_uncorrelated 0.88-0.98 (it gains), Spearman 0.11 on average.
+    # (With the earlier median-heuristic penalty: test_anti 0.41-0.87, |Spearman| 0.13-0.20.)
     # The vanilla model rewards the flattering prefix: it prefers the wrong answer when only that has the prefix
     assert van["test_anti"] < 0.3 and van["test_uncorrelated_spearman"] > 0.5
     # the full benchmark (3 seeds) asks +15 points and <= 5 lost, here looser
@@ -110,9 +111,10 @@ def test_label_noise(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-@pytest.mark.parametrize("name", ["random_numbers_real", "fdpo_diversity_real", "fdpo_frontier_real"])
+@pytest.mark.parametrize("name", ["random_numbers_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo"])
 def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
-    """Their full forms take 20-60 min on SmolLM2 (docs/results.md); CI only checks that they import and parse."""
+    """Their full forms take 20-60 min on SmolLM2 (causal_dpo: 6 min, 3 seeds, docs/results.md); CI only checks that
+    they import and parse."""
     import sys
 
     sys.path.insert(0, str(REPRO))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import pyplot, setup  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-TASKS = ("sycophancy", "length_bias")
+TASKS = ("sycophancy", "length_bias", "concept_sentiment")
 CAUSAL = ("unconditional", "conditional")
 COEFS = (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 METRICS = ("test_anti", "test_uncorrelated", "test_uncorrelated_spearman")
@@ -94,7 +94,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: sycophancy, vanilla + unconditional at 3, 100 steps")
     p.add_argument("--output", default="outputs/reproduce/crm_sweep")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both (sycophancy with --quick)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                   help="default: sycophancy and length_bias (sycophancy with --quick)")
+    p.add_argument("--model", default="builtin:tiny-llama", help="reward backbone: builtin:tiny-llama (trained from "
+                   "scratch) or builtin:minilm-l6 (real pretrained MiniLM-L6)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for the tiny Llama, 5e-5 for MiniLM")
+    p.add_argument("--variants", nargs="+", choices=CAUSAL, default=list(CAUSAL))
+    p.add_argument("--no-standardize", action="store_true", help="mmd_standardize=False: the plain median-heuristic "
+                   "penalty (the toy table in docs/results.md was measured with it)")
     p.add_argument("--coefs", nargs="+", type=float, default=None, help=f"default: {' '.join(f'{c:g}' for c in COEFS)}"
                    " (3 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="default: 200 (100 with --quick)")
@@ -104,10 +111,10 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     setup(a.threads)
     bench = load_benchmark()
-    tasks = a.tasks or (["sycophancy"] if a.quick else list(TASKS))
+    tasks = a.tasks or (["sycophancy"] if a.quick else ["sycophancy", "length_bias"])
     coefs = a.coefs or ([3.0] if a.quick else list(COEFS))
     steps = a.steps or (100 if a.quick else 200)
-    runs = plan(tasks, coefs)
+    runs = [r for r in plan(tasks, coefs) if r[1] == "vanilla" or r[1] in a.variants]
     if a.quick:
         runs = [r for r in runs if r[1] != "conditional"]
     out = Path(a.output)
@@ -116,23 +123,31 @@ def main(argv=None) -> dict:
     for i, (task, variant, coef) in enumerate(runs, 1):
         t0 = time.time()
         per_seed = [bench.train_and_score(task, variant, steps=steps, seed=seed, batch_size=a.batch_size,
-                                          output_dir=str(out / "runs"), mmd_coef=coef) for seed in range(a.seeds)]
+                                          output_dir=str(out / "runs"), mmd_coef=coef, model=a.model,
+                                          learning_rate=a.lr, mmd_standardize=not a.no_standardize)
+                    for seed in range(a.seeds)]
         row = {"task": task, "variant": variant, "mmd_coef": coef}
-        row |= {k: statistics.mean(r[k] for r in per_seed) for k in METRICS}
-        row["per_seed_anti"] = [r["test_anti"] for r in per_seed]
+        row |= {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
+        row["per_seed"] = {k: [r[k] for r in per_seed] for k in ("test_anti", "test_uncorrelated")}
+        row["per_seed_anti"] = row["per_seed"]["test_anti"]
         rows.append(row)
         print(f"[{i}/{len(runs)}] {task} {variant} mmd_coef {coef:g}: anti {row['test_anti']:.3f} uncorrelated "
               f"{row['test_uncorrelated']:.3f} spearman {row['test_uncorrelated_spearman']:+.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
     wall = time.time() - start
-    settings = {"steps": steps, "batch_size": a.batch_size, "seeds": a.seeds, "threads": a.threads,
-             "wall_s": round(wall, 1)}
+    settings = {"model": a.model, "mmd_standardize": not a.no_standardize, "steps": steps, "batch_size": a.batch_size, "seeds": a.seeds, "threads": a.threads,
+                "wall_s": round(wall, 1)}
     (out / "table.json").write_text(json.dumps({"setup": settings, "rows": rows}, indent=2))
-    lines = [f"{steps} steps, batch {a.batch_size}, mean of {a.seeds} seed(s), {a.threads} thread(s), {wall:.0f} s", "",
-             "| task | variant | mmd_coef | test_anti | test_uncorrelated | spearman(r, Z) uncorrelated |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['variant']} | {r['mmd_coef']:g} | {r['test_anti']:.3f} | "
-              f"{r['test_uncorrelated']:.3f} | {r['test_uncorrelated_spearman']:+.3f} |" for r in rows]
+    lines = [f"{a.model}, {steps} steps, batch {a.batch_size}, mean of {a.seeds} seed(s), {a.threads} thread(s), "
+             f"{wall:.0f} s", "",
+             "| task | variant | mmd_coef | test_anti (per seed) | test_uncorrelated (per seed) | spearman(r, Z) "
+             "uncorrelated | reward std (train) | Bias@C |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, k):
+        return f"{r[k]:.3f} ({' / '.join(f'{v:.2f}' for v in r['per_seed'][k])})" if a.seeds > 1 else f"{r[k]:.3f}"
+    lines += [f"| {r['task']} | {r['variant']} | {r['mmd_coef']:g} | {cell(r, 'test_anti')} | "
+              f"{cell(r, 'test_uncorrelated')} | {r['test_uncorrelated_spearman']:+.3f} | {r['train_reward_std']:.3f} | "
+              f"{format(r['bias_at_c'], '.1f') if 'bias_at_c' in r else ''} |" for r in rows]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     write_figure(rows, out / "crm_sweep.png")
     print("\n".join(lines))
