@@ -18,7 +18,7 @@ human preference data does: with clean labels the true signal separates the pair
 vanilla model has no reason to use the attribute (it scored 1.00 on test_anti), so there would be
 nothing to remove.
 
-    python benchmarks/crm_bias.py                       # both tasks, 3 seeds, about 5 minutes on 2 cores
+    python benchmarks/crm_bias.py                       # both tasks, 3 seeds, about 6 minutes on 2 cores
     python benchmarks/crm_bias.py --task sycophancy --seeds 1 --steps 100
     python benchmarks/crm_bias.py --task sycophancy --model builtin:minilm-l6 --steps 100 --mmd-coef 0.3
 """

@@ -14,13 +14,15 @@ and crm_sweep.png (per task: accuracies against mmd_coef on a log axis, vanilla 
     python examples/reproduce/crm_sweep.py --quick     # CI-sized: sycophancy, vanilla + unconditional at 3, ~25 s
     python examples/reproduce/crm_sweep.py --seeds 3 --coefs 1 3 10 --threads 2
 
-Status (full form: 200 steps, batch 32, seed 0, 1 thread, 8 min 17 s on 2 shared cores; the table and figure are
-in docs/results.md): mostly reproduced. The reward's correlation with the attribute falls as mmd_coef grows, the
-unconditional CRM removes the sycophancy shortcut (test_anti 0.00 -> 0.82 at mmd_coef 3) and mmd_coef 100 costs
-accuracy everywhere. Unlike the thesis: no accuracy cost at small and moderate coefficients (test_uncorrelated
-rises, 0.69 -> 0.93 on sycophancy at 3: the vanilla model's shortcut misleads it there too); the conditional CRM
-is no better than the unconditional one; on length the vanilla model barely uses the shortcut (test_anti 0.79).
-One seed: single points move by tenths between seeds (--seeds 3 is about 25 minutes).
+Status: the tables in docs/results.md. The toy sweep there (200 steps, batch 32, seed 0) was measured with
+--no-standardize (the earlier median-heuristic penalty): mostly reproduced. The reward's correlation with the
+attribute falls as mmd_coef grows, the unconditional CRM removes the sycophancy shortcut (test_anti 0.00 -> 0.82
+at mmd_coef 3) and mmd_coef 100 costs accuracy everywhere; unlike the thesis, no accuracy cost at moderate
+coefficients (test_uncorrelated rises: the vanilla model's shortcut misleads it there too), and the conditional
+CRM is no better than the unconditional one. With the standardised penalty (the default), --quick --steps 200
+--seeds 5: vanilla test_anti 0.00-0.09, unconditional at 3 0.46-0.82. On MiniLM (`python benchmarks/crm_bias.py
+--task sycophancy --model builtin:minilm-l6 --steps 100 --mmd-coef 0.3`, lr 5e-5, 3 seeds) a moderate coefficient
+works (unconditional: test_anti 0.00 -> 0.36, test_uncorrelated +9.5 points) and large ones flatten the reward.
 """
 
 from __future__ import annotations
