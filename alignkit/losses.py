@@ -359,7 +359,8 @@ def standardize_values(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None,
-                       groups: torch.Tensor | None = None, standardize: bool = False) -> BinnedMMD:
+                       groups: torch.Tensor | None = None, standardize: bool = False,
+                       unbiased: bool = True) -> BinnedMMD:
     """``sum_{m < m'} MMD^2(P_m, P_m')`` of ``values`` (N[, d]) grouped by integer ``bins`` (N,).
 
     Bins with fewer than two examples are skipped (counted in ``bins_skipped``). With ``groups``
@@ -372,6 +373,13 @@ def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None
     and gradient, when every value is moved towards a constant: shrinking the reward cannot lower it
     (docs/methods.md section 3). Without it, the median-heuristic bandwidth (which carries no gradient)
     gives a penalty whose gradient points towards shrinking the values, with a size that grows as 1/scale.
+
+    ``unbiased``: each bin pair's MMD^2 is the unbiased U-statistic (the within-bin means leave out ``k(x, x)``).
+    It can be negative, and with two or three examples a bin it is most negative when the examples *inside* each
+    bin are far apart: summed over many small bins, a penalty that training can drive far below zero by
+    spreading the rewards of each bin at random. ``False`` uses the biased V-statistic, the squared RKHS distance
+    between the bins' empirical kernel means: never negative, zero exactly when every bin has the same empirical
+    distribution (docs/methods.md section 3).
     """
     if standardize:
         values = standardize_values(values)
@@ -379,7 +387,7 @@ def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None
         total, used, skipped, pairs = values.new_zeros(()), 0, 0, 0
         for g in torch.unique(groups):
             sel = groups == g
-            part = binned_mmd_penalty(values[sel], bins[sel], bandwidths)
+            part = binned_mmd_penalty(values[sel], bins[sel], bandwidths, unbiased=unbiased)
             total = total + part.penalty
             used, skipped, pairs = used + part.bins_used, skipped + part.bins_skipped, pairs + part.pairs
         return BinnedMMD(total, used, skipped, pairs)
@@ -399,7 +407,10 @@ def binned_mmd_penalty(values: torch.Tensor, bins: torch.Tensor, bandwidths=None
     block = onehot.t() @ k @ onehot  # S[a, b] = sum_{i in a, j in b} k_ij
     diag = onehot.t() @ k.diagonal()  # sum_{i in a} k_ii
     n = onehot.sum(0)
-    within = (block.diagonal() - diag) / (n * (n - 1))  # mean off-diagonal kernel inside a bin
+    if unbiased:
+        within = (block.diagonal() - diag) / (n * (n - 1))  # mean off-diagonal kernel inside a bin
+    else:
+        within = block.diagonal() / (n * n)  # mean kernel inside a bin, k(x, x) included
     cross = block / (n.unsqueeze(1) * n.unsqueeze(0))
     mmd = within.unsqueeze(1) + within.unsqueeze(0) - 2.0 * cross  # (B, B)
     upper = torch.triu(torch.ones_like(mmd, dtype=torch.bool), diagonal=1)

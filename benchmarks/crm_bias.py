@@ -47,10 +47,11 @@ LEARNING_RATES = {"builtin:tiny-llama": 1e-3, "builtin:minilm-l6": 5e-5}
 
 def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, batch_size: int = 32,
                     output_dir: str = "/tmp/alignkit-crm-bias", model: str = "builtin:tiny-llama",
-                    mmd_coef: float | None = None, learning_rate: float | None = None,
-                    **overrides) -> dict[str, float]:
-    """Train one reward model and return its accuracy on the held-out splits (and, on `concept_sentiment`, Bias@C
-    on `test_uncorrelated`). `overrides`: further CausalRewardConfig fields (e.g. mmd_standardize)."""
+                    mmd_coef: float | None = None, learning_rate: float | None = None, splits=SPLITS,
+                    return_trainer: bool = False, **overrides):
+    """Train one reward model and return its accuracy on the held-out `splits` (and, on `concept_sentiment`, Bias@C
+    on `test_uncorrelated`); with `return_trainer`, also the trained trainer. `overrides`: further
+    CausalRewardConfig fields (e.g. mmd_standardize; the attributes of a task that TASKS does not list)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
 
@@ -62,7 +63,7 @@ def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, ba
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
     reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    cfg = {k: v for k, v in TASKS[task].items()}
+    cfg = dict(TASKS.get(task, {}))
     if mmd_coef is not None:
         cfg["mmd_coef"] = mmd_coef
     cfg.update(VARIANTS[variant])
@@ -76,12 +77,12 @@ def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, ba
     trainer = CausalRewardTrainer(
         model=reward_model, args=args, processing_class=tokenizer,
         train_dataset=load_builtin_dataset(task, "train", seed=seed),
-        eval_dataset={s: load_builtin_dataset(task, s, seed=seed) for s in SPLITS})
+        eval_dataset={s: load_builtin_dataset(task, s, seed=seed) for s in splits})
     trainer.remove_callback(PrinterCallback)  # no per-log dicts on stdout (tqdm is off)
     trainer.train()
     metrics = trainer.evaluate()
-    out = {s: metrics[f"eval_{s}_accuracy"] for s in SPLITS} | {
-        f"{s}_spearman": metrics[f"eval_{s}_mmd/spearman_reward_bin"] for s in SPLITS}
+    out = {s: metrics[f"eval_{s}_accuracy"] for s in splits} | {
+        f"{s}_spearman": metrics[f"eval_{s}_mmd/spearman_reward_bin"] for s in splits}
     out["train_reward_std"] = next(e["mmd/reward_std"] for e in reversed(trainer.state.log_history) if "loss" in e)
     if task == "concept_sentiment":  # Bias@C (thesis 4.6.3) where the concept is in half the reviews of each label
         from alignkit.metrics.evaluate import _reward_bias
@@ -90,7 +91,7 @@ def train_and_score(task: str, variant: str, steps: int = 200, seed: int = 0, ba
         bias = _reward_bias(trainer.model, tokenizer, load_builtin_dataset(task, "test_uncorrelated", seed=seed),
                             "concept")
         out |= {k: bias[k] for k in ("bias_at_c", "accuracy_with_concept", "accuracy_without_concept")}
-    return out
+    return (out, trainer) if return_trainer else out
 
 
 def compare(task: str, steps: int, seeds: int, batch_size: int = 32, variants=tuple(VARIANTS), **kwargs) -> dict:

@@ -120,3 +120,27 @@ def test_concept_sentiment_task_links_the_concept_to_the_label_in_train_only():
     assert 0.12 < flipped < 0.28
     with pytest.raises(ValueError, match="splits"):
         concept_sentiment("validation")
+
+
+def test_demographic_task_has_60_joint_groups_and_a_biased_labeller_in_train_only():
+    from alignkit.data.attributes import AttributeBinner, AttributeSpec
+    from alignkit.data.synthetic import demographic, demographic_flip_rate
+
+    test = demographic("test")
+    groups = {(r["age"], r["gender"], r["origin"]) for r in test}
+    assert len(groups) == 60 and len(test) == 1200
+    assert all(r["chosen"] == (" yes" if r["deserving"] else " no") for r in test)  # clean labels
+    binner = AttributeBinner([AttributeSpec(a) for a in ("age", "gender", "origin")])
+    binner.fit([[r[a] for r in test] for a in ("age", "gender", "origin")])
+    assert binner.n_bins == 60  # 4 ages x 3 genders x 5 towns, binned jointly
+    train = demographic("train", num_samples=6000, label_noise=0.0)
+    assert all(r["chosen"] == " no" for r in train if not r["deserving"])
+    for group, rate in [(("25", "man", "Aldmoor"), 0.0), (("70", "woman", "Elstead"), 0.9)]:
+        deserving = [r for r in train if (r["age"], r["gender"], r["origin"]) == group and r["deserving"]]
+        turned_down = sum(r["chosen"] == " no" for r in deserving) / len(deserving)
+        assert demographic_flip_rate(*group) == pytest.approx(rate)
+        assert turned_down == pytest.approx(rate, abs=0.2)  # ~50 deserving applicants a group
+    assert all(r["chosen_decision"] == (r["chosen"] == " yes") and r["rejected_decision"] != r["chosen_decision"]
+               for r in train)
+    with pytest.raises(ValueError, match="splits"):
+        demographic("test_anti")

@@ -149,3 +149,45 @@ def test_standardised_penalty_of_constant_rewards_is_zero_and_finite():
     out = binned_mmd_penalty(v, torch.arange(8) % 2, standardize=True)
     out.penalty.backward()
     assert out.penalty.item() == 0.0 and torch.isfinite(v.grad).all()
+
+
+def _v_statistic(x, y, bw):
+    """||mean phi(x) - mean phi(y)||^2 with the RBF kernel: every k(x_i, x_j) kept, diagonal included (by hand)."""
+    def k(a, b):
+        return math.exp(-(a - b) ** 2 / (2 * bw * bw))
+    mean = lambda u, v: sum(k(a, b) for a in u for b in v) / (len(u) * len(v))  # noqa: E731
+    return mean(x, x) + mean(y, y) - 2 * mean(x, y)
+
+
+def test_biased_estimator_is_the_v_statistic_and_never_negative():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        values = torch.randn(12, generator=g, dtype=torch.float64)
+        bins = torch.randint(0, 5, (12,), generator=g)
+        out = binned_mmd_penalty(values, bins, bandwidths=[1.0], unbiased=False)
+        kept = [b for b in torch.unique(bins).tolist() if int((bins == b).sum()) >= 2]
+        groups = [[float(v) for v in values[bins == b]] for b in kept]
+        by_hand = sum(_v_statistic(groups[i], groups[j], 1.0) for i in range(len(kept)) for j in range(i + 1, len(kept)))
+        assert out.penalty.item() == pytest.approx(by_hand, abs=1e-12)
+        assert out.penalty.item() >= -1e-12
+
+
+def test_unbiased_sum_over_small_bins_is_lowered_by_spreading_each_bin():
+    """Two examples a bin, every bin {-1, +1}: identical bins, yet each bin pair's U-statistic is
+    2 k(-1, 1) - (1 + k(-1, 1)) = k(-1, 1) - 1 < 0, so the sum over many such bins is far below zero (what training
+    exploited on 60 demographic bins, docs/results.md); the V-statistic of the same batch is exactly zero."""
+    n_bins = 30
+    values = torch.tensor([-1.0, 1.0] * n_bins, dtype=torch.float64)
+    bins = torch.arange(n_bins).repeat_interleave(2)
+    s = math.exp(-4 / 2)
+    unbiased = binned_mmd_penalty(values, bins, bandwidths=[1.0])
+    assert unbiased.penalty.item() == pytest.approx(unbiased.pairs * (s - 1), rel=1e-9)
+    assert unbiased.penalty.item() < -200
+    assert binned_mmd_penalty(values, bins, bandwidths=[1.0], unbiased=False).penalty.item() == pytest.approx(0, abs=1e-12)
+
+
+def test_mmd_estimator_is_checked():
+    from alignkit import CausalRewardConfig
+
+    with pytest.raises(ValueError, match="mmd_estimator must be 'unbiased' or 'biased'"):
+        CausalRewardConfig(output_dir="/tmp/x", mmd_coef=1.0, attributes=["length"], mmd_estimator="v")

@@ -42,6 +42,10 @@ class CausalPenaltyArguments:
             gradient included, before the kernel. The penalty is then unchanged when every reward is shrunk
             towards a constant, so collapsing the reward no longer lowers it (docs/methods.md section 3). `False`
             is the plain median heuristic of earlier alignkit versions, whose gradient rewards shrinking.
+        mmd_estimator (`str`, defaults to `"unbiased"`): `unbiased` (the U-statistic) or `biased` (the
+            V-statistic, never negative). With many small bins per batch (e.g. 60 joint demographic bins) the
+            unbiased sum can be driven far below zero by spreading the rewards inside each bin; use `biased`
+            there (docs/methods.md section 3). `mmd/penalty` far below zero in the logs is the sign.
         bin_balanced_sampler (`bool`, defaults to `True`): batches drawn so that each holds several bins with at
             least two examples each, so the penalty has signal with small batches.
     """
@@ -55,6 +59,8 @@ class CausalPenaltyArguments:
     mmd_bandwidths: list[float] | None = field(default=None, metadata={"help": "RBF bandwidths (None: median)."})
     mmd_standardize: bool = field(default=True, metadata={"help": "Standardise the penalised values per batch (the "
                                                                    "penalty cannot be lowered by shrinking them)."})
+    mmd_estimator: str = field(default="unbiased", metadata={"help": "unbiased (U-statistic) or biased "
+                                                                     "(V-statistic, never negative)."})
     bin_balanced_sampler: bool = field(default=True, metadata={"help": "Batches cover bins with >= 2 examples."})
 
     def _check_causal_fields(self):
@@ -62,6 +68,8 @@ class CausalPenaltyArguments:
             self.attributes = [self.attributes]
         if self.mmd_coef < 0:
             raise ValueError(f"mmd_coef must be >= 0, got {self.mmd_coef}.")
+        if self.mmd_estimator not in ("unbiased", "biased"):
+            raise ValueError(f"mmd_estimator must be 'unbiased' or 'biased', got {self.mmd_estimator!r}.")
         if not self.attributes:
             if self.mmd_coef > 0:
                 raise ValueError("attributes must name at least one spurious attribute.")
@@ -215,7 +223,8 @@ class AttributeBinsMixin:
             groups = self.accelerator.gather(groups)
         out = binned_mmd_penalty(values, bins, self.args.mmd_bandwidths,
                                  groups=groups if self.args.conditional else None,
-                                 standardize=self.args.mmd_standardize)
+                                 standardize=self.args.mmd_standardize,
+                                 unbiased=self.args.mmd_estimator == "unbiased")
         m = _trl.metrics(self, mode)  # the same global figures on every rank: no gather needed
         m["mmd/penalty"].append(out.penalty.item())
         m["mmd/bins_used"].append(out.bins_used)
