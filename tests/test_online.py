@@ -216,3 +216,40 @@ def test_online_mipo_raises_the_reward(divergence, beta, steps, threshold, tiny_
                 "mipo/variance_correction"):
         assert key in last and torch.isfinite(torch.tensor(float(last[key]))), key
     assert last["group/chosen_size"] == 1 and last["group/rejected_size"] == 1
+
+
+def test_reward_model_and_weighted_functions_above_below_mean_reuse_and_save(tiny_model_path, tokenizer, prompts,
+                                                                             tmp_path):
+    """A sequence-classification reward model and a reward function, weighted; groups above / below the mean (sizes
+    vary); each batch of generations used for 2 updates; the policy saved as a plain model folder."""
+    from tests.test_ppo import _token_reward_model
+
+    rm = _token_reward_model(tiny_model_path, tokenizer)
+    calls = []
+
+    def count(prompts, completions):
+        calls.append(len(completions))
+        return _count_target(prompts, completions)
+
+    torch.manual_seed(0)
+    args = OnlineMultiSampleConfig(**base_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                               response_length=3, num_generations=5, grouping="above_below_mean",
+                                               num_iterations=2, reward_weights=[1.0, 0.5], max_steps=3,
+                                               loss_type="sigmoid", num_sample_generations=0))
+    trainer = OnlineMultiSampleTrainer(args=args, processing_class=tokenizer,
+                                       model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                                       ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                                       reward_funcs=[rm, count], train_dataset=prompts)
+    trainer.train()
+    assert calls[0] == 8 * 5  # every completion of the iteration's 8 prompts is scored
+    logs = [e for e in trainer.state.log_history if "reward/mean" in e]
+    assert len(logs) == 3 and trainer.lr_scheduler.last_epoch == 3 * 2  # two updates per iteration
+    for e in logs:
+        assert e["group/kept_prompts"] + e["group/skipped_prompts"] == 8
+        if e["group/kept_prompts"]:
+            assert 1 <= e["group/chosen_size"] <= 4 and 1 <= e["group/rejected_size"] <= 4
+            assert e["group/chosen_size"] + e["group/rejected_size"] <= 5
+            assert e["reward/chosen_mean"] > e["reward/rejected_mean"]
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "model.safetensors").exists() and not (tmp_path / "final" / "value_model").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final")
