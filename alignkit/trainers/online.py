@@ -14,7 +14,8 @@ overriding most of `_generate_and_score_completions` and `compute_loss`. `PPOTra
 model / reward function scoring, the divergence estimates, evaluation, sample tables, checkpoints and resume, its
 own `train` loop on top of `transformers.Trainer`), so `OnlineMultiSampleTrainer` subclasses it without a value
 model and replaces one iteration (`_training_iteration`) and its metrics. A prompt's generations are sampled,
-scored and trained on by the process that holds the prompt: groups never split across ranks.
+scored and trained on by the process that holds the prompt: groups never split across ranks (DDP; DeepSpeed is
+refused for now: the update loop does not drive a DeepSpeed engine's accumulation yet).
 
 Conventions:
 * The loss uses the policy's and the reference's own log-probs (temperature-1 logits), as mDPO on a dataset does:
@@ -317,16 +318,33 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         n_c, n_r = groups.chosen.sum(1).float(), groups.rejected.sum(1).float()
         chosen_scores = (per_prompt * groups.chosen).sum(1) / n_c.clamp(min=1)
         rejected_scores = (per_prompt * groups.rejected).sum(1) / n_r.clamp(min=1)
-        # per kept prompt: sub-group sizes and rewards (gathered as one tensor)
-        kept_rows = gather(torch.stack([n_c, n_r, chosen_scores, rejected_scores], 1)[kept].reshape(-1, 4))
         rmask = ro["response_mask"]
+        # Per kept prompt (sub-group sizes and rewards) and per kept prompt and update (the loss statistics): the
+        # number of rows differs from process to process, so each is summed locally and the sums are added over
+        # processes in one collective that every process runs, whatever it kept.
+        beta = self.args.beta
+        per_kept = torch.stack([n_c, n_r, chosen_scores, rejected_scores], 1)[kept]
+        if stats:
+            cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+            margins = beta * (cat["chosen_link"] - cat["rejected_link"])
+            per_update = torch.stack([beta * cat["chosen_link"], beta * cat["rejected_link"], margins,
+                                      (margins > 0).float(), cat["chosen_logratio"], cat["rejected_logratio"],
+                                      cat["correction"]], 1).float()
+            clamped = cat["num_clamped"].sum()
+        else:
+            per_update, clamped = torch.zeros(0, 7, device=device), torch.zeros((), device=device)
+        sums = torch.cat([per_kept.sum(0), per_kept.new_tensor([per_kept.size(0)]), per_update.sum(0).to(device),
+                          per_kept.new_tensor([per_update.size(0)]), clamped.reshape(1).float().to(device)])
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        sums = sums.tolist()
         metrics = {
             "objective/scores": scores.mean().item(),
             "reward/mean": scores.mean().item(),
             "reward/std": scores.std().item() if scores.numel() > 1 else 0.0,
             "reward/group_std": gather(per_prompt.std(1)).mean().item(),
             "group/skipped_prompts": gather((~kept).sum().float().reshape(1)).sum().item(),
-            "group/kept_prompts": gather(kept.sum().float().reshape(1)).sum().item(),
+            "group/kept_prompts": sums[4],
             "objective/entropy": gather(masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
             "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
             "response/length": gather(ro["lengths"]).mean().item(),
@@ -334,28 +352,20 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             "lr": self.lr_scheduler.get_last_lr()[0],
             "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
         }
-        if kept_rows.numel():
-            metrics.update({"group/chosen_size": kept_rows[:, 0].mean().item(),
-                            "group/rejected_size": kept_rows[:, 1].mean().item(),
-                            "reward/chosen_mean": kept_rows[:, 2].mean().item(),
-                            "reward/rejected_mean": kept_rows[:, 3].mean().item()})
+        if sums[4]:
+            for k, key in enumerate(("group/chosen_size", "group/rejected_size", "reward/chosen_mean",
+                                     "reward/rejected_mean")):
+                metrics[key] = sums[k] / sums[4]
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         # the unbiased estimate of every divergence of the family from the reference, from this rollout's samples
         for name, est in _divergence_estimates(ro["logr"], rmask).items():
             metrics[f"divergence/{name}"] = gather(est).mean().item()
-        if stats:
-            beta = self.args.beta
-            cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
-            margins = beta * (cat["chosen_link"] - cat["rejected_link"])
-            for key, value in (("implicit_rewards/chosen", beta * cat["chosen_link"]),
-                               ("implicit_rewards/rejected", beta * cat["rejected_link"]),
-                               ("implicit_rewards/margins", margins),
-                               ("implicit_rewards/accuracies", (margins > 0).float()),
-                               ("logratios/chosen", cat["chosen_logratio"]),
-                               ("logratios/rejected", cat["rejected_logratio"]),
-                               ("mipo/variance_correction", cat["correction"])):
-                metrics[key] = gather(value).mean().item()
-            metrics["link/num_clamped"] = gather(cat["num_clamped"].sum().reshape(1)).sum().item()
+        if sums[12]:
+            for k, key in enumerate(("implicit_rewards/chosen", "implicit_rewards/rejected", "implicit_rewards/margins",
+                                     "implicit_rewards/accuracies", "logratios/chosen", "logratios/rejected",
+                                     "mipo/variance_correction")):
+                metrics[key] = sums[5 + k] / sums[12]
+            metrics["link/num_clamped"] = sums[13]
         return metrics
 
     def create_model_card(self, model_name: str | None = None, **_):
