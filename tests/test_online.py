@@ -170,7 +170,7 @@ def prompts():
     return sentiment("train", num_samples=64).select_columns(["prompt"])
 
 
-def _online(tiny_model_path, tokenizer, prompts, tmp_path, seed=0, reward=_count_target, **kw):
+def _online(tiny_model_path, tokenizer, prompts, tmp_path, seed=0, reward=_count_target, eval_dataset=None, **kw):
     """`seed` seeds the run (prompt order, sampling): change it to measure the seed-to-seed spread."""
     torch.manual_seed(seed)
     args = dict(base_args(tmp_path, seed=seed), per_device_train_batch_size=8, response_length=4, learning_rate=1e-2,
@@ -180,7 +180,7 @@ def _online(tiny_model_path, tokenizer, prompts, tmp_path, seed=0, reward=_count
     return OnlineMultiSampleTrainer(args=OnlineMultiSampleConfig(**args), processing_class=tokenizer,
                                     model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
                                     ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
-                                    reward_funcs=[reward], train_dataset=prompts)
+                                    reward_funcs=[reward], train_dataset=prompts, eval_dataset=eval_dataset)
 
 
 def _gain(scores):
@@ -291,3 +291,33 @@ def test_two_ddp_processes_train_as_one_with_the_whole_batch(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2a[k], w2b[k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(w2a[k], w1[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_evaluation_sample_tables_and_resume(tiny_model_path, tokenizer, prompts, tmp_path):
+    """PPOTrainer's machinery, inherited: evaluation on prompts, tables of samples, and a run resumed from a
+    checkpoint (policy only, no value_model/) that continues as the uninterrupted run."""
+    import json
+
+    def run(out, **kw):
+        return _online(tiny_model_path, tokenizer, prompts, out, max_steps=4, **kw)
+
+    full = run(tmp_path / "full")
+    full.train()
+    part = run(tmp_path / "part", save_strategy="steps", save_steps=2, num_sample_generations=2,
+               per_device_eval_batch_size=3, eval_dataset=prompts.select(range(6)))
+    part.train()
+    assert (tmp_path / "part" / "checkpoint-2" / "model.safetensors").exists()
+    assert not (tmp_path / "part" / "checkpoint-2" / "value_model").exists()
+    rows = [json.loads(line) for line in (tmp_path / "part" / "samples" / "step_4.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"step", "prompt", "completion", "score"}
+    metrics = part.evaluate()
+    assert metrics["eval_samples"] == 6 and all(f"eval_divergence/{d}" in metrics for d in ("reverse_kl", "jsd"))
+    resumed = run(tmp_path / "part")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+
+    def at(trainer, step):
+        return next(e for e in trainer.state.log_history if e.get("step") == step and "reward/mean" in e)
+
+    for key in ("reward/mean", "loss", "divergence/reverse_kl", "group/kept_prompts"):
+        for step in (3, 4):
+            assert at(resumed, step)[key] == pytest.approx(at(full, step)[key], rel=1e-4, abs=1e-5), (key, step)
