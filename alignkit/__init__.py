@@ -4,6 +4,7 @@ Public API::
 
     from alignkit import FDPOConfig, FDPOTrainer, MultiSampleDPOConfig, MultiSampleDPOTrainer
     from alignkit import CausalRewardConfig, CausalRewardTrainer, PPOConfig, PPOTrainer
+    from alignkit import OnlineMultiSampleConfig, OnlineMultiSampleTrainer
 
 The names load lazily (importing TRL takes seconds), so `alignkit --help` and `import alignkit` are fast.
 """
@@ -21,6 +22,8 @@ _LAZY = {
     "CausalRewardTrainer": ".trainers.causal_reward",
     "PPOConfig": ".trainers.ppo",
     "PPOTrainer": ".trainers.ppo",
+    "OnlineMultiSampleConfig": ".trainers.online",
+    "OnlineMultiSampleTrainer": ".trainers.online",
     "get_divergence": ".divergences",
 }
 

@@ -28,10 +28,11 @@ examples:
   alignkit plot outputs/quickstart
   alignkit dashboard --project alignkit --entity my-team
 
-A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo
-`reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
+A recipe is YAML: `method`, `model`, `dataset` and optional `peft`, `wandb`, `distributed` (and for ppo and
+online_mdpo `reward`) sections, and any field of the method's config class at the top level (fdpo: DPOConfig fields
 plus divergence/alpha and the MMD penalty of Causal DPO; mdpo: those plus unbiased/nll_weight/...; crm:
-RewardConfig plus mmd_coef/attributes/...; ppo: TRL's former PPOConfig plus divergence/...).
+RewardConfig plus mmd_coef/attributes/...; ppo: TRL's former PPOConfig plus divergence/...; online_mdpo:
+num_generations/grouping/loss_type/beta/... of OnlineMultiSampleConfig).
 See README.md for the format.
 """
 
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit",
         description="Robust preference alignment on top of TRL: f-DPO and Causal DPO (method: fdpo), mDPO/mIPO "
-                    "(mdpo), causal reward models (crm), PPO with f-divergence penalties (ppo).",
+                    "(mdpo), causal reward models (crm), PPO with f-divergence penalties (ppo), online mDPO/mIPO on "
+                    "the policy's own samples (online_mdpo).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -67,6 +67,17 @@ SECTIONS: dict[str, list[tuple[str, list[str] | str]]] = {
         ("losses", _train("loss/policy_avg", "loss/value_avg", "loss/divergence_avg")),
         ("time per iteration part", r"^train/time/.*"),
     ],
+    "Online mDPO / mIPO": [
+        ("reward of the samples", _train("reward/mean", "reward/chosen_mean", "reward/rejected_mean")),
+        ("reward spread (overall, within groups)", _train("reward/std", "reward/group_std")),
+        ("divergence from the reference (every f)", r"^(train|eval)/divergence/.*"),
+        ("group sizes", _train("group/chosen_size", "group/rejected_size")),
+        ("prompts kept / skipped", _train("group/kept_prompts", "group/skipped_prompts")),
+        ("implicit reward margin", _train("implicit_rewards/margins")),
+        ("policy entropy", _both("objective/entropy")),
+        ("completion length", _both("response/length")),
+        ("loss", _train("loss")),
+    ],
     "Throughput": [
         ("tokens per second", _train("perf/tokens_per_second")),
         ("MFU", _train("perf/mfu")),
@@ -75,7 +86,8 @@ SECTIONS: dict[str, list[tuple[str, list[str] | str]]] = {
 }
 
 #: recipe method -> its section
-METHOD_SECTIONS = {"fdpo": "f-DPO", "mdpo": "mDPO / mIPO", "crm": "Causal reward model", "ppo": "PPO"}
+METHOD_SECTIONS = {"fdpo": "f-DPO", "mdpo": "mDPO / mIPO", "crm": "Causal reward model", "ppo": "PPO",
+                   "online_mdpo": "Online mDPO / mIPO"}
 
 
 def _method_of_run(run_dir: str | Path) -> str:

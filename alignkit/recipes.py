@@ -49,7 +49,12 @@ METHODS: dict[str, tuple[str, str, str]] = {
             "alignkit.data.validation:validate_preference_dataset"),
     "ppo": ("alignkit.trainers.ppo:PPOConfig", "alignkit.trainers.ppo:PPOTrainer",
             "alignkit.data.validation:validate_prompt_dataset"),
+    "online_mdpo": ("alignkit.trainers.online:OnlineMultiSampleConfig",
+                    "alignkit.trainers.online:OnlineMultiSampleTrainer",
+                    "alignkit.data.validation:validate_prompt_dataset"),
 }
+#: methods that sample from the policy on prompts and score the samples with the recipe's `reward` section
+ON_POLICY_METHODS = {"ppo", "online_mdpo"}
 #: methods that train a reward model (AutoModelForSequenceClassification, one output, no reference model)
 REWARD_MODEL_METHODS = {"crm"}
 
@@ -120,13 +125,13 @@ class DatasetSection(_Section):
 
 
 class RewardSection(_Section):
-    """PPO's reward source: a sequence-classification reward model, or a function."""
+    """The reward source of PPO and online mDPO: a sequence-classification reward model, or a function."""
 
     #: folder or hub id of a reward model with one output (e.g. a `method: crm` run's output_dir)
     model: str | None = None
     #: ``builtin:sentiment`` or ``package.module:function`` taking (prompts, completions)
     function: str | None = None
-    #: value model to start from (default: the reward model, else the policy's weights with a new head)
+    #: PPO's value model to start from (default: the reward model, else the policy's weights with a new head)
     value_model: str | None = None
 
     @model_validator(mode="after")
@@ -392,10 +397,13 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                 raise RecipeError(f"{where}: unknown key 'peft.{key}'.{_closest(key, lora_fields)} The peft section takes "
                                   "peft.LoraConfig fields (r, lora_alpha, lora_dropout, target_modules, ...).")
         peft = {k: _coerce(f"peft.{k}", v, lora_fields[k], where) for k, v in peft.items()}
-    if (method == "ppo") != ("reward" in sections):
-        raise RecipeError(f"{where}: " + ("method 'ppo' needs a 'reward' section (reward.model: a reward model folder, "
-                                          "or reward.function: builtin:sentiment / package.module:function)."
-                                          if method == "ppo" else f"the 'reward' section is for method 'ppo', not {method!r}."))
+    if (method in ON_POLICY_METHODS) != ("reward" in sections):
+        raise RecipeError(f"{where}: " + (f"method {method!r} needs a 'reward' section (reward.model: a reward model "
+                                          "folder, or reward.function: builtin:sentiment / package.module:function)."
+                                          if method in ON_POLICY_METHODS else
+                                          f"the 'reward' section is for method 'ppo' or 'online_mdpo', not {method!r}."))
+    if method != "ppo" and "reward" in sections and sections["reward"].value_model is not None:
+        raise RecipeError(f"{where}: reward.value_model is PPO's; method {method!r} trains no value model. Remove it.")
     return Recipe(method=method, model=sections["model"], dataset=sections["dataset"], training=training,
                   peft=peft, wandb=sections.get("wandb"), reward=sections.get("reward"),
                   distributed=sections.get("distributed"), overwrite_output_dir=bool(own.get("overwrite_output_dir")),

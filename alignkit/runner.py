@@ -16,7 +16,7 @@ from .data.synthetic import load_builtin_dataset
 from .data.validation import (DatasetError, apply_column_mapping, check_data_file, iter_arrow, iter_rows,
                               locate_json_error, text_columns)
 from .models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_head, resolve_model_path
-from .recipes import REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
+from .recipes import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
 __all__ = ["load_datasets", "load_tokenizer", "load_models", "preflight", "validate", "train", "run_status",
            "STATUS_FILE"]
@@ -160,7 +160,8 @@ def load_models(recipe: Recipe):
 
 
 def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
-    """PPO's reward source, value model and reference (a copy of the policy unless PEFT or given)."""
+    """PPO's reward source, value model and reference (a copy of the policy unless PEFT or given); online mDPO's
+    reward source and reference (it has no value model)."""
     import copy
 
     from transformers import AutoModelForSequenceClassification
@@ -181,8 +182,10 @@ def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
         reward = load_reward_function(r.function) if r.function else seq_cls("reward.model", r.model)
     except ValueError as exc:
         raise RecipeError(f"reward.function: {exc}") from None
-    value_key = "reward.value_model" if r.value_model else "reward.model" if r.model else "model.name_or_path"
-    value = seq_cls(value_key, r.value_model or r.model or recipe.model.name_or_path)
+    models = {"reward_model": reward}
+    if recipe.method == "ppo":
+        value_key = "reward.value_model" if r.value_model else "reward.model" if r.model else "model.name_or_path"
+        models["value_model"] = seq_cls(value_key, r.value_model or r.model or recipe.model.name_or_path)
     if ref is None and peft_config is None:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -192,7 +195,7 @@ def _ppo_models(recipe: Recipe, policy, ref, peft_config) -> dict:
             ref, _ = load_models(recipe)
         else:
             ref = copy.deepcopy(policy)
-    return {"reward_model": reward, "value_model": value, "ref_model": ref}
+    return {**models, "ref_model": ref}
 
 
 def _wants_wandb(config) -> bool:
@@ -465,7 +468,7 @@ def count_overlong(recipe: Recipe, config, tokenizer, dataset) -> tuple[int, int
     are tokenized (sizes of plain-text columns are read from Arrow), so a dataset of short rows costs one
     vectorised pass."""
     limit = getattr(config, "max_length", None)
-    if limit is None or recipe.method == "ppo" or getattr(config, "truncation_mode", "keep_start") != "keep_start":
+    if limit is None or recipe.method in ON_POLICY_METHODS or getattr(config, "truncation_mode", "keep_start") != "keep_start":
         return 0, len(dataset), 0
     reward = recipe.method in REWARD_MODEL_METHODS
     names = dataset.column_names or []
@@ -653,7 +656,7 @@ def train(recipe: Recipe) -> dict:
     trainer_cls = trainer_class(recipe.method)
     kwargs = dict(model=model, args=config, train_dataset=pre.train_dataset, eval_dataset=pre.eval_dataset,
                   processing_class=tokenizer, peft_config=pre.peft_config)
-    if recipe.method == "ppo":
+    if recipe.method in ON_POLICY_METHODS:
         kwargs.update(_ppo_models(recipe, model, ref, pre.peft_config))
     elif recipe.method not in REWARD_MODEL_METHODS:
         kwargs["ref_model"] = ref

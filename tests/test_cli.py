@@ -226,6 +226,28 @@ def test_ppo_recipes_train_on_a_function_and_on_a_causal_reward_model(tmp_path, 
     assert any("objective/scores" in e for e in metrics["log_history"])
 
 
+def test_online_mdpo_recipe_trains_on_a_causal_reward_model(tmp_path, capsys):
+    rm = tmp_path / "crm"
+    assert main(["train", str(ROOT / "recipes" / "crm-sycophancy.yaml"), "--set", f"output_dir={rm}",
+                 "--set", "max_steps=2", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
+                 "--set", "dataset.builtin_kwargs={num_samples: 64}"]) == 0
+    out = tmp_path / "online"
+    assert main(["train", str(ROOT / "recipes" / "online-mipo-crm.yaml"), "--set", f"output_dir={out}",
+                 "--set", f"reward.model={rm}", "--set", "max_steps=2", "--set", "logging_steps=1",
+                 "--set", "dataset.builtin_kwargs={num_samples: 16}"]) == 0
+    assert "mean score" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any("group/skipped_prompts" in e and "divergence/reverse_kl" in e for e in metrics["log_history"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: online_mdpo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\n"
+                      "reward: {function: builtin:sentiment, value_model: builtin:tiny-llama}\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "reward.value_model is PPO's" in capsys.readouterr().err
+
+
 def test_ppo_recipe_errors(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: ppo\nmodel: builtin:tiny-llama\ndataset: builtin:sentiment\n")

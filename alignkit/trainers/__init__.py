@@ -3,6 +3,7 @@
 from .causal_reward import CausalRewardConfig, CausalRewardTrainer
 from .fdpo import FDPOConfig, FDPOTrainer
 from .multisample import MultiSampleDPOConfig, MultiSampleDPOTrainer
+from .online import OnlineMultiSampleConfig, OnlineMultiSampleTrainer
 from .ppo import PPOConfig, PPOTrainer
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "FDPOTrainer",
     "MultiSampleDPOConfig",
     "MultiSampleDPOTrainer",
+    "OnlineMultiSampleConfig",
+    "OnlineMultiSampleTrainer",
     "PPOConfig",
     "PPOTrainer",
 ]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
-from ..losses import fdpo_scores, group_mean, group_stats, mdpo_loss, mipo_loss
+from ..losses import group_mean, group_preference_loss
 from . import _trl
 from .fdpo import FDPOConfig, FDPOTrainer
 
@@ -329,17 +329,13 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         n_c = ci.numel()
         num_rows = int(ci.max().item()) + 1
         logratios = fwd["logps"] - fwd["ref_logps"]
-        lengths = fwd["lengths"]
-        s = fdpo_scores(logratios[:n_c], logratios[n_c:], self.divergence, self.args.max_link_exponent)
-        h_c, h_r = s.chosen, s.rejected
-        if self.loss_types[0] == "ipo":  # IPO scores are length-normalised, as in TRL
-            h_c, h_r = h_c / lengths[:n_c].clamp(min=1.0), h_r / lengths[n_c:].clamp(min=1.0)
-        w, l = group_stats(h_c, ci, num_rows), group_stats(h_r, ri, num_rows)
-        if self.loss_types[0] == "sigmoid":
-            per_row = mdpo_loss(w, l, self.beta)
-        else:
-            per_row = mipo_loss(w, l, self.beta, unbiased=self.args.unbiased)
-        loss = per_row.mean() * self.loss_weights[0]
+        lengths = fwd["lengths"]  # IPO scores are length-normalised, as in TRL
+        g = group_preference_loss(logratios[:n_c], logratios[n_c:], ci, ri, num_rows, self.divergence,
+                                  self.loss_types[0], self.beta, unbiased=self.args.unbiased,
+                                  chosen_lengths=lengths[:n_c], rejected_lengths=lengths[n_c:],
+                                  max_exponent=self.args.max_link_exponent)
+        s, w, l = g.scores, g.chosen, g.rejected
+        loss = g.per_row.mean() * self.loss_weights[0]
         if self.args.nll_weight:
             chosen_mask = fwd["shift_mask"][:n_c].bool()
             loss = loss + self.args.nll_weight * -fwd["per_token_logps"][:n_c][chosen_mask].mean()

@@ -40,34 +40,28 @@ from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model
 from ._perf import PerfArguments, PerfMetricsMixin
 from ._samples import write_sample_table
 
-__all__ = ["PPOConfig", "PPOTrainer"]
+__all__ = ["OnPolicyConfig", "PPOConfig", "PPOTrainer"]
 
 RewardFunc = Callable[[list[str], list[str]], list[float]]
 
 
 @dataclass
-class PPOConfig(PerfArguments, TrainingArguments):
-    r"""Configuration for [`PPOTrainer`]: the fields of TRL's former `PPOConfig`, plus the f-divergence.
-
-    Batch sizes follow TRL's PPO: one iteration generates for `per_device_train_batch_size *
-    gradient_accumulation_steps * num_mini_batches` prompts per process; each mini-batch update takes
-    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`. `max_steps` counts
-    iterations (or set `total_episodes`, the number of prompts to generate for).
+class OnPolicyConfig(PerfArguments, TrainingArguments):
+    r"""The fields every on-policy alignkit trainer shares (TRL's former `OnPolicyConfig`): where the models come
+    from, how responses are sampled and scored, and the f-divergence of the constraint. [`PPOConfig`] and
+    `OnlineMultiSampleConfig` add their own optimisation fields.
 
     alignkit fields:
         divergence (`str`, defaults to `"reverse_kl"`), alpha (`float`, *optional*): the f-divergence of the
             constraint, as in `FDPOConfig`.
-        divergence_penalty (`str`, defaults to `"reward"`): `reward` (per-token penalty in the reward) or
-            `loss` (sequence estimate added to the loss).
-        divergence_penalty_normalization (`str`, defaults to `"length_plus_one"`): with `divergence_penalty:
-            loss`, each sequence's summed divergence estimate is divided by (response length + 1), as the thesis'
-            own code does, so `kl_coef` weighs a per-token average; `sum` keeps the sum (a `kl_coef` then weighs
-            about `response length + 1` times more).
         length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
             thesis' length-penalty baseline).
     """
 
-    # TRL's former OnPolicyConfig / PPOConfig fields
+    #: the learning rate an unset `learning_rate` becomes (TRL's PPO default)
+    _default_learning_rate = 3e-6
+
+    # TRL's former OnPolicyConfig fields
     exp_name: str = field(default="ppo", metadata={"help": "Experiment name: the run name when run_name is unset."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "Folder or hub id of the reward model, loaded when no reward_model is passed (and of the value "
@@ -82,7 +76,6 @@ class PPOConfig(PerfArguments, TrainingArguments):
         "help": "Under DeepSpeed ZeRO-3: gather the policy's weights for generation (faster; the policy must fit "
                 "on one device), else generate from the sharded weights with the ranks kept in step."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
     total_episodes: int | None = field(default=None, metadata={"help": "Prompts to generate for (sets max_steps)."})
     local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad forward."})
     response_length: int = field(default=53, metadata={"help": "Maximum new tokens per response."})
@@ -92,6 +85,60 @@ class PPOConfig(PerfArguments, TrainingArguments):
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of "
                                                                              "responses without a stop token."})
     max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts are truncated (left) to this."})
+    # alignkit
+    divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
+    alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
+    length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
+
+    def __post_init__(self):
+        if self.run_name is None:
+            self.run_name = self.exp_name
+        check_ranges(self, TRAINING_RULES, PPO_RULES)
+        default_precision_for_this_machine(self)
+        if self.learning_rate == TrainingArguments.learning_rate:
+            self.learning_rate = self._default_learning_rate
+        super().__post_init__()
+        self.divergence = get_divergence(self.divergence, self.alpha).name
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"stop_token must be 'eos' or unset, got {self.stop_token!r}; use stop_token_id "
+                             "for another token.")
+        if self.response_length < 1:
+            raise ValueError(f"response_length must be >= 1, got {self.response_length}.")
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
+            raise ValueError("save_strategy 'best' needs a metric_for_best_model from Trainer's evaluation loop, which "
+                             "on-policy training does not run; use 'steps' or 'epoch' (an epoch is a pass over the "
+                             "prompts).")
+        if self.model_adapter_name or self.ref_adapter_name:
+            raise ValueError("model_adapter_name/ref_adapter_name (several adapters on one model) are not supported; "
+                             "pass peft_config (the reference is the policy with its adapter disabled) or a "
+                             "ref_model.")
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per process per iteration."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    r"""Configuration for [`PPOTrainer`]: the fields of TRL's former `PPOConfig`, plus the f-divergence.
+
+    Batch sizes follow TRL's PPO: one iteration generates for `per_device_train_batch_size *
+    gradient_accumulation_steps * num_mini_batches` prompts per process; each mini-batch update takes
+    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`. `max_steps` counts
+    iterations (or set `total_episodes`, the number of prompts to generate for).
+
+    alignkit fields (besides those of [`OnPolicyConfig`]):
+        divergence_penalty (`str`, defaults to `"reward"`): `reward` (per-token penalty in the reward) or
+            `loss` (sequence estimate added to the loss).
+        divergence_penalty_normalization (`str`, defaults to `"length_plus_one"`): with `divergence_penalty:
+            loss`, each sequence's summed divergence estimate is divided by (response length + 1), as the thesis'
+            own code does, so `kl_coef` weighs a per-token average; `sum` keeps the sum (a `kl_coef` then weighs
+            about `response length + 1` times more).
+    """
+
+    # TRL's former PPOConfig fields
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the divergence penalty."})
@@ -102,23 +149,13 @@ class PPOConfig(PerfArguments, TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # alignkit
-    divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
-    alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
     divergence_penalty: str = field(default="reward", metadata={"help": "reward or loss."})
-    length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
     divergence_penalty_normalization: str = field(
         default="length_plus_one",
         metadata={"help": "Loss placement: divide each sequence's penalty by (length + 1) (the thesis' code), or sum."})
 
     def __post_init__(self):
-        if self.run_name is None:
-            self.run_name = self.exp_name
-        check_ranges(self, TRAINING_RULES, PPO_RULES)
-        default_precision_for_this_machine(self)
-        if self.learning_rate == TrainingArguments.learning_rate:
-            self.learning_rate = 3e-6  # TRL's PPO default
         super().__post_init__()
-        self.divergence = get_divergence(self.divergence, self.alpha).name
         if self.divergence_penalty not in ("reward", "loss"):
             raise ValueError(f"divergence_penalty must be 'reward' or 'loss', got {self.divergence_penalty!r}.")
         if self.divergence_penalty_normalization not in SEQUENCE_PENALTY_NORMALIZATIONS:
@@ -126,21 +163,11 @@ class PPOConfig(PerfArguments, TrainingArguments):
                              f", got {self.divergence_penalty_normalization!r}.")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
-        if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token must be 'eos' or unset, got {self.stop_token!r}; use stop_token_id "
-                             "for another token.")
-        for name in ("num_mini_batches", "num_ppo_epochs", "response_length"):
+        for name in ("num_mini_batches", "num_ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
-        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
-            raise ValueError("save_strategy 'best' needs a metric_for_best_model from Trainer's evaluation loop, which "
-                             "PPO does not run; use 'steps' or 'epoch' (an epoch is a pass over the prompts).")
-        if self.model_adapter_name or self.ref_adapter_name:
-            raise ValueError("model_adapter_name/ref_adapter_name (several adapters on one model) are not supported; "
-                             "pass peft_config (the reference is the policy with its adapter disabled) or a "
-                             "ref_model.")
 
     @property
     def local_batch_size(self) -> int:
@@ -153,10 +180,14 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def response_logprobs(model, ids, mask, context_len: int, temperature: float):
-    """Log-probs of the response tokens under temperature-scaled logits (as sampled), and the token entropy."""
+def response_logprobs(model, ids, mask, context_len: int, temperature: float | None):
+    """Log-probs of the response tokens under temperature-scaled logits (as sampled), and the token entropy;
+    `temperature=None`: the model's own logits, unscaled."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
-    logits = out.logits[:, context_len - 1:-1].float() / (temperature + 1e-7)
+    logits = out.logits[:, context_len - 1:-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (float64 stays)
+    if temperature is not None:
+        logits = logits / (temperature + 1e-7)
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, context_len:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -170,6 +201,23 @@ def response_values(value_model, ids, mask, context_len: int):
                       use_cache=False).last_hidden_state
     head = value_model.score if hasattr(value_model, "score") else value_model.classifier
     return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
+
+
+class PolicyOnly(nn.Module):
+    """The policy alone, with the attribute layout of `PolicyAndValue` (`.policy`), for on-policy trainers without a
+    value model: the training forward goes through the (DDP-)wrapped module. Returns the response tokens' log-probs
+    and entropies under `temperature`."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask, context_len: int, temperature: float | None):
+        return response_logprobs(self.policy, input_ids, attention_mask, context_len, temperature)
 
 
 class PolicyAndValue(nn.Module):
@@ -248,32 +296,25 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                  reward_model: nn.Module | RewardFunc | None = None, train_dataset=None, value_model=None,
                  data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
                  peft_config=None):
-        if args is not None and isinstance(args, PPOConfig):
+        who = type(self).__name__
+        if args is not None and isinstance(args, OnPolicyConfig):
             model, ref_model, reward_model, value_model = self._load_from_paths(
-                args, model, ref_model, reward_model, value_model, peft_config)
+                args, model, ref_model, reward_model, value_model, peft_config, self._uses_value_model)
         if model is None:
-            raise ValueError("PPOTrainer needs the policy as `model` (or `sft_model_path` in the config).")
+            raise ValueError(f"{who} needs the policy as `model` (or `sft_model_path` in the config).")
         args = self._resolve_args(model, args)
         if processing_class is None:
-            raise ValueError("PPOTrainer needs `processing_class` (the policy's tokenizer).")
+            raise ValueError(f"{who} needs `processing_class` (the policy's tokenizer).")
         tok = getattr(processing_class, "tokenizer", processing_class)
         if tok.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one, e.g. `tokenizer.pad_token = "
                              "tokenizer.eos_token`, before building the trainer.")
-        if reward_model is None:
-            raise ValueError("PPOTrainer needs a `reward_model` (a sequence-classification model or a callable "
-                             "(prompts, completions) -> scores).")
-        if isinstance(reward_model, nn.Module):
-            n = getattr(reward_model.config, "num_labels", 1)
-            if n != 1:
-                raise ValueError(f"the reward model must have one output (a scalar score); it has num_labels={n}.")
-        elif not callable(reward_model):
-            raise TypeError(f"reward_model must be a model or a callable, got {type(reward_model).__name__}.")
-        if value_model is None:
+        reward_model = self._check_reward_source(reward_model)
+        if value_model is None and self._uses_value_model:
             raise ValueError("PPOTrainer needs a `value_model` (e.g. AutoModelForSequenceClassification with "
                              "num_labels=1, often initialised from the reward model).")
         if train_dataset is None:
-            raise ValueError("PPOTrainer needs a train_dataset of prompts.")
+            raise ValueError(f"{who} needs a train_dataset of prompts.")
         self.tokenizer = tok
         if peft_config is not None:
             from peft import get_peft_model
@@ -281,7 +322,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             model = get_peft_model(model, peft_config)
         self.is_peft_model = hasattr(model, "disable_adapter")
         if ref_model is None and not self.is_peft_model:
-            raise ValueError("PPOTrainer needs a `ref_model` (or a PEFT policy, whose reference is the policy "
+            raise ValueError(f"{who} needs a `ref_model` (or a PEFT policy, whose reference is the policy "
                              "with its adapter disabled).")
         if ref_model is model:
             raise ValueError("`model` and `ref_model` must not be the same object; pass a copy (or use PEFT).")
@@ -301,10 +342,9 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                                        (args.local_batch_size * args.world_size))
         per_iter = args.local_batch_size * args.world_size
         if len(train_dataset) < per_iter:
-            raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one PPO batch ({per_iter} = "
-                             "per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
-                             "processes); lower one of them or add prompts.")
-        wrapper = PolicyAndValue(model, value_model)
+            raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one {self._batch_description}; "
+                             "lower one of them or add prompts.")
+        wrapper = PolicyAndValue(model, value_model) if self._uses_value_model else PolicyOnly(model)
         _trl.require()
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
@@ -329,12 +369,32 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             do_sample=True, pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
 
+    #: PPO trains a value model next to the policy; subclasses without one set this False (the wrapper is then
+    #: `PolicyOnly`, and nothing is saved in `value_model/`)
+    _uses_value_model = True
+    #: what one iteration's prompts are, for the "too few prompts" error
+    _batch_description = ("PPO batch (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches "
+                          "x processes)")
+
+    def _check_reward_source(self, reward_model):
+        """The reward model (a sequence-classification model with one output) or function, checked."""
+        if reward_model is None:
+            raise ValueError(f"{type(self).__name__} needs a `reward_model` (a sequence-classification model or a "
+                             "callable (prompts, completions) -> scores).")
+        if isinstance(reward_model, nn.Module):
+            n = getattr(reward_model.config, "num_labels", 1)
+            if n != 1:
+                raise ValueError(f"the reward model must have one output (a scalar score); it has num_labels={n}.")
+        elif not callable(reward_model):
+            raise TypeError(f"reward_model must be a model or a callable, got {type(reward_model).__name__}.")
+        return reward_model
+
     @property
     def _is_zero3(self) -> bool:
         return bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     @staticmethod
-    def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config):
+    def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config, uses_value_model=True):
         """TRL's former `sft_model_path` / `reward_model_path`: the models they name are loaded where none is
         passed (reference: a second copy of the policy unless PEFT; value model: initialised from the reward
         model, as TRL's PPO examples did). A path and a model for the same role is an error."""
@@ -350,7 +410,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                 ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path)
         if args.reward_model_path:
             reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
-            if value_model is None:
+            if value_model is None and uses_value_model:
                 value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
         return model, ref_model, reward_model, value_model
 
@@ -447,18 +507,22 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         return response_values(value_model, ids, mask, context_len)
 
     def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
-        if isinstance(self.reward_model, nn.Module):
+        return self._score_with(self.reward_model, ids, mask, context_len, response_mask)
+
+    def _score_with(self, reward, ids, mask, context_len, response_mask) -> torch.Tensor:
+        """The scores of one reward source: a sequence-classification model, or a function on decoded text."""
+        if isinstance(reward, nn.Module):
             # the score at the last real token of each sequence (the RewardTrainer convention)
             last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)
-            backbone = getattr(self.reward_model, self.reward_model.base_model_prefix)
+            backbone = getattr(reward, reward.base_model_prefix)
             hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                               use_cache=False).last_hidden_state
-            head = self.reward_model.score if hasattr(self.reward_model, "score") else self.reward_model.classifier
+            head = reward.score if hasattr(reward, "score") else reward.classifier
             return head(hidden[torch.arange(ids.size(0), device=ids.device), last]).squeeze(-1).float()
         prompts = self.tokenizer.batch_decode(ids[:, :context_len], skip_special_tokens=True)
         completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                        for r, m in zip(ids[:, context_len:], response_mask)]
-        return torch.tensor(self.reward_model(prompts, completions), dtype=torch.float, device=ids.device)
+        return torch.tensor(reward(prompts, completions), dtype=torch.float, device=ids.device)
 
     def _penalty_per_token(self, logr: torch.Tensor) -> torch.Tensor:
         """The per-token divergence estimate: k1/k3 for reverse KL (as TRL), the unbiased estimator else."""
@@ -516,6 +580,14 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         r.update(ids=ids, mask=mask, response_mask=response_mask, context_len=context_len, has_stop=has_stop)
         return r
 
+    def _penalised_scores(self, scores, lengths, has_stop) -> torch.Tensor:
+        """The scores the objective uses: `length_penalty` per response token and `missing_eos_penalty` for a
+        response without a stop token subtracted."""
+        scores = scores - self.args.length_penalty * lengths
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * (~has_stop).float()
+        return scores
+
     @torch.no_grad()
     def _rollout(self, batch) -> dict[str, torch.Tensor]:
         args, device = self.args, self.accelerator.device
@@ -523,9 +595,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         ids, mask, response_mask, has_stop = r["ids"], r["mask"], r["response_mask"], r["has_stop"]
         context_len = r["context_len"]
         lengths = response_mask.sum(1).float()
-        scores = r["scores"] - args.length_penalty * lengths
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~has_stop).float()
+        scores = self._penalised_scores(r["scores"], lengths, has_stop)
         maskf = response_mask.float()
         logr = (r["logp"] - r["ref_logp"]) * maskf
         penalty = self._penalty_per_token(logr) * maskf
@@ -567,6 +637,55 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                  "approxkl": approxkl, "ratio": ratio}
         return loss, stats
 
+    def _updates_per_iteration(self) -> int:
+        """Optimizer steps per iteration (sizes the learning-rate schedule)."""
+        return self.args.num_ppo_epochs * self.args.num_mini_batches
+
+    def _training_iteration(self, batch):
+        """One PPO iteration on a batch of prompts: rollout, then `num_ppo_epochs` passes of `num_mini_batches`
+        updates. Returns the mean loss and a function computing the iteration's metrics (called when logging)."""
+        args = self.args
+        mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        ro = self._rollout(batch)
+        # perf/*: the tokens the policy trains on (prompt and response, once per PPO epoch); the iteration's
+        # time includes the rollout, so perf/tokens_per_second is end-to-end PPO throughput
+        self._perf_count(ro["mask"].sum(1), repeats=args.num_ppo_epochs)
+        t_opt = _now()
+        n = ro["ids"].size(0)
+        acc = {k: [] for k in ("loss", "pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl",
+                               "ratio")}
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(n, device=ro["ids"].device)
+            for mb in range(0, n, mb_size):
+                mb_idx = order[mb:mb + mb_size]
+                starts = range(0, mb_idx.numel(), args.per_device_train_batch_size)
+                for k_micro, micro in enumerate(starts):
+                    idx = mb_idx[micro:micro + args.per_device_train_batch_size]
+                    if self.is_deepspeed_enabled:  # the engine accumulates (and scales) over its micro-batches
+                        with self.accelerator.accumulate(self.model):
+                            loss, stats = self._ppo_loss(ro, idx)
+                            self.accelerator.backward(loss)
+                            if self.accelerator.sync_gradients and args.max_grad_norm:
+                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
+                    else:
+                        # one update per mini-batch: transformers 5 builds the accelerator with accumulation
+                        # left to the training loop, so the micro-batch losses are averaged here
+                        last = k_micro == len(starts) - 1
+                        loss, stats = self._ppo_loss(ro, idx)
+                        self.accelerator.backward(loss / len(starts))
+                        if last:
+                            if args.max_grad_norm:
+                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
+                    for k, v in stats.items():
+                        acc[k].append(v)
+                self.lr_scheduler.step()
+        self._timings["optimisation"] = _now() - t_opt
+        return torch.stack(acc["loss"]).mean().item(), lambda: self._iteration_metrics(ro, acc)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Run `max_steps` PPO iterations (resuming from a checkpoint of this trainer if asked)."""
         args = self.args
@@ -574,8 +693,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             resume_from_checkpoint = get_last_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {args.output_dir} to resume from.")
-        updates_per_iter = args.num_ppo_epochs * args.num_mini_batches
-        num_updates = args.max_steps * updates_per_iter
+        num_updates = args.max_steps * self._updates_per_iteration()
         if self.is_deepspeed_enabled:
             # as Trainer does: the DeepSpeed config finalised (its "auto" values) and the optimizer created, then
             # the engine built around PolicyAndValue and the optimizer together; the scheduler on the prepared
@@ -609,7 +727,6 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         self.state.is_world_process_zero = self.is_world_process_zero()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         batches = self._prompt_batches(start)
-        mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         iterations_per_epoch = max(1, len(self.train_dataset) // (args.local_batch_size * args.world_size))
         sample_every = args.max_steps // args.num_sample_generations if args.num_sample_generations > 0 else 0
         loss_sum = 0.0
@@ -619,52 +736,15 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         for it in range(start, args.max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
-            ro = self._rollout(next(batches))
-            # perf/*: the tokens the policy trains on (prompt and response, once per PPO epoch); the iteration's
-            # time includes the rollout, so perf/tokens_per_second is end-to-end PPO throughput
-            self._perf_count(ro["mask"].sum(1), repeats=args.num_ppo_epochs)
-            t_opt = _now()
-            n = ro["ids"].size(0)
-            acc = {k: [] for k in ("loss", "pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl",
-                                   "ratio")}
-            for _ in range(args.num_ppo_epochs):
-                order = torch.randperm(n, device=ro["ids"].device)
-                for mb in range(0, n, mb_size):
-                    mb_idx = order[mb:mb + mb_size]
-                    starts = range(0, mb_idx.numel(), args.per_device_train_batch_size)
-                    for k_micro, micro in enumerate(starts):
-                        idx = mb_idx[micro:micro + args.per_device_train_batch_size]
-                        if self.is_deepspeed_enabled:  # the engine accumulates (and scales) over its micro-batches
-                            with self.accelerator.accumulate(self.model):
-                                loss, stats = self._ppo_loss(ro, idx)
-                                self.accelerator.backward(loss)
-                                if self.accelerator.sync_gradients and args.max_grad_norm:
-                                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                                self.optimizer.step()
-                                self.optimizer.zero_grad()
-                        else:
-                            # one update per mini-batch: transformers 5 builds the accelerator with accumulation
-                            # left to the training loop, so the micro-batch losses are averaged here
-                            last = k_micro == len(starts) - 1
-                            loss, stats = self._ppo_loss(ro, idx)
-                            self.accelerator.backward(loss / len(starts))
-                            if last:
-                                if args.max_grad_norm:
-                                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                                self.optimizer.step()
-                                self.optimizer.zero_grad()
-                        for k, v in stats.items():
-                            acc[k].append(v)
-                    self.lr_scheduler.step()
-            self._timings["optimisation"] = _now() - t_opt
-            loss_sum += torch.stack(acc["loss"]).mean().item()
+            loss_value, iteration_metrics = self._training_iteration(next(batches))
+            loss_sum += loss_value
             self.state.global_step = it + 1
-            self.state.epoch = (it + 1) * n * args.world_size / len(self.train_dataset)
+            self.state.epoch = (it + 1) * args.local_batch_size * args.world_size / len(self.train_dataset)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             if (it + 1) % iterations_per_epoch == 0:  # a pass over the prompts: epoch-based saving/evaluation
                 self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
             if self.control.should_log or (it + 1) % max(args.logging_steps, 1) == 0 or it + 1 == args.max_steps:
-                self.log(self._iteration_metrics(ro, acc), start_time)
+                self.log(iteration_metrics(), start_time)
                 self.control.should_log = False
             if sample_every and (it + 1) % sample_every == 0:
                 self._log_sample_generations()
@@ -819,23 +899,32 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        parts = {"policy": {}, "value_model": {}}
+        parts = {name: {} for name, _ in self._saved_modules(output_dir)}
         if state_dict is not None:
             for key, value in state_dict.items():
                 prefix, _, rest = key.partition(".")
                 parts[prefix][rest] = value
-        for name, folder in (("policy", output_dir), ("value_model", os.path.join(output_dir, "value_model"))):
+        for name, folder in self._saved_modules(output_dir):
             kwargs = {"state_dict": parts[name]} if state_dict is not None else {}
             getattr(unwrapped, name).save_pretrained(folder, **kwargs)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _saved_modules(self, folder: str) -> list[tuple[str, str]]:
+        """(attribute of the wrapper, folder) of each module a checkpoint holds: the policy in `folder`, the value
+        model (when there is one) in `folder/value_model`."""
+        parts = [("policy", folder)]
+        if self._uses_value_model:
+            parts.append(("value_model", os.path.join(folder, "value_model")))
+        return parts
+
     def _load_checkpoint_weights(self, checkpoint: str):
         from safetensors.torch import load_file
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        for module, folder in ((unwrapped.policy, checkpoint), (unwrapped.value_model, os.path.join(checkpoint, "value_model"))):
+        for name, folder in self._saved_modules(checkpoint):
+            module = getattr(unwrapped, name)
             if hasattr(module, "disable_adapter"):
                 from peft import set_peft_model_state_dict
 
