@@ -214,10 +214,7 @@ def test_ppo_recipes_train_on_a_function_and_on_a_causal_reward_model(tmp_path, 
 
     AutoModelForCausalLM.from_pretrained(out)  # the policy is a normal Hugging Face model
 
-    rm = tmp_path / "crm"
-    assert main(["train", str(ROOT / "recipes" / "crm-sycophancy.yaml"), "--set", f"output_dir={rm}",
-                 "--set", "max_steps=2", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
-                 "--set", "dataset.builtin_kwargs={num_samples: 64}"]) == 0
+    rm = _small_causal_reward_model(tmp_path)
     out = tmp_path / "ppo-crm"
     assert main(["train", str(ROOT / "recipes" / "ppo-crm-sycophancy.yaml"), "--set", f"output_dir={out}",
                  "--set", f"reward.model={rm}", "--set", "max_steps=2", "--set", "logging_steps=1",
@@ -226,11 +223,17 @@ def test_ppo_recipes_train_on_a_function_and_on_a_causal_reward_model(tmp_path, 
     assert any("objective/scores" in e for e in metrics["log_history"])
 
 
-def test_online_mdpo_recipe_trains_on_a_causal_reward_model(tmp_path, capsys):
+def _small_causal_reward_model(tmp_path):
+    """recipes/crm-sycophancy.yaml for 2 steps on 64 pairs: a reward model for the PPO and online recipes."""
     rm = tmp_path / "crm"
     assert main(["train", str(ROOT / "recipes" / "crm-sycophancy.yaml"), "--set", f"output_dir={rm}",
                  "--set", "max_steps=2", "--set", "eval_strategy=no", "--set", "eval_on_start=false",
                  "--set", "dataset.builtin_kwargs={num_samples: 64}"]) == 0
+    return rm
+
+
+def test_online_mdpo_recipe_trains_on_a_causal_reward_model(tmp_path, capsys):
+    rm = _small_causal_reward_model(tmp_path)
     out = tmp_path / "online"
     assert main(["train", str(ROOT / "recipes" / "online-mipo-crm.yaml"), "--set", f"output_dir={out}",
                  "--set", f"reward.model={rm}", "--set", "max_steps=2", "--set", "logging_steps=1",
