@@ -244,7 +244,13 @@ def test_reward_model_and_weighted_functions_above_below_mean_reuse_and_save(tin
     assert calls[0] == 8 * 5  # every completion of the iteration's 8 prompts is scored
     logs = [e for e in trainer.state.log_history if "reward/mean" in e]
     assert len(logs) == 3 and trainer.lr_scheduler.last_epoch == 3 * 2  # two updates per iteration
+    rm_name = trainer.reward_func_names[0]
+    assert trainer.reward_func_names == [rm_name, "count"]  # TRL GRPO's naming: checkpoint folder, __name__
     for e in logs:
+        # each source's own scores, logged as TRL's GRPOTrainer logs them; the reward is their weighted sum
+        assert e["reward/mean"] == pytest.approx(e[f"rewards/{rm_name}/mean"] + 0.5 * e["rewards/count/mean"],
+                                                 abs=1e-5)
+        assert e["rewards/count/std"] >= 0
         assert e["group/kept_prompts"] + e["group/skipped_prompts"] == 8
         if e["group/kept_prompts"]:
             assert 1 <= e["group/chosen_size"] <= 4 and 1 <= e["group/rejected_size"] <= 4
@@ -282,6 +288,8 @@ def test_two_ddp_processes_train_as_one_with_the_whole_batch(tmp_path):
     assert runs[one, 0]["world"] == 1 and runs[two, 0]["world"] == runs[two, 1]["world"] == 2
     assert runs[one, 0]["kept"] == runs[two, 0]["kept"] and runs[one, 0]["skipped"] == runs[two, 0]["skipped"]
     assert sum(runs[one, 0]["skipped"]) >= 1  # the normalisation over kept prompts is exercised
+    # each rank's loss is its share of the global mean: the loss reported is their sum (rank 0 alone: about half)
+    assert runs[two, 0]["train_loss"] == pytest.approx(runs[one, 0]["train_loss"], rel=1e-5)
     for run in runs.values():  # samples come in whole groups of 4 (G rows of the same prompt, in a row)
         p = run["prompts"]
         assert all(p[i] == p[i - i % 4] for i in range(len(p)))

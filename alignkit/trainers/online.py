@@ -14,8 +14,8 @@ overriding most of `_generate_and_score_completions` and `compute_loss`. `PPOTra
 model / reward function scoring, the divergence estimates, evaluation, sample tables, checkpoints and resume, its
 own `train` loop on top of `transformers.Trainer`), so `OnlineMultiSampleTrainer` subclasses it without a value
 model and replaces one iteration (`_training_iteration`) and its metrics. A prompt's generations are sampled,
-scored and trained on by the process that holds the prompt: groups never split across ranks (DDP; DeepSpeed is
-refused for now: the update loop does not drive a DeepSpeed engine's accumulation yet).
+scored and trained on by the process that holds the prompt: groups never split across ranks (DDP and DeepSpeed
+ZeRO-2/3 alike; under ZeRO-3 the reference and reward models are sharded as PPOTrainer shards them).
 
 Conventions:
 * The loss uses the policy's and the reference's own log-probs (temperature-1 logits), as mDPO on a dataset does:
@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..divergences import DEFAULT_MAX_EXPONENT
 from ..losses import GROUPINGS, group_mean, group_preference_loss, masked_mean, split_groups_by_reward
+from . import _trl
 from ._common import PREFERENCE_RULES, base_model_name, check_ranges, describe_base_model
 from .ppo import OnPolicyConfig, PPOTrainer, _divergence_estimates, _now, response_logprobs
 
@@ -158,9 +159,6 @@ class OnlineMultiSampleTrainer(PPOTrainer):
                          train_dataset=train_dataset, value_model=None, data_collator=data_collator,
                          eval_dataset=eval_dataset, optimizers=optimizers, callbacks=callbacks,
                          peft_config=peft_config)
-        if self.is_deepspeed_enabled:
-            raise ValueError("OnlineMultiSampleTrainer does not run under DeepSpeed yet; train on one process or "
-                             "with DDP (accelerate launch / torchrun without a DeepSpeed config).")
         self.reward_funcs = self.reward_model  # the list of sources
         weights = self.args.reward_weights
         if weights is None:
@@ -169,9 +167,18 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward "
                              "sources; give one weight per reward model / function (or leave it unset).")
         self.reward_weights = weights
-        for m in self.reward_funcs:  # frozen on the device, as PPOTrainer does with one reward model
-            if isinstance(m, nn.Module):
-                m.eval().requires_grad_(False).to(self.accelerator.device)
+        self._source_scores = [[] for _ in self.reward_funcs]  # per source, the scores of the current rollout
+        # frozen, as PPOTrainer does with its one reward model: sharded under ZeRO-3, else a copy on the device
+        for i, m in enumerate(self.reward_funcs):
+            if not isinstance(m, nn.Module):
+                continue
+            m.eval().requires_grad_(False)
+            if self._is_zero3:
+                engine = _trl.prepare_deepspeed(m, self.accelerator)
+                self._frozen_engines.append(engine)
+                self.reward_funcs[i] = engine.module
+            else:
+                m.to(self.accelerator.device)
         # PPOTrainer samples with top_p 1; here top_p is an option
         self.generation_config.top_p = self.args.top_p
 
@@ -185,12 +192,32 @@ class OnlineMultiSampleTrainer(PPOTrainer):
                              "or set reward_model_path in the config.")
         return [super(OnlineMultiSampleTrainer, self)._check_reward_source(s) for s in sources]
 
+    # Replaces PPOTrainer's one reward: the weighted sum of the sources; each source's own (unweighted) scores
+    # are kept for its `rewards/<name>/mean` and `/std` metrics (TRL GRPO's names).
     def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
         total = None
-        for weight, source in zip(self.reward_weights, self.reward_funcs):
-            s = weight * self._score_with(source, ids, mask, context_len, response_mask)
-            total = s if total is None else total + s
+        for k, (weight, source) in enumerate(zip(self.reward_weights, self.reward_funcs)):
+            raw = self._score_with(source, ids, mask, context_len, response_mask)
+            self._source_scores[k].append(raw)
+            total = weight * raw if total is None else total + weight * raw
         return total
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        """One name per reward source, as TRL's GRPOTrainer names them: a model's checkpoint folder name, a
+        function's `__name__`; repeated names get `_2`, `_3`, ..."""
+        names = []
+        for source in self.reward_funcs:
+            if isinstance(source, nn.Module):
+                name = os.path.basename(str(getattr(source.config, "_name_or_path", "") or "").rstrip("/"))
+                name = name or type(source).__name__
+            else:
+                name = getattr(source, "__name__", None) or type(source).__name__
+            k, base = 2, name
+            while name in names:
+                name, k = f"{base}_{k}", k + 1
+            names.append(name)
+        return names
 
     # Replaces PPOTrainer's temperature-scaled log-probs: mDPO / mIPO are defined on the policy's own log-probs
     # (as MultiSampleDPOTrainer computes them), whatever temperature sampled the completions.
@@ -207,6 +234,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         log-probs of policy and reference, and the chosen / rejected split of each prompt's group."""
         args, g = self.args, self.args.num_generations
         num_prompts = batch["input_ids"].size(0)
+        self._source_scores = [[] for _ in self.reward_funcs]
         r = self._generate_and_score({k: v.repeat_interleave(g, dim=0) for k, v in batch.items()}, values=False)
         rmask = r["response_mask"].float()
         lengths = rmask.sum(1)
@@ -219,7 +247,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         return {"ids": r["ids"], "mask": r["mask"], "response_mask": rmask, "context_len": r["context_len"],
                 "ref_logp": r["ref_logp"], "logr": (r["logp"] - r["ref_logp"]) * rmask, "entropy": r["entropy"],
                 "lengths": lengths, "has_stop": r["has_stop"].float(), "scores": scores, "groups": groups,
-                "num_prompts": num_prompts}
+                "num_prompts": num_prompts, "source_scores": [torch.cat(c) for c in self._source_scores]}
 
     def _group_loss(self, ro, rows: torch.Tensor, num_rows_total: float, chosen_tokens_total: float):
         """The loss of the prompts `rows` of a rollout: the sum of their per-prompt mDPO / mIPO losses over
@@ -289,26 +317,46 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         for _ in range(args.num_iterations):
             if rows_total > 0:  # every process agrees (global count): with nothing kept anywhere, no step
                 total = 0.0
-                for start in range(0, n_prompts, bs):
+                starts = range(0, n_prompts, bs)
+                for start in starts:
                     rows = torch.arange(start, min(start + bs, n_prompts), device=ro["ids"].device)
-                    loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
-                    # DDP averages gradients over processes; the loss is already a share of the global mean
-                    self.accelerator.backward(loss * args.world_size)
+                    if self.is_deepspeed_enabled:
+                        # the engine accumulates over its gradient_accumulation_steps micro-batches (this
+                        # update's, one per `bs` prompts), steps at the last and divides each loss by their
+                        # number; ZeRO averages gradients over processes. The loss is already a share of the
+                        # global mean, so both are undone.
+                        with self.accelerator.accumulate(self.model):
+                            loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
+                            self.accelerator.backward(loss * (args.world_size * len(starts)))
+                            if self.accelerator.sync_gradients and args.max_grad_norm:
+                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
+                    else:
+                        loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
+                        # DDP averages gradients over processes; the loss is already a share of the global mean
+                        self.accelerator.backward(loss * args.world_size)
                     total += loss.detach().item()
                     if s is not None:
                         stats.append(s)
-                if args.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad()
+                if not self.is_deepspeed_enabled:
+                    if args.max_grad_norm:
+                        self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
                 losses.append(total)
             self.lr_scheduler.step()
         self._timings["optimisation"] = _now() - t_opt
-        loss_value = sum(losses) / len(losses) if losses else 0.0
-        return loss_value, lambda: self._iteration_metrics(ro, losses, stats)
+        # each process's loss is its share of the global mean: the iteration's loss is their sum (every process
+        # runs this reduction, whatever it kept)
+        loss_value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], device=ro["ids"].device)
+        if args.world_size > 1:
+            loss_value = self.accelerator.reduce(loss_value, reduction="sum")
+        loss_value = loss_value.item()
+        return loss_value, lambda: self._iteration_metrics(ro, loss_value, stats)
 
     @torch.no_grad()
-    def _iteration_metrics(self, ro, losses, stats) -> dict[str, float]:
+    def _iteration_metrics(self, ro, loss_value, stats) -> dict[str, float]:
         gather = self.accelerator.gather_for_metrics
         device = ro["ids"].device
         groups, g = ro["groups"], self.args.num_generations
@@ -348,7 +396,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             "objective/entropy": gather(masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
             "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
             "response/length": gather(ro["lengths"]).mean().item(),
-            "loss": gather(torch.tensor([sum(losses) / max(len(losses), 1)], device=device)).sum().item(),
+            "loss": loss_value,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
         }
@@ -356,6 +404,10 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             for k, key in enumerate(("group/chosen_size", "group/rejected_size", "reward/chosen_mean",
                                      "reward/rejected_mean")):
                 metrics[key] = sums[k] / sums[4]
+        for name, source_scores in zip(self.reward_func_names, ro["source_scores"]):
+            every = gather(source_scores)
+            metrics[f"rewards/{name}/mean"] = every.mean().item()
+            metrics[f"rewards/{name}/std"] = every.std().item() if every.numel() > 1 else 0.0
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         # the unbiased estimate of every divergence of the family from the reference, from this rollout's samples
         for name, est in _divergence_estimates(ro["logr"], rmask).items():

@@ -1,7 +1,10 @@
-"""OnlineMultiSampleTrainer on CPUs, one process (`python online_ddp.py OUT 8`) or plain DDP (`torchrun
---nproc_per_node 2 online_ddp.py OUT 4`): the same 8 prompts per iteration either way. Sampling is replaced by a
-deterministic function of the prompt and the sample's index in its group, so that both runs see the same groups.
-Each rank writes its policy's weights (OUT/rank<r>.pt) and what it saw (OUT/rank<r>.json)."""
+"""OnlineMultiSampleTrainer on CPUs, one process (`python online_ddp.py OUT 8`), plain DDP (`torchrun
+--nproc_per_node 2 online_ddp.py OUT 4`) or DeepSpeed ZeRO-2/3 (`torchrun --nproc_per_node 2 online_ddp.py OUT 4
+zero3`: 2 prompts per micro-batch and gradient_accumulation_steps 2, so that the engine accumulates): the same 8
+prompts per iteration every way. Sampling is replaced by a deterministic function of the prompt and the sample's
+index in its group, so that every run sees the same groups. Each rank writes its policy's weights (OUT/rank<r>.pt;
+under ZeRO-3 gathered from the shards) and what it saw (OUT/rank<r>.json); every rank saves the policy with
+`save_model` in OUT/final."""
 
 import json
 import os
@@ -17,16 +20,36 @@ from alignkit.data.synthetic import sentiment  # noqa: E402
 from alignkit.models import build_tiny_model  # noqa: E402
 
 out_dir, per_device = sys.argv[1], int(sys.argv[2])
+stage = sys.argv[3] if len(sys.argv) > 3 else None
 G = 4
 path = str(build_tiny_model("tiny-llama"))
 tok = AutoTokenizer.from_pretrained(path)
+common = dict(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=per_device, num_generations=G,
+              loss_type="ipo", beta=1.0, divergence="jsd", nll_weight=0.1, num_iterations=2, response_length=4,
+              optim="sgd", learning_rate=0.1, max_steps=2, logging_steps=1, bf16=False, report_to=[],
+              save_strategy="no", disable_tqdm=True, seed=0, num_sample_generations=0)
+if stage is None:
+    common["use_cpu"] = True
+else:
+    import types
+
+    from alignkit.distributed import prepare_worker
+
+    common.update(per_device_train_batch_size=per_device // 2, gradient_accumulation_steps=2)
+    common = prepare_worker(types.SimpleNamespace(mixed_precision="no", deepspeed=stage, offload_optimizer=False,
+                                                  offload_params=False), common)
+    # SGD (see tests/test_online.py) is a client optimizer DeepSpeed has not tested with ZeRO; it runs when allowed
+    common["deepspeed"]["zero_allow_untested_optimizer"] = True
+args = OnlineMultiSampleConfig(**common)
+if stage is not None:  # the models load whole, not under zero.Init, so that every run starts from the same weights
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 torch.manual_seed(0)
-args = OnlineMultiSampleConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=per_device,
-                               num_generations=G, loss_type="ipo", beta=1.0, divergence="jsd", nll_weight=0.1,
-                               num_iterations=2, response_length=4, optim="sgd", learning_rate=0.1, max_steps=2,
-                               logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                               disable_tqdm=True, seed=0, num_sample_generations=0)
 seen = []
+#: the per-iteration metrics the tests compare across runs
+METRICS = ("loss", "reward/mean", "rewards/reward/mean", "divergence/jsd", "divergence/reverse_kl",
+           "implicit_rewards/margins")
 
 
 def reward(prompts, completions):
@@ -50,12 +73,22 @@ def fixed_generate(input_ids, attention_mask, generation_config, **_):
 
 
 trainer.policy.generate = fixed_generate
-trainer.train()
+output = trainer.train()
+trainer.save_model(os.path.join(out_dir, "final"))  # on every rank, as alignkit train does
 rank = trainer.accelerator.process_index
 policy = trainer.accelerator.unwrap_model(trainer.model).policy
-torch.save({k: v.detach().clone() for k, v in policy.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+if stage == "zero3":
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+        weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+else:
+    weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+torch.save(weights, os.path.join(out_dir, f"rank{rank}.pt"))
 logs = [e for e in trainer.state.log_history if "group/kept_prompts" in e]
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
     json.dump({"world": trainer.accelerator.num_processes, "iterations": trainer.state.global_step,
+               "deepspeed": trainer.is_deepspeed_enabled, "train_loss": output.training_loss, "engine": type(trainer.model_wrapped).__name__,
                "prompts": seen, "kept": [e["group/kept_prompts"] for e in logs],
-               "skipped": [e["group/skipped_prompts"] for e in logs]}, fh)
+               "skipped": [e["group/skipped_prompts"] for e in logs],
+               "metrics": [{k: e[k] for k in METRICS} for e in logs]}, fh)
