@@ -56,7 +56,7 @@ gpu-wheels: setup
 
 # the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md.
 # One torch thread: the float rounding, hence the figures, then match the docs on the same machine.
-REPRODUCTIONS := fdpo_diversity fdpo_frontier random_numbers label_noise crm_sweep crm_demographic causal_dpo
+REPRODUCTIONS := fdpo_diversity fdpo_frontier random_numbers label_noise crm_sweep crm_demographic causal_dpo online_groups
 
 reproduce: setup
 	for r in $(REPRODUCTIONS); do $(BIN)/python examples/reproduce/$$r.py --threads 1 || exit 1; done

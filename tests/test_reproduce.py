@@ -111,6 +111,30 @@ def test_label_noise(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
+def test_online_groups(tmp_path):
+    """The comparison runs end to end: every method at the same number of generated completions (4 rounds of 32),
+    scored at its last checkpoint; and online mIPO on a vanilla and on a causal reward model, from one reference.
+    Which method reaches more reward, or flatters less, is not asserted: 4 rounds from a 60-step SFT move each
+    method by about its evaluation noise (32 samples; docs/results.md has the full form)."""
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    result = _run("online_groups", tmp_path)
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["SFT (reference)", "online mIPO", "online mDPO", "PPO", "TRL GRPO"]
+    assert all(r["completions"] == 4 * 32 for r in rows[1:])  # the same generation budget for every method
+    assert rows[0]["reverse_kl"] == 0.0 and all(math.isfinite(r["reward"]) for r in rows)
+    # each moved the policy: measured here reverse KL 1.06 / 1.05 / 3.26 / 1.11 from the start (0.2 is 5x below the
+    # smallest; a policy that did not train estimates exactly 0, as the reference row does)
+    assert all(math.isfinite(r["reverse_kl"]) and r["reverse_kl"] > 0.2 for r in rows[1:])
+    summary = {r["reward model"]: r for r in result["sycophancy_summary"]}
+    assert set(summary) == {"vanilla", "unconditional"}
+    assert summary["vanilla"]["reference flattery"] == summary["unconditional"]["reference flattery"]
+    assert all(0 <= r["policy flattery"] <= 1 for r in summary.values())
+    for name in ("table.md", "online_groups.png", "sycophancy.md"):
+        assert (tmp_path / name).exists(), name
+
+
 @pytest.mark.parametrize("name", ["random_numbers_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
                                   "crm_demographic"])
 def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
