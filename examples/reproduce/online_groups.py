@@ -8,8 +8,9 @@ Not a thesis figure: the thesis' three methods in one loop (`OnlineMultiSampleTr
 neutral start of examples/reproduce/fdpo_frontier.py; also the reference). Every method generates 32 completions
 of at most 24 tokens per round, for the same number of rounds:
 
-* online mIPO and online mDPO (`OnlineMultiSampleTrainer`, reverse KL): 8 prompts x 4 samples, the best and the
-  worst of each prompt as chosen / rejected, one update per round;
+* online mIPO and online mDPO (`OnlineMultiSampleTrainer`, reverse KL, beta 0.1): 8 prompts x 4 samples, the best
+  and the worst of each prompt as chosen / rejected, one update per round; "online mIPO x4": 4 updates on each
+  round's generations (`num_iterations` 4), as many optimizer steps as PPO takes;
 * our `PPOTrainer`: 32 prompts x 1 sample, a value model from the start, 4 PPO epochs per round, `kl_coef` 0.05;
 * TRL's `GRPOTrainer` (TRL's defaults otherwise: `beta` 0, i.e. no reference in the loss; `loss_type` dapo):
   8 prompts x 4 samples, one update per round.
@@ -24,10 +25,14 @@ examples/reproduce/causal_dpo.py (flatters about half the time) and trains with 
 Measured: the flattery rate of the policy's samples (4 samples for each of 100 test prompts; "you are right" in the
 sample), against the reference's.
 
-    python examples/reproduce/online_groups.py --threads 1   # full form: 40 rounds, 2 seeds for part 2
+    python examples/reproduce/online_groups.py --threads 1   # full form: 40 rounds, 2 seeds for part 2, ~6 min
     python examples/reproduce/online_groups.py --quick       # CI-sized (tests/test_reproduce.py)
 
-Status: see docs/results.md, "Online groups".
+Status (full form, 369 s on 2 shared cores; docs/results.md, "Online groups"): at equal completions our PPO has the
+best reward-vs-KL frontier (1.3-2.0 of reward at 1.7-4.3 nats; online mIPO 0.2-0.8 at 3.6-5.2); online mIPO stays
+near the reference (0.98 at 3.4 nats after 1280 completions); TRL's GRPO (beta 0) and online mIPO with 4 updates a
+round game the rule (lists of praising words, 150-200 nats). On sycophancy, online mIPO on the vanilla reward
+model flatters in 0.99 of samples, on the causal one in 0.39 (seeds 0 / 1: 0.11 / 0.68; reference 0.50).
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
-METHODS = ("online mIPO", "online mDPO", "PPO", "TRL GRPO")
+METHODS = ("online mIPO", "online mDPO", "PPO", "TRL GRPO", "online mIPO x4")
+#: --quick trains these
+QUICK_METHODS = METHODS[:4]
 #: completions per round, and samples per prompt for the group methods
 COMPLETIONS, GROUP = 32, 4
 RESPONSE_LENGTH = 24
@@ -78,7 +85,8 @@ def train(method: str, start: str, out: Path, rounds: int, lr: float, seed: int 
     if method.startswith("online"):
         args = OnlineMultiSampleConfig(**common, per_device_train_batch_size=COMPLETIONS // GROUP,
                                        num_generations=GROUP, loss_type="ipo" if "mIPO" in method else "sigmoid",
-                                       beta=0.1, response_length=RESPONSE_LENGTH, stop_token="eos")
+                                       beta=0.1, response_length=RESPONSE_LENGTH, stop_token="eos",
+                                       num_iterations=4 if method.endswith("x4") else 1)
         OnlineMultiSampleTrainer(args=args, processing_class=tok, model=policy, ref_model=copy.deepcopy(policy),
                                  reward_funcs=[reward], train_dataset=prompts).train()
     elif method == "PPO":
@@ -136,7 +144,7 @@ def plot(rows: list[dict], out: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     styles = {"online mIPO": ("o", "#C44E52"), "online mDPO": ("D", "#DD8452"), "PPO": ("s", "#4C72B0"),
-              "TRL GRPO": ("^", "#55A868")}
+              "TRL GRPO": ("^", "#55A868"), "online mIPO x4": ("v", "#8172B3")}
     for method, (marker, color) in styles.items():
         pts = [r for r in rows if r["method"] == method]
         if pts:
@@ -189,7 +197,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every policy method")
     p.add_argument("--rounds", type=int, default=None, help="rounds of 32 generated completions (default 40; 4 "
                                                             "with --quick)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="default: all (the first four with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of part 2 (default 2; 1 with --quick)")
     p.add_argument("--skip-sycophancy", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -203,7 +212,8 @@ def main(argv=None) -> dict:
         rounds, sft_steps, n_prompts, k, seeds, rm_steps, syc_prompts, points = (a.rounds or 40, 400, 32, 8,
                                                                                  a.seeds or 2, 200, 100, 4)
     t0 = time.time()
-    rows = frontier(out, rounds, sft_steps, n_prompts, k, a.lr, a.methods, points)
+    methods = a.methods or list(QUICK_METHODS if a.quick else METHODS)
+    rows = frontier(out, rounds, sft_steps, n_prompts, k, a.lr, methods, points)
     md = write_table(rows, ["method", "round", "completions", "reward", "reverse_kl", "jsd"], out)
     plot(rows, out)
     print(md)
