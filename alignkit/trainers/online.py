@@ -39,7 +39,6 @@ import torch.nn as nn
 
 from ..divergences import DEFAULT_MAX_EXPONENT
 from ..losses import GROUPINGS, group_mean, group_preference_loss, masked_mean, split_groups_by_reward
-from . import _trl
 from ._common import PREFERENCE_RULES, base_model_name, check_ranges, describe_base_model
 from .ppo import OnPolicyConfig, PPOTrainer, _divergence_estimates, _now, response_logprobs
 
@@ -169,16 +168,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         self.reward_weights = weights
         self._source_scores = [[] for _ in self.reward_funcs]  # per source, the scores of the current rollout
         # frozen, as PPOTrainer does with its one reward model: sharded under ZeRO-3, else a copy on the device
-        for i, m in enumerate(self.reward_funcs):
-            if not isinstance(m, nn.Module):
-                continue
-            m.eval().requires_grad_(False)
-            if self._is_zero3:
-                engine = _trl.prepare_deepspeed(m, self.accelerator)
-                self._frozen_engines.append(engine)
-                self.reward_funcs[i] = engine.module
-            else:
-                m.to(self.accelerator.device)
+        self.reward_funcs = [self._prepare_frozen(m) if isinstance(m, nn.Module) else m for m in self.reward_funcs]
         # PPOTrainer samples with top_p 1; here top_p is an option
         self.generation_config.top_p = self.args.top_p
 

@@ -353,17 +353,8 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         self._frozen_engines = []  # under ZeRO-3: the DeepSpeed engines that shard the reference and reward model
         for name in ("ref_model", "reward_model"):
             m = getattr(self, name)
-            if not isinstance(m, nn.Module):
-                continue
-            m.eval().requires_grad_(False)
-            if self._is_zero3:
-                # sharded like the policy, in eval mode (TRL's helper); the module is called directly, its ZeRO-3
-                # hooks gather the weights of each submodule in turn (every rank runs the same forwards)
-                engine = _trl.prepare_deepspeed(m, self.accelerator)
-                self._frozen_engines.append(engine)
-                setattr(self, name, engine.module)
-            else:  # one process, DDP or ZeRO-2: a whole copy on every rank
-                m.to(self.accelerator.device)
+            if isinstance(m, nn.Module):
+                setattr(self, name, self._prepare_frozen(m))
         self.generation_config = GenerationConfig(
             max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
             do_sample=True, pad_token_id=tok.pad_token_id,
@@ -388,6 +379,18 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         elif not callable(reward_model):
             raise TypeError(f"reward_model must be a model or a callable, got {type(reward_model).__name__}.")
         return reward_model
+
+    def _prepare_frozen(self, m: nn.Module) -> nn.Module:
+        """A model that scores but never trains (reference, reward model), in eval mode without gradients: under
+        ZeRO-3 sharded like the policy (TRL's helper; the module is called directly, its ZeRO-3 hooks gather the
+        weights of each submodule in turn, so every rank runs the same forwards), else a whole copy on the
+        device (one process, DDP, ZeRO-2)."""
+        m.eval().requires_grad_(False)
+        if self._is_zero3:
+            engine = _trl.prepare_deepspeed(m, self.accelerator)
+            self._frozen_engines.append(engine)
+            return engine.module
+        return m.to(self.accelerator.device)
 
     @property
     def _is_zero3(self) -> bool:
