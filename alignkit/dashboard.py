@@ -70,6 +70,7 @@ SECTIONS: dict[str, list[tuple[str, list[str] | str]]] = {
     "Online mDPO / mIPO": [
         ("reward of the samples", _train("reward/mean", "reward/chosen_mean", "reward/rejected_mean")),
         ("reward spread (overall, within groups)", _train("reward/std", "reward/group_std")),
+        ("reward of each source (unweighted)", r"^train/rewards/.*/mean$"),
         ("divergence from the reference (every f)", r"^(train|eval)/divergence/.*"),
         ("group sizes", _train("group/chosen_size", "group/rejected_size")),
         ("prompts kept / skipped", _train("group/kept_prompts", "group/skipped_prompts")),
