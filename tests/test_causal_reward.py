@@ -77,6 +77,21 @@ def test_bin_balanced_sampler_covers_bins_twice():
         assert all(c >= 2 for c in counts.values()) and len(counts) >= 2
 
 
+def test_bin_balanced_sampler_takes_bin_sampler_examples_of_each_bin(tmp_path):
+    """`bin_sampler_examples` 4: a batch of 16 is 4 bins of 4 examples (each bin pair's MMD^2 then averages 16
+    kernel values across bins instead of 4)."""
+    bins = [b for b in range(10) for _ in range(40)]
+    order = list(BinBalancedSampler(bins, batch_size=16, seed=0, per_bin=4))
+    assert len(order) == len(bins)
+    for start in range(0, len(order), 16):
+        counts = {}
+        for i in order[start:start + 16]:
+            counts[bins[i]] = counts.get(bins[i], 0) + 1
+        assert sorted(counts.values()) == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="bin_sampler_examples must be >= 2"):
+        CausalRewardConfig(**base_args(tmp_path, bin_sampler_examples=1))
+
+
 def test_bad_inputs(reward_model, tokenizer, pair_dataset, tmp_path):
     with pytest.raises(DatasetError, match="not in the dataset"):
         CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, attributes=["age"])),

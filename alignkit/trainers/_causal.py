@@ -48,6 +48,10 @@ class CausalPenaltyArguments:
             there (docs/methods.md section 3). `mmd/penalty` far below zero in the logs is the sign.
         bin_balanced_sampler (`bool`, defaults to `True`): batches drawn so that each holds several bins with at
             least two examples each, so the penalty has signal with small batches.
+        bin_sampler_examples (`int`, defaults to `2`): examples of each bin the balanced sampler puts in a batch
+            (`per_device_train_batch_size // bin_sampler_examples` bins a batch). More examples give each bin
+            pair's MMD^2 a less noisy estimate, over fewer bins a batch; with many bins (e.g. 60 joint
+            demographic bins) two each is the U-statistic's worst case (docs/methods.md section 3).
     """
 
     mmd_coef: float = field(default=0.0, metadata={"help": "Weight of the MMD penalty (0: off)."})
@@ -62,12 +66,16 @@ class CausalPenaltyArguments:
     mmd_estimator: str = field(default="unbiased", metadata={"help": "unbiased (U-statistic) or biased "
                                                                      "(V-statistic, never negative)."})
     bin_balanced_sampler: bool = field(default=True, metadata={"help": "Batches cover bins with >= 2 examples."})
+    bin_sampler_examples: int = field(default=2, metadata={"help": "Examples of each bin in a balanced batch."})
 
     def _check_causal_fields(self):
         if isinstance(self.attributes, str):
             self.attributes = [self.attributes]
         if self.mmd_coef < 0:
             raise ValueError(f"mmd_coef must be >= 0, got {self.mmd_coef}.")
+        if self.bin_sampler_examples < 2:
+            raise ValueError(f"bin_sampler_examples must be >= 2 (the penalty needs two examples of a bin), got "
+                             f"{self.bin_sampler_examples}.")
         if self.mmd_estimator not in ("unbiased", "biased"):
             raise ValueError(f"mmd_estimator must be 'unbiased' or 'biased', got {self.mmd_estimator!r}.")
         if not self.attributes:
@@ -82,10 +90,14 @@ class CausalPenaltyArguments:
 
 
 class BinBalancedSampler(Sampler[int]):
-    """Index stream in which every consecutive `batch_size` indices cover `batch_size // 2` bins with two
-    examples each (bins drawn in proportion to their size, so the data distribution is kept on average)."""
+    """Index stream in which every consecutive `batch_size` indices cover `batch_size // per_bin` bins with
+    `per_bin` examples each (two by default; fewer where a bin is smaller; bins drawn in proportion to their size,
+    so the data distribution is kept on average)."""
 
-    def __init__(self, bins: list[int], batch_size: int, seed: int = 0):
+    def __init__(self, bins: list[int], batch_size: int, seed: int = 0, per_bin: int = 2):
+        if per_bin < 2:
+            raise ValueError(f"per_bin must be >= 2 (the penalty needs two examples in a bin), got {per_bin}.")
+        self.per_bin = per_bin
         self.by_bin: dict[int, list[int]] = {}
         for i, b in enumerate(bins):
             self.by_bin.setdefault(int(b), []).append(i)
@@ -101,13 +113,13 @@ class BinBalancedSampler(Sampler[int]):
 
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
-        if len(self.usable) < 2 or self.batch_size < 4:
+        if len(self.usable) < 2 or self.batch_size < 2 * self.per_bin:
             order = list(range(self.n))
             rng.shuffle(order)
             yield from order
             return
         weights = [len(self.by_bin[b]) for b in self.usable]
-        per_batch = self.batch_size // 2
+        per_batch = self.batch_size // self.per_bin
         out: list[int] = []
         while len(out) < self.n:
             chosen_bins = set()
@@ -115,7 +127,7 @@ class BinBalancedSampler(Sampler[int]):
                 chosen_bins.add(rng.choices(self.usable, weights)[0])
             batch = []
             for b in chosen_bins:
-                batch += rng.sample(self.by_bin[b], 2)
+                batch += rng.sample(self.by_bin[b], min(self.per_bin, len(self.by_bin[b])))
             while len(batch) < self.batch_size:  # odd batch sizes / few bins: fill at random
                 batch.append(rng.randrange(self.n))
             out += batch[: self.batch_size]
@@ -199,7 +211,8 @@ class AttributeBinsMixin:
                 or BIN_COLUMNS[0] not in (ds.column_names or [])):
             return None
         # a pair's bin for sampling: its chosen completion's bin (the penalty pools both sides)
-        return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed)
+        return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed,
+                                  per_bin=self.args.bin_sampler_examples)
 
     def _mmd_penalty(self, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
         """The binned MMD^2 of `values` laid out [chosen; rejected], logged under mmd/*.

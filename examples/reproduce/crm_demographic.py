@@ -96,7 +96,8 @@ def run(bench, variant: str, seed: int, args) -> dict:
     metrics, trainer = bench.train_and_score(
         "demographic", variant if variant in bench.VARIANTS else "unconditional", steps=args.steps, seed=seed,
         batch_size=args.batch_size, model=args.model, mmd_coef=coef, splits=("test",), return_trainer=True,
-        output_dir=f"{args.output}/runs", mmd_estimator=args.mmd_estimator, **cfg)
+        output_dir=f"{args.output}/runs", mmd_estimator=args.mmd_estimator,
+        bin_sampler_examples=args.bin_examples, **cfg)
     from alignkit.data.synthetic import demographic
 
     scores = group_scores(trainer.model, trainer.processing_class, demographic("test", seed=seed))
@@ -111,6 +112,8 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--mmd-coef", type=float, default=3.0)
     p.add_argument("--mmd-estimator", choices=["unbiased", "biased"], default="unbiased")
+    p.add_argument("--bin-examples", type=int, default=2, help="bin_sampler_examples: examples of each bin in a "
+                                                                   "batch (the balanced sampler's)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3)
