@@ -307,33 +307,16 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         for _ in range(args.num_iterations):
             if rows_total > 0:  # every process agrees (global count): with nothing kept anywhere, no step
                 total = 0.0
-                starts = range(0, n_prompts, bs)
-                for start in starts:
+                starts = range(0, n_prompts, bs)  # one micro-batch per `bs` prompts
+                for k_micro, start in enumerate(starts):
                     rows = torch.arange(start, min(start + bs, n_prompts), device=ro["ids"].device)
-                    if self.is_deepspeed_enabled:
-                        # the engine accumulates over its gradient_accumulation_steps micro-batches (this
-                        # update's, one per `bs` prompts), steps at the last and divides each loss by their
-                        # number; ZeRO averages gradients over processes. The loss is already a share of the
-                        # global mean, so both are undone.
-                        with self.accelerator.accumulate(self.model):
-                            loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
-                            self.accelerator.backward(loss * (args.world_size * len(starts)))
-                            if self.accelerator.sync_gradients and args.max_grad_norm:
-                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
-                    else:
-                        loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
-                        # DDP averages gradients over processes; the loss is already a share of the global mean
-                        self.accelerator.backward(loss * args.world_size)
+                    loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
+                    # the loss is already this micro-batch's share of the global mean: DDP's (and ZeRO's)
+                    # averaging over processes is undone
+                    self._micro_batch_backward(loss * args.world_size, len(starts), last=k_micro == len(starts) - 1)
                     total += loss.detach().item()
                     if s is not None:
                         stats.append(s)
-                if not self.is_deepspeed_enabled:
-                    if args.max_grad_norm:
-                        self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
                 losses.append(total)
             self.lr_scheduler.step()
         self._timings["optimisation"] = _now() - t_opt

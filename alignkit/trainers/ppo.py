@@ -640,6 +640,29 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                  "approxkl": approxkl, "ratio": ratio}
         return loss, stats
 
+    def _micro_batch_backward(self, share: torch.Tensor, num_micro: int, last: bool) -> None:
+        """Backward of one micro-batch's `share` of an update's loss (the shares of its `num_micro` micro-batches
+        add up to the loss), then, after the last, the optimizer step (gradients clipped to `max_grad_norm`).
+        Under DeepSpeed the engine accumulates over its `gradient_accumulation_steps` (= `num_micro`) micro-batches,
+        dividing each loss by their number, and steps at the last: the share is scaled back. Without it
+        transformers 5 builds the accelerator with accumulation left to the training loop: the gradients add up
+        here."""
+        args = self.args
+        if self.is_deepspeed_enabled:
+            with self.accelerator.accumulate(self.model):
+                self.accelerator.backward(share * num_micro)
+                if self.accelerator.sync_gradients and args.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            return
+        self.accelerator.backward(share)
+        if last:
+            if args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+
     def _updates_per_iteration(self) -> int:
         """Optimizer steps per iteration (sizes the learning-rate schedule)."""
         return self.args.num_ppo_epochs * self.args.num_mini_batches
@@ -664,25 +687,9 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                 starts = range(0, mb_idx.numel(), args.per_device_train_batch_size)
                 for k_micro, micro in enumerate(starts):
                     idx = mb_idx[micro:micro + args.per_device_train_batch_size]
-                    if self.is_deepspeed_enabled:  # the engine accumulates (and scales) over its micro-batches
-                        with self.accelerator.accumulate(self.model):
-                            loss, stats = self._ppo_loss(ro, idx)
-                            self.accelerator.backward(loss)
-                            if self.accelerator.sync_gradients and args.max_grad_norm:
-                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
-                    else:
-                        # one update per mini-batch: transformers 5 builds the accelerator with accumulation
-                        # left to the training loop, so the micro-batch losses are averaged here
-                        last = k_micro == len(starts) - 1
-                        loss, stats = self._ppo_loss(ro, idx)
-                        self.accelerator.backward(loss / len(starts))
-                        if last:
-                            if args.max_grad_norm:
-                                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
+                    loss, stats = self._ppo_loss(ro, idx)
+                    # one update per mini-batch: the mean of its micro-batch losses
+                    self._micro_batch_backward(loss / len(starts), len(starts), last=k_micro == len(starts) - 1)
                     for k, v in stats.items():
                         acc[k].append(v)
                 self.lr_scheduler.step()
