@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--mmd-coef", type=float, default=None, help="default: the task's (3)")
     p.add_argument("--no-standardize", action="store_true", help="mmd_standardize=False: the plain median-heuristic "
                    "penalty (before alignkit standardised the rewards)")
+    p.add_argument("--mmd-start-step", type=int, default=0, help="mmd_start_step: steps on the Bradley-Terry loss "
+                   "alone before the penalty is added (e.g. half of --steps for the conditional form)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     for task in tasks:
         t0 = time.time()
         res = compare(task, a.steps, a.seeds, a.batch_size, model=a.model, mmd_coef=a.mmd_coef,
-                      mmd_standardize=not a.no_standardize)
+                      mmd_standardize=not a.no_standardize, mmd_start_step=a.mmd_start_step)
         results[task] = res
         coef = a.mmd_coef if a.mmd_coef is not None else TASKS[task]["mmd_coef"]
         print(f"\n{task}: {a.model}, {a.steps} steps, batch {a.batch_size}, mmd_coef {coef:g}, "

@@ -66,6 +66,30 @@ def test_penalty_changes_the_gradient(reward_model, tokenizer, pair_dataset, tmp
     assert any((res[0][1][k] - res[1][1][k]).abs().max() > 1e-6 for k in res[0][1])
 
 
+def test_mmd_start_step_trains_on_the_preference_loss_alone_until_then(reward_model, tokenizer, pair_dataset,
+                                                                     tmp_path):
+    """`mmd_start_step` 2: the first two optimizer steps are mmd_coef 0's (TRL's loss: same weights to 1e-6), the
+    third is penalised (weights apart); the penalty is logged from the first step."""
+    ds = pair_dataset(48)
+
+    def weights(steps, **kw):
+        args = CausalRewardConfig(**base_args(tmp_path, attributes=["length:chars"], num_bins=2, max_steps=steps,
+                                              bin_balanced_sampler=False, per_device_train_batch_size=16, **kw))
+        trainer = CausalRewardTrainer(model=reward_model(), args=args, train_dataset=ds, processing_class=tokenizer)
+        trainer.train()
+        return trainer, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    late, w_late = weights(2, mmd_coef=5.0, mmd_start_step=2)
+    _, w_plain = weights(2, mmd_coef=0.0)
+    torch.testing.assert_close(w_late, w_plain, rtol=0, atol=1e-6)
+    assert all("mmd/penalty" in e for e in late.state.log_history if "loss" in e)
+    _, w_late = weights(3, mmd_coef=5.0, mmd_start_step=2)
+    _, w_plain = weights(3, mmd_coef=0.0)
+    assert (w_late - w_plain).abs().max() > 1e-4  # the penalty of step 3 moved the weights
+    with pytest.raises(ValueError, match="mmd_start_step must be an integer >= 0"):
+        CausalRewardConfig(**base_args(tmp_path, mmd_start_step=-1))
+
+
 def test_bin_balanced_sampler_covers_bins_twice():
     bins = [0] * 50 + [1] * 30 + [2] * 15 + [3] * 5
     order = list(BinBalancedSampler(bins, batch_size=8, seed=0))

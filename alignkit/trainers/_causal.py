@@ -52,6 +52,11 @@ class CausalPenaltyArguments:
             (`per_device_train_batch_size // bin_sampler_examples` bins a batch). More examples give each bin
             pair's MMD^2 a less noisy estimate, over fewer bins a batch; with many bins (e.g. 60 joint
             demographic bins) two each is the U-statistic's worst case (docs/methods.md section 3).
+        mmd_start_step (`int`, defaults to `0`): optimizer steps trained on the preference loss alone before the
+            penalty is added (it is still computed and logged as `mmd/penalty`). On a freshly initialised
+            reward head the conditional penalty, turned on from step 0, can stop the reward from learning the
+            content at all; started once the preference loss has taught the model something, it removes the
+            shortcut (docs/methods.md section 3, docs/results.md). `0`: the thesis' objective from the start.
     """
 
     mmd_coef: float = field(default=0.0, metadata={"help": "Weight of the MMD penalty (0: off)."})
@@ -67,6 +72,8 @@ class CausalPenaltyArguments:
                                                                      "(V-statistic, never negative)."})
     bin_balanced_sampler: bool = field(default=True, metadata={"help": "Batches cover bins with >= 2 examples."})
     bin_sampler_examples: int = field(default=2, metadata={"help": "Examples of each bin in a balanced batch."})
+    mmd_start_step: int = field(default=0, metadata={"help": "Optimizer steps on the preference loss alone before "
+                                                             "the penalty is added."})
 
     def _check_causal_fields(self):
         if isinstance(self.attributes, str):
@@ -213,6 +220,11 @@ class AttributeBinsMixin:
         # a pair's bin for sampling: its chosen completion's bin (the penalty pools both sides)
         return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed,
                                   per_bin=self.args.bin_sampler_examples)
+
+    def _mmd_weight(self) -> float:
+        """The penalty's weight in the loss now: `mmd_coef`, or 0 before `mmd_start_step` optimizer steps. Read
+        from the trainer state's global step, so a resumed run switches it on at the same step."""
+        return self.args.mmd_coef if self.state.global_step >= self.args.mmd_start_step else 0.0
 
     def _mmd_penalty(self, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
         """The binned MMD^2 of `values` laid out [chosen; rejected], logged under mmd/*.

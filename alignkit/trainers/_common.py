@@ -165,6 +165,7 @@ PREFERENCE_RULES: dict[str, Rule] = {
 CAUSAL_RULES: dict[str, Rule] = {
     "mmd_coef": (_ge(0), ">= 0", "0 turns the MMD penalty off"),
     "num_bins": (_ge(2), "an integer >= 2", "the penalty compares bins, so it needs at least two"),
+    "mmd_start_step": (_ge(0), "an integer >= 0", "0 adds the penalty from the first step"),
 }
 REWARD_RULES: dict[str, Rule] = {
     "max_length": (_ge(1), "an integer >= 1", "leave it unset (null) to keep whole sequences"),

@@ -56,7 +56,8 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
             Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
             is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
             of the spurious attribute(s). `attributes`, `num_bins`, `binning`, `conditional`,
-            `mmd_bandwidths` and `bin_balanced_sampler` mean what they mean in `CausalRewardConfig`.
+            `mmd_bandwidths`, `mmd_start_step` and the other `mmd_*` / `bin_*` fields mean what they mean in
+            `CausalRewardConfig`.
 
     Every other `DPOConfig` field means what it means in TRL (README, "Every TRL option works", lists which loss type
     works with which divergence). TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are translated into
@@ -373,7 +374,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         if self._causal_enabled() and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
             implicit = self.beta * torch.cat([scores.chosen, scores.rejected])
             mode = "train" if self.model.training else "eval"
-            loss = loss + self.args.mmd_coef * self._mmd_penalty(implicit, inputs["z_bins"], mode).penalty
+            loss = loss + self._mmd_weight() * self._mmd_penalty(implicit, inputs["z_bins"], mode).penalty
         stats = {
             "chosen_logratios": chosen_lr.detach(),
             "rejected_logratios": rejected_lr.detach(),
