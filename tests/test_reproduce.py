@@ -161,3 +161,14 @@ def test_frontier_interpolates_reward_at_matched_divergence():
     assert fdpo_frontier_real.interpolate(curve, 0.2) == pytest.approx(0.32)
     assert fdpo_frontier_real.interpolate(curve, 0.7) == pytest.approx(0.37)  # first segment that covers 0.7
     assert fdpo_frontier_real.interpolate(curve, 1.5) is None
+
+
+def test_conditional_crm_with_a_start_step_removes_the_shortcut_on_its_bad_seed(tmp_path):
+    """The conditional CRM's seed 2 on sycophancy (tiny model, 200 steps, mmd_coef 3): with the penalty from step 0
+    it scores 0.07 on test_anti (seeds 0-4: 0.07-0.88), with `mmd_start_step: 100` 0.89 (seeds 0-4: 0.82-0.89,
+    test_uncorrelated 0.88-0.94; docs/results.md). 0.6 sits between the two spreads' relevant ends for this seed."""
+    spec = importlib.util.spec_from_file_location("crm_sweep", REPRO / "crm_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = sweep.load_benchmark().train_and_score("sycophancy", "conditional", seed=2, output_dir=str(tmp_path), mmd_start_step=100)
+    assert out["test_anti"] > 0.6 and out["test_uncorrelated"] > 0.75
