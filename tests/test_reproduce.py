@@ -11,11 +11,15 @@ import pytest
 REPRO = Path(__file__).resolve().parents[1] / "examples" / "reproduce"
 
 
-def _run(name, tmp_path, *extra):
+def _load(name):
     spec = importlib.util.spec_from_file_location(name, REPRO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(["--quick", "--output", str(tmp_path), *extra])
+    return module
+
+
+def _run(name, tmp_path, *extra):
+    return _load(name).main(["--quick", "--output", str(tmp_path), *extra])
 
 
 def test_fdpo_diversity(tmp_path):
@@ -143,9 +147,7 @@ def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
     import sys
 
     sys.path.insert(0, str(REPRO))
-    spec = importlib.util.spec_from_file_location(name, REPRO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load(name)
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0 and "--output" in capsys.readouterr().out
@@ -167,8 +169,6 @@ def test_conditional_crm_with_a_start_step_removes_the_shortcut_on_its_bad_seed(
     """The conditional CRM's seed 2 on sycophancy (tiny model, 200 steps, mmd_coef 3): with the penalty from step 0
     it scores 0.07 on test_anti (seeds 0-4: 0.07-0.88), with `mmd_start_step: 100` 0.89 (seeds 0-4: 0.82-0.89,
     test_uncorrelated 0.88-0.94; docs/results.md). 0.6 sits between the two spreads' relevant ends for this seed."""
-    spec = importlib.util.spec_from_file_location("crm_sweep", REPRO / "crm_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    out = sweep.load_benchmark().train_and_score("sycophancy", "conditional", seed=2, output_dir=str(tmp_path), mmd_start_step=100)
+    crm_bias = _load("crm_sweep").load_benchmark()
+    out = crm_bias.train_and_score("sycophancy", "conditional", seed=2, output_dir=str(tmp_path), mmd_start_step=100)
     assert out["test_anti"] > 0.6 and out["test_uncorrelated"] > 0.75

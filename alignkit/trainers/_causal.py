@@ -221,10 +221,16 @@ class AttributeBinsMixin:
         return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed,
                                   per_bin=self.args.bin_sampler_examples)
 
-    def _mmd_weight(self) -> float:
-        """The penalty's weight in the loss now: `mmd_coef`, or 0 before `mmd_start_step` optimizer steps. Read
-        from the trainer state's global step, so a resumed run switches it on at the same step."""
-        return self.args.mmd_coef if self.state.global_step >= self.args.mmd_start_step else 0.0
+    def _with_mmd_penalty(self, loss: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
+                          mode: str) -> torch.Tensor:
+        """`loss + mmd_coef * penalty(values)`. Before `mmd_start_step` optimizer steps (the trainer state's global
+        step, so a resumed run switches it on at the same step) the penalty is computed and logged only, outside
+        the graph: no backward through a term of weight 0."""
+        if self.state.global_step < self.args.mmd_start_step:
+            with torch.no_grad():
+                self._mmd_penalty(values, bins, mode)
+            return loss
+        return loss + self.args.mmd_coef * self._mmd_penalty(values, bins, mode).penalty
 
     def _mmd_penalty(self, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
         """The binned MMD^2 of `values` laid out [chosen; rejected], logged under mmd/*.

@@ -115,7 +115,7 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
                 values = outputs.hidden_states[-1][torch.arange(last.size(0), device=last.device), last]
             else:
                 values = rewards
-            loss = loss + self._mmd_weight() * self._mmd_penalty(values, bins, mode).penalty
+            loss = self._with_mmd_penalty(loss, values, bins, mode)
         with torch.no_grad():  # rewards and bins since the last log (train) or over the eval set (eval)
             # gathered per side: gather_for_metrics trims the last eval batch to the dataset's remainder in
             # *rows*, which would cut a [chosen; rejected] tensor of twice that length in the wrong place

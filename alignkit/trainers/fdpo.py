@@ -374,7 +374,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         if self._causal_enabled() and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
             implicit = self.beta * torch.cat([scores.chosen, scores.rejected])
             mode = "train" if self.model.training else "eval"
-            loss = loss + self._mmd_weight() * self._mmd_penalty(implicit, inputs["z_bins"], mode).penalty
+            loss = self._with_mmd_penalty(loss, implicit, inputs["z_bins"], mode)
         stats = {
             "chosen_logratios": chosen_lr.detach(),
             "rejected_logratios": rejected_lr.detach(),
