@@ -402,3 +402,41 @@ def test_gradient_accumulation_equals_the_larger_micro_batch(tiny_model_path, to
     # defect this guards against, moves them by up to 0.16 (0.037 on average), so 1e-4 separates the two cleanly.
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_is_applied_and_changes_nothing_but_memory(lora, tiny_model_path, tokenizer, prompts,
+                                                                          tmp_path):
+    """`gradient_checkpointing: true` recomputes the policy's and the value model's activations in the backward pass
+    (PPO's own loop used to leave it off without a word): the modules are checkpointed, and the run gives the same
+    losses and weights as without it. Recomputation runs the same float operations: measured, the losses and weights
+    are bit-identical (full and LoRA, 1 and 2 threads); the tolerances only allow for another CPU's kernels."""
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        value = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+        args = dict(base_args(out), per_device_train_batch_size=8, num_ppo_epochs=2, response_length=4,
+                    learning_rate=1e-2, temperature=1.0, max_steps=2, num_sample_generations=0, **kw)
+        trainer = PPOTrainer(args=PPOConfig(**args), processing_class=tokenizer, model=policy,
+                             ref_model=None if lora else AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                             reward_model=_count_target, value_model=value, train_dataset=prompts,
+                             peft_config=peft_config)
+        trainer.train()
+        return trainer, [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    plain, plain_losses = run(tmp_path / "plain")
+    ckpt, ckpt_losses = run(tmp_path / "ckpt", gradient_checkpointing=True)
+    unwrapped = ckpt.accelerator.unwrap_model(ckpt.model)
+    for module in (unwrapped.policy, unwrapped.value_model):
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        assert base.is_gradient_checkpointing, type(module).__name__
+    assert not plain.accelerator.unwrap_model(plain.model).policy.is_gradient_checkpointing
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6, abs=1e-7)
+    for p, q in zip(plain.model.parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

@@ -321,6 +321,8 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
 
             model = get_peft_model(model, peft_config)
         self.is_peft_model = hasattr(model, "disable_adapter")
+        if args.gradient_checkpointing:
+            self._enable_gradient_checkpointing(args, model, value_model)
         if ref_model is None and not self.is_peft_model:
             raise ValueError(f"{who} needs a `ref_model` (or a PEFT policy, whose reference is the policy "
                              "with its adapter disabled).")
@@ -366,6 +368,28 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
     #: what one iteration's prompts are, for the "too few prompts" error
     _batch_description = ("PPO batch (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches "
                           "x processes)")
+
+    def _enable_gradient_checkpointing(self, args, policy, value_model) -> None:
+        """`gradient_checkpointing: true` on the models this trainer updates (the policy, and PPO's value model).
+        Replaces what Trainer's own loop would do (`_inner_training_loop` enables it on `self.model`), which this
+        trainer's loop does not run and which would not reach inside the policy/value wrapper. As TRL's DPOTrainer:
+        a PEFT policy needs its inputs to require gradients, and under ZeRO-3 reentrant checkpointing (DeepSpeed
+        gathers the sharded LoRA weights correctly only there). Generation runs in eval mode, where the checkpointed
+        modules use their KV cache as before."""
+        kwargs = dict(args.gradient_checkpointing_kwargs or {})
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if self.is_peft_model and plugin is not None and plugin.zero_stage == 3:
+            kwargs["use_reentrant"] = True
+        args.gradient_checkpointing_kwargs = kwargs or None
+        for module in (policy, value_model):
+            if module is None:
+                continue
+            if not getattr(module, "supports_gradient_checkpointing", True) and not hasattr(module, "get_base_model"):
+                raise ValueError(f"gradient_checkpointing: {type(module).__name__} does not support it; set "
+                                 "gradient_checkpointing: false.")
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        if self.is_peft_model:
+            policy.enable_input_require_grads()
 
     def _check_reward_source(self, reward_model):
         """The reward model (a sequence-classification model with one output) or function, checked."""
