@@ -2,6 +2,7 @@
 
     alignkit train RECIPE.yaml [--set key=value ...]
     alignkit validate RECIPE.yaml [--set key=value ...]
+    alignkit plan RECIPE.yaml [--gpus 8xH100] [--set key=value ...]
 
 User errors (bad recipe, bad data, bad values) print one line, `alignkit: error: ...`, and exit 2.
 """
@@ -24,6 +25,7 @@ examples:
   alignkit validate recipes/quickstart.yaml --set model.dtype=bfloat16
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=2 --set distributed.deepspeed=zero3
   alignkit train recipes/quickstart.yaml --set distributed.num_processes=8 --dry-run
+  alignkit plan recipes/real/mipo-random-numbers.yaml --gpus 8xH100 --set distributed.deepspeed=zero3
   alignkit eval outputs/quickstart --ref builtin:tiny-llama --pairs builtin:sentiment -k 4
   alignkit plot outputs/quickstart
   alignkit dashboard --project alignkit --entity my-team
@@ -49,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    # the `deepspeed` launcher passes --local_rank=N to each process, before the command (the same as $LOCAL_RANK,
+    # which is what is read)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_ in (("train", "train as a recipe says"), ("validate", "check a recipe, its data and model without training")):
         p = sub.add_parser(name, help=help_, description=help_)
@@ -59,6 +64,22 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="print the multi-process launch command of the recipe's distributed section, "
                                 "and exit")
+    pp = sub.add_parser("plan", help="what a run needs before it starts: parameters, memory per device, tokens and "
+                                     "time per step (no weights loaded)",
+                        description="Estimate what a recipe's run needs, from the models' configs (no weights are "
+                                    "loaded): parameters and trainable parameters, per-device memory of weights, "
+                                    "gradients, optimizer states and activations under the recipe's distributed "
+                                    "section (or --gpus), tokens per optimizer step, and with --gpus the time per step "
+                                    "at a stated MFU.")
+    pp.add_argument("recipe", help="path to the recipe YAML")
+    pp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, as in train")
+    pp.add_argument("--gpus", help="what-if: COUNTxNAME or MACHINESxCOUNTxNAME, e.g. 8xH100 or 2x8xH100 (ZeRO stage and "
+                                   "precision from the recipe)")
+    pp.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
+    pp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the recipe's max_length, or prompt + "
+                                                "response length)")
+    pp.add_argument("--json", action="store_true", help="print the plan as JSON")
     ev = sub.add_parser("eval", help="sample from a policy and report diversity, divergences, calibration, reward "
                                      "and its bias (JSON, PNGs, optionally W&B)",
                         description="Sample k completions per prompt from a policy and report what alignment changed.")
@@ -189,16 +210,30 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_plan(args, recipe) -> int:
+    from .estimate import EstimateError, format_plan, plan_recipe
+
+    if not 0 < args.mfu <= 1:
+        raise EstimateError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. --mfu 0.4.")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise EstimateError(f"--seq-len {args.seq_len}: give at least 1 token.")
+    plan = plan_recipe(recipe, gpus=args.gpus, mfu=args.mfu, seq_len=args.seq_len)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan, args.recipe))
+    return 0
+
+
 def _user_errors():
     from .dashboard import DashboardError
     from .data.validation import DatasetError
     from .divergences import UnsupportedDivergenceError
+    from .estimate import EstimateError
     from .metrics.evaluate import EvalError
     from .models import ModelError
     from .plot import PlotError
     from .recipes import RecipeError
 
-    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError, DashboardError)
+    return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError, DashboardError,
+            EstimateError)
 
 
 def _one_line_warnings() -> None:
@@ -265,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         from .recipes import RecipeError, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "plan":
+            return _run_plan(args, recipe)
         if args.command == "validate":
             import datasets
 
@@ -285,11 +322,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(format_command(cmd, env))
                 return 0
-            runner.preflight(recipe)  # every check once, here, before N workers start
-            import subprocess
+            pre = runner.preflight(recipe)  # every check once, here, before N workers start
+            machines = f" on machine {dist.machine_rank} of {dist.num_machines}" if dist.num_machines > 1 else ""
+            print(f"[alignkit] launching {dist.num_processes} process(es){machines}: {format_command(cmd, env)}",
+                  file=sys.stderr)
+            from .distributed import LaunchError, run_workers
 
-            print(f"[alignkit] launching {dist.num_processes} process(es): {format_command(cmd, env)}", file=sys.stderr)
-            return subprocess.call(cmd, env={**os.environ, **env})
+            out = Path(pre.config.output_dir)
+            try:
+                run_workers(dist, args.recipe, args.overrides, out / "logs")
+            except LaunchError as exc:
+                runner.mark_failed(out, str(exc))
+                print(f"alignkit: error: {exc}", file=sys.stderr)
+                return 1
+            return 0
         if getattr(args, "dry_run", False):
             print(f"{args.recipe}: single process (no distributed section with num_processes > 1 or deepspeed); run "
                   f"alignkit train {args.recipe}")
@@ -297,9 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads()
         runner.train(recipe)
         return 0
-    except _user_errors() as exc:
-        print(f"alignkit: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as exc:
+        from .distributed import LAUNCHED_BY_ALIGNKIT, is_launched_worker, record_worker_failure
+
+        if is_launched_worker() and os.environ.get(LAUNCHED_BY_ALIGNKIT):
+            # a worker of `alignkit train`'s launcher: the launcher reports the job's failure in one line
+            record_worker_failure(exc)
+            return 1
+        if isinstance(exc, _user_errors()):
+            print(f"alignkit: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130

@@ -5,9 +5,14 @@
       deepspeed: zero3          # zero2 | zero3 | zero3_offload | path/to/ds_config.json | null (plain DDP)
       mixed_precision: bf16     # no | bf16 | fp16 (sets the config's bf16/fp16)
 
-`alignkit train` then re-runs itself under `torchrun` with that many processes (`--dry-run` prints the
-command instead, for users with their own launcher). Multi-node: `num_machines`, `machine_rank`,
-`main_process_ip`, `main_process_port`, run once per machine (the usual torchrun/accelerate arguments).
+`alignkit train` then starts that many worker processes with torchrun's elastic agent, in its own process
+(`--dry-run` prints the equivalent `torchrun` command instead, for users with their own launcher). Multi-node:
+`num_machines`, `machine_rank`, `main_process_ip`, `main_process_port`, run once per machine (the usual
+torchrun/accelerate arguments). `timeout` (seconds, default 1800 as transformers' `ddp_timeout`) bounds how long
+a process waits for its peers, at start-up for every machine to join and in every collective operation: a worker
+that dies, or a machine that never arrives, ends the whole job with one line naming the rank (or the machine) and
+the cause, never a hang (`run_workers`). Launched by another launcher (`accelerate launch`, `deepspeed`, `srun`
+running `alignkit train` per node), a worker sets itself up the same way (`prepare_worker`).
 
 On a machine without GPU, DeepSpeed runs on its CPU accelerator with the gloo backend. accelerate then
 builds a one-process state while DeepSpeed starts a world of N, and the batch-size check fails
@@ -22,6 +27,7 @@ import copy
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,15 +116,27 @@ def is_launched_worker() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def launched_by_another_launcher() -> bool:
+    """A worker of a job that `accelerate launch`, `deepspeed` or the user's own torchrun started with several
+    processes or DeepSpeed, whatever the recipe's `distributed` section says."""
+    return is_launched_worker() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or
+                                     os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+
+
+def _torchrun_args(section) -> list[str]:
+    args = [f"--nproc_per_node={section.num_processes}"]
+    if section.num_machines > 1:
+        args += [f"--nnodes={section.num_machines}", f"--node_rank={section.machine_rank}",
+                 f"--master_addr={section.main_process_ip or '127.0.0.1'}",
+                 f"--master_port={section.main_process_port}", f"--rdzv_conf=timeout={section.timeout}"]
+    else:
+        args += ["--standalone"]
+    return args
+
+
 def launch_command(section, recipe_path: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """The torchrun command (and extra environment) that runs this recipe on `num_processes` processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={section.num_processes}"]
-    if section.num_machines > 1:
-        cmd += [f"--nnodes={section.num_machines}", f"--node_rank={section.machine_rank}",
-                f"--master_addr={section.main_process_ip or '127.0.0.1'}",
-                f"--master_port={section.main_process_port}"]
-    else:
-        cmd += ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(section)]
     cmd += ["-m", "alignkit.cli", "train", recipe_path]
     for item in overrides:
         cmd += ["--set", item]
@@ -138,15 +156,21 @@ def prepare_worker(section, training: dict[str, Any]) -> dict[str, Any]:
     """Inside a launched process: set up accelerate's state (gloo on CPUs) and return the training
     config's keyword arguments with DeepSpeed and precision filled in."""
     training = dict(training)
+    if getattr(section, "timeout", None) is not None:
+        training.setdefault("ddp_timeout", section.timeout)
     if section.mixed_precision != "no":
         training[section.mixed_precision] = True
     gpu = has_gpu()
+    # `accelerate launch` with a DeepSpeed config: accelerate's environment describes it, and the training config
+    # builds its DeepSpeed plugin from there (TrainingArguments does, when `deepspeed` is unset)
+    deepspeed_from_launcher = not section.deepspeed and "deepspeed" not in training and \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if section.deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         training["deepspeed"] = deepspeed_config(section.deepspeed, section.offload_optimizer, section.offload_params)
-    elif not gpu:
+    elif not gpu and not deepspeed_from_launcher and "deepspeed" not in training:
         training["use_cpu"] = True
     if not gpu:
         from accelerate import PartialState
@@ -154,8 +178,132 @@ def prepare_worker(section, training: dict[str, Any]) -> dict[str, Any]:
         # Without DeepSpeed the state must be marked as CPU: a plain gloo PartialState is accelerate's
         # single-process state (DistributedType.NO) even in a world of N, and each rank then trains its own copy
         # with no gradient synchronisation (tests/test_ddp.py). Under DeepSpeed the engine's type is used.
-        PartialState(backend="gloo", **({} if section.deepspeed else {"cpu": True}))
+        import datetime
+
+        uses_deepspeed = section.deepspeed or deepspeed_from_launcher or "deepspeed" in training
+        PartialState(backend="gloo", timeout=datetime.timedelta(seconds=training.get("ddp_timeout", 1800)),
+                     **({} if uses_deepspeed else {"cpu": True}))
         accel = dict(training.get("accelerator_config") or {})
         accel["use_configured_state"] = True
         training["accelerator_config"] = accel
     return training
+
+
+# ---- running the workers -------------------------------------------------------------------------------------
+
+#: set in the workers `run_workers` starts: a worker's failure is written to torchelastic's error file (read back by
+#: the launcher, which prints one line for the whole job) instead of as a traceback on the console
+LAUNCHED_BY_ALIGNKIT = "ALIGNKIT_LAUNCHED"
+
+
+class LaunchError(RuntimeError):
+    """The job ended early: a worker failed or was killed, or the machines did not all meet. The message is one
+    line that names the rank or machine and the cause."""
+
+
+def record_worker_failure(exc: BaseException) -> None:
+    """In a worker started by `run_workers`: write the failure (type, message, traceback) to the error file
+    torchelastic gave this process, for the launcher to report."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+
+
+#: what a worker's error says when another process of the job went away first
+_PEER_LOST = ("Connection closed", "Connection reset", "Broken pipe", "DistBackendError", "DistNetworkError",
+              "timed out", "Timed out", "NCCL communicator was aborted", "ProcessGroupGloo")
+
+
+def _failure_line(exc, section, log: Path | None) -> str:
+    """One line for a ChildFailedError: the root cause (a killed process, else the earliest error), which ranks
+    stopped, and where the full tracebacks are."""
+    failures = exc.failures
+
+    def likely_root(item) -> tuple:
+        # the process that failed on its own, not one stopped because of it: a signal other than the agent's SIGTERM
+        # (SIGKILL from the OOM killer, SIGSEGV), then an error of its own, then an error about a lost peer, then the
+        # SIGTERM the agent sends the others; earliest first within each
+        rank, f = item
+        text = str(f.message)
+        lost_peer = any(s in text for s in _PEER_LOST)
+        order = 3 if f.exitcode == -signal.SIGTERM else 0 if f.exitcode < 0 else 2 if lost_peer else 1
+        return order, f.timestamp, rank
+
+    rank, first = min(failures.items(), key=likely_root)
+    world = section.num_processes * section.num_machines
+    if first.exitcode < 0:
+        cause = f"was killed by {first.signal_name()}"
+    else:
+        message = first.message if isinstance(first.message, str) else first.message.get("message", "")
+        message = (message or "").strip().splitlines()
+        cause = f"failed: {message[-1][:300]}" if message and not message[-1].startswith("To enable traceback") \
+            else f"exited with code {first.exitcode}"
+    others = sorted(set(failures) - {rank})
+    stopped = f"; rank(s) {', '.join(map(str, others))} stopped with it" if others else ""
+    where = f" (machine {section.machine_rank})" if section.num_machines > 1 else ""
+    see = f"; tracebacks in {log}" if log is not None else ""
+    return f"the job stopped: rank {rank} of {world}{where} {cause}{stopped}{see}."
+
+
+def _write_failure_log(exc, log_dir: Path, machine_rank: int) -> Path | None:
+    """The failures' full tracebacks (from the workers' error files) in log_dir/error-machine<m>.log."""
+    lines = []
+    for rank, f in sorted(exc.failures.items()):
+        data = f.error_file_data.get("message") if isinstance(f.error_file_data, dict) else None
+        trace = data.get("extraInfo", {}).get("py_callstack") if isinstance(data, dict) else None
+        lines.append(f"=== rank {rank} (pid {f.pid}, exit code {f.exitcode}"
+                     f"{', ' + f.signal_name() if f.exitcode < 0 else ''}) ===\n{trace or f.message}\n")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"error-machine{machine_rank}.log"
+        path.write_text("\n".join(lines))
+        return path
+    except OSError:
+        return None
+
+
+def _rendezvous_line(exc: BaseException, section) -> str:
+    addr = f"{section.main_process_ip or '127.0.0.1'}:{section.main_process_port}"
+    if section.machine_rank == 0:
+        return (f"machine 0 waited {section.timeout} s at {addr} for the {section.num_machines} machines of "
+                f"distributed.num_machines, and not all arrived; start `alignkit train` with the same recipe and "
+                f"machine_rank 1..{section.num_machines - 1} on the others (or raise distributed.timeout).")
+    return (f"machine {section.machine_rank} could not join machine 0 at {addr} within {section.timeout} s; start "
+            "machine_rank 0 too, and check main_process_ip / main_process_port and that the port is open "
+            f"({type(exc).__name__}).")
+
+
+def run_workers(section, recipe_path: str, overrides: list[str], log_dir: str | os.PathLike) -> None:
+    """Start this machine's workers (torchrun's elastic agent, in this process) and wait for them. Returns when
+    every worker finished; raises LaunchError with one line when a worker failed or was killed (the agent then
+    stops the others) or the machines did not meet within `section.timeout`. The failures' tracebacks go to
+    LOG_DIR/error-machine<m>.log."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    cmd, env = launch_command(section, recipe_path, overrides)
+    os.environ.update(env)
+    os.environ[LAUNCHED_BY_ALIGNKIT] = "1"
+    # monitor_interval: how soon a dead worker is noticed (and the others stopped); the default is 0.1 s already
+    args = get_args_parser().parse_args([*_torchrun_args(section), "--monitor_interval=0.5", *cmd[cmd.index("-m", 3):]])
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its ERROR lines repeat what the one line below says
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        run(args)
+    except SignalException as exc:  # Ctrl-C (or a scheduler's SIGTERM): the agent has stopped the workers
+        raise KeyboardInterrupt(str(exc)) from None
+    except ChildFailedError as exc:
+        log = _write_failure_log(exc, Path(log_dir), section.machine_rank)
+        raise LaunchError(_failure_line(exc, section, log)) from None
+    except Exception as exc:  # the rendezvous: a machine that never arrived, an address that does not answer
+        if section.num_machines > 1:
+            raise LaunchError(_rendezvous_line(exc, section)) from None
+        raise
+    finally:
+        quiet.setLevel(level)
+        os.environ.pop(LAUNCHED_BY_ALIGNKIT, None)

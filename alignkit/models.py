@@ -286,6 +286,50 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def model_config(name_or_path: str, key: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The transformers config of a model, without its weights: a built-in real model that is not converted yet is
+    read from its GGUF metadata or shipped folder (no conversion). Raises ModelError naming `key`."""
+    from transformers import AutoConfig
+
+    try:
+        if is_builtin(name_or_path):
+            short = name_or_path[len(BUILTIN_PREFIX):]
+            spec = _REAL_MODELS.get(short)
+            if spec is not None and not (_real_model_dir(short) / "config.json").is_file():
+                problem = spec.missing()
+                if problem:
+                    raise ModelError(f"{key}: {name_or_path}: {problem}")
+                source = spec.locate()
+                if spec.kind == "gguf":
+                    return AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
+                return AutoConfig.from_pretrained(source)
+            name_or_path = resolve_model_path(name_or_path)  # the tiny models: built in seconds
+        else:
+            check_model_source(name_or_path, key, need_tokenizer=False, revision=revision)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"{key}: could not read the config of {name_or_path!r}: {first_line(exc)}") from None
+
+
+def model_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of a model, without its weights (a built-in real model that is not converted yet: from its GGUF
+    metadata or shipped folder)."""
+    from transformers import AutoTokenizer
+
+    if is_builtin(name_or_path):
+        short = name_or_path[len(BUILTIN_PREFIX):]
+        spec = _REAL_MODELS.get(short)
+        if spec is not None and not (_real_model_dir(short) / "tokenizer.json").is_file() and spec.missing() is None:
+            source = spec.locate()
+            if spec.kind == "gguf":
+                return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+            return AutoTokenizer.from_pretrained(source)
+        name_or_path = resolve_model_path(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+
+
 def _in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache

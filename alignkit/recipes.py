@@ -154,13 +154,32 @@ class DistributedSection(_Section):
     machine_rank: int = 0
     main_process_ip: str | None = None
     main_process_port: int = 29500
+    #: seconds a process waits for its peers (every machine to join; a collective) before the job ends with an error
+    timeout: int = 1800
 
-    @field_validator("num_processes", "num_machines")
+    @field_validator("num_processes", "num_machines", "timeout")
     @classmethod
     def _positive(cls, v):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @field_validator("main_process_port")
+    @classmethod
+    def _port(cls, v):
+        if not 1 <= v <= 65535:
+            raise ValueError("must be a TCP port, 1-65535 (e.g. 29500)")
+        return v
+
+    @model_validator(mode="after")
+    def _machines(self):
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"machine_rank must be in 0..{self.num_machines - 1} (num_machines is "
+                             f"{self.num_machines}), got {self.machine_rank}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip, the address of the machine with machine_rank 0 "
+                             "(every machine connects to it), e.g. main_process_ip: 10.0.0.1")
+        return self
 
 
 class WandbSection(_Section):
@@ -200,11 +219,14 @@ class Recipe:
         launched for the `distributed` section, DeepSpeed and accelerate's state are set up first."""
         cls = config_class(self.method)
         training = self.training
-        from .distributed import is_launched_worker, prepare_worker
+        from .distributed import is_launched_worker, launched_by_another_launcher, prepare_worker
 
-        if self.distributed is not None and is_launched_worker():
+        section = self.distributed
+        if section is None and launched_by_another_launcher():
+            section = DistributedSection()  # accelerate launch / deepspeed / torchrun: they set the processes up
+        if section is not None and is_launched_worker():
             try:
-                training = prepare_worker(self.distributed, training)
+                training = prepare_worker(section, training)
             except ValueError as exc:
                 raise RecipeError(f"{self._where()}: {exc}") from None
         try:
@@ -384,7 +406,8 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
                 raise RecipeError(f"{where}: unknown key '{name}.{loc}'.{_closest(str(err['loc'][0]), options)} "
                                   f"Valid keys: {', '.join(options)}.") from None
             msg = err["msg"].removeprefix("Value error, ")
-            raise RecipeError(f"{where}: {name}{'.' + loc if loc else ''}: {msg} (got {err.get('input')!r}).") from None
+            got = f" (got {err.get('input')!r})" if loc else ""  # a check of the whole section: the keys are named
+            raise RecipeError(f"{where}: {name}{'.' + loc if loc else ''}: {msg}{got}.") from None
     peft = data.get("peft")
     if peft is not None:
         if not isinstance(peft, dict):

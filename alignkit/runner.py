@@ -19,7 +19,7 @@ from .models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_
 from .recipes import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, config_class, dataset_validator, trainer_class
 
 __all__ = ["load_datasets", "load_tokenizer", "load_models", "preflight", "validate", "train", "run_status",
-           "STATUS_FILE"]
+           "mark_failed", "STATUS_FILE"]
 
 _DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -294,6 +294,18 @@ def run_status(output_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+def mark_failed(output_dir: str | os.PathLike, error: str) -> None:
+    """A run whose workers failed (the launcher saw them die) is marked failed, not left "running"; the latest
+    complete checkpoint is named for a resume."""
+    out = Path(output_dir)
+    record = run_status(out)
+    if record is None or record.get("status") != "running":
+        return
+    done = complete_checkpoints(out)
+    _write_status(out, "failed", error=error[:500], latest_checkpoint=done[-1].name if done else None,
+                  resumed_from=record.get("resumed_from"))
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoints of ``out`` that were written to the end (Trainer writes trainer_state.json last), oldest first."""
     found = []
@@ -393,7 +405,9 @@ def _plan_output(recipe: Recipe, config) -> str | None:
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir: {str(out)!r} is a file, not a folder; choose another output_dir.")
     checkpoint = _resolve_resume(recipe, out)
-    if checkpoint is None and not is_launched_worker():
+    # only machine 0 writes into output_dir (and checks it): on a shared file system the others may find its files
+    other_machine = recipe.distributed is not None and recipe.distributed.machine_rank > 0
+    if checkpoint is None and not is_launched_worker() and not other_machine:
         found = _run_artifacts(out)
         if found and not recipe.overwrite_output_dir:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
@@ -624,6 +638,22 @@ def _save_final_model(trainer, out: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def _distributed_summary(trainer) -> dict:
+    """How the run was spread (processes, DeepSpeed's ZeRO stage or None) and each rank's peak memory in GB (torch's
+    peak allocation on a GPU, the resident set on a CPU): what `alignkit plan` estimates before a run. Collective:
+    every rank calls it."""
+    import torch
+
+    from .metrics.perf import peak_memory_gb
+
+    acc = trainer.accelerator
+    peak = torch.tensor([peak_memory_gb(acc.device)], dtype=torch.float64, device=acc.device)
+    peaks = acc.gather(peak).tolist() if acc.num_processes > 1 else peak.tolist()
+    plugin = getattr(acc.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    return {"world_size": acc.num_processes, "deepspeed_zero_stage": plugin.zero_stage if plugin else None,
+            "peak_memory_gb_per_rank": [round(p, 3) for p in peaks]}
+
+
 def _report_datasets(pre: Preflight, trainer) -> None:
     """One line per split: rows, format, and what TRL's preparation kept."""
     for name, raw, prepared in (("train", pre.train_dataset, trainer.train_dataset),
@@ -701,7 +731,7 @@ def train(recipe: Recipe) -> dict:
         raise
     # The model is saved before anything else can fail (evaluation, metrics, the card): it survives them.
     _save_final_model(trainer, out)
-    metrics = {"train": result.metrics}
+    metrics = {"train": result.metrics, "distributed": _distributed_summary(trainer)}
     try:
         trainer.create_model_card(model_name=out.name)  # Trainer only writes one at checkpoints or on push
         if pre.eval_dataset is not None:

@@ -56,6 +56,9 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
             constraint, as in `FDPOConfig`.
         length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
             thesis' length-penalty baseline).
+        top_k (`int`, defaults to `0`): sample from the `top_k` most likely tokens, as in TRL's `GRPOConfig`; 0
+            (TRL's former PPO) samples from all of them, 1 is greedy: the rollouts then do not depend on how the
+            prompts are split over processes.
     """
 
     #: the learning rate an unset `learning_rate` becomes (TRL's PPO default)
@@ -82,6 +85,9 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
     stop_token: str | None = field(default=None, metadata={"help": "'eos' to stop responses at the EOS token."})
     stop_token_id: int | None = field(default=None, metadata={"help": "Token id that ends a response."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the top_k most likely tokens (GRPOConfig's name); 0 "
+                                                    "samples from all, 1 is greedy (the same responses whatever the "
+                                                    "number of processes)."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of "
                                                                              "responses without a stop token."})
     max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts are truncated (left) to this."})
@@ -102,6 +108,8 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
         if self.stop_token not in (None, "eos"):
             raise ValueError(f"stop_token must be 'eos' or unset, got {self.stop_token!r}; use stop_token_id "
                              "for another token.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}; 0 samples from every token, 1 is greedy.")
         if self.response_length < 1:
             raise ValueError(f"response_length must be >= 1, got {self.response_length}.")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
@@ -358,7 +366,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             if isinstance(m, nn.Module):
                 setattr(self, name, self._prepare_frozen(m))
         self.generation_config = GenerationConfig(
-            max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
+            max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=args.top_k, top_p=1.0,
             do_sample=True, pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
 

@@ -181,10 +181,16 @@ def common_args(opts, out: str) -> dict:
                 learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                 disable_tqdm=True, seed=0, bf16=torch.cuda.is_available() and not opts.tiny,
                 gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0)
-    if opts.zero3:
-        args["deepspeed"] = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"},
-                             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                             "gradient_clipping": "auto", "train_batch_size": "auto"}
+    if opts.zero3:  # as `alignkit train` sets up a launched worker (on a CPU too: accelerate's gloo state)
+        import types
+
+        from accelerate.state import AcceleratorState
+
+        from alignkit.distributed import prepare_worker
+
+        AcceleratorState._reset_state(reset_partial_state=False)  # one Accelerator per trainer
+        args = prepare_worker(types.SimpleNamespace(mixed_precision="no", deepspeed="zero3", offload_optimizer=False,
+                                                    offload_params=False), args)
     return args
 
 
@@ -297,6 +303,8 @@ def report(results: dict[str, dict], opts, device: str) -> str:
     for r in results.values():
         lines.append(f"| {r['row']} | {r['ms_per_step']:.1f} | {r['tokens_per_second']:.0f} | {f(r['mfu'], '.3f')} "
                      f"| {f(r['peak_memory_gb'], '.2f')} |")
+    if getattr(opts, "skipped", None):
+        lines += ["", f"Not run (the run's time budget was spent): {', '.join(opts.skipped)}."]
     lines += ["", "| ratio | time | MFU |", "|---|---|---|"]
     lines += [f"| {what} | {t:.3f} | {f(m, '.3f')} |" for what, t, m in ratios(results)]
     return "\n".join(lines) + "\n"
@@ -332,6 +340,9 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak when it is not in the table")
     p.add_argument("--workdir", default=str(ROOT / "outputs" / "gpu-suite"))
     p.add_argument("--out", default=None, help="Markdown file to write the results section into")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time after which no new row starts (run.sh: its whole run fits one short GPU lease); "
+                        "the rows left out are listed in the section")
     opts = p.parse_args(argv)
     # sequence 1024 (512 + 512) at the 0.5B shape, as issue 18 asks; the tiny form only has to run
     defaults = (dict(batch=2, prompt_len=8, completion_len=6, steps=2, warmup=1) if opts.tiny
@@ -345,10 +356,18 @@ def main(argv=None) -> dict:
 
     path, tok = build_model_and_tokenizer(opts)
     data = datasets_for(tok, opts)
-    results = {}
+    results, skipped = {}, []
+    took = 0.0
     for row in opts.rows or rows_to_run(opts):
+        # a row starts only if it would end before the deadline, judged by the longest row so far
+        if opts.deadline is not None and time.time() + took > opts.deadline:
+            skipped.append(row)
+            continue
+        start = time.time()
         results[row] = measure(row, path, tok, data, opts)
+        took = max(took, time.time() - start)
         print(json.dumps(results[row]), flush=True)
+    opts.skipped = skipped
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     text = report(results, opts, device)
     rank = int(os.environ.get("RANK", "0"))
