@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # DeepSpeed compiles its ops at first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/alignkit/torch_extensions
 
-.PHONY: setup demo demo-real test bench bench-gpu gpu-wheels reproduce reproduce-real clean
+.PHONY: setup demo demo-real test bench bench-gpu gpu-wheels zero-real reproduce reproduce-real clean
 
 setup: $(STAMP)
 
@@ -49,10 +49,16 @@ bench: setup
 bench-gpu:
 	bash benchmarks/gpu/run.sh
 
-# The wheels bench-gpu installs on a GPU machine without a package index (GPU_PYTHON: that machine's Python)
-GPU_PYTHON ?= 3.11
+# The wheels bench-gpu installs on a GPU machine without a package index (GPU_PYTHON: that machine's Python);
+# prints the folder's size and what a GPU run carries with the code
+GPU_PYTHON ?= 3.12
 gpu-wheels: setup
 	$(BIN)/python benchmarks/gpu/wheels.py --python-version $(GPU_PYTHON)
+
+# Real models (SmolLM2-135M-Instruct, MiniLM-L6) under DeepSpeed ZeRO-2/3 with 2 processes against one process:
+# differences, time per step, memory per rank, and alignkit plan's estimate (docs/distributed.md; ~20 min on 2 cores)
+zero-real: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/zero_real.py
 
 # the thesis reproductions, full form (each under ~10 minutes on 2 CPU cores); results in docs/results.md.
 # One torch thread: the float rounding, hence the figures, then match the docs on the same machine.

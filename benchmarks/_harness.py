@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,7 +71,10 @@ def peak_memory_of_training(trainer) -> float:
     trainer.train()
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    from alignkit.metrics.perf import peak_memory_gb
+
+    # the process' own high-water mark (ru_maxrss would start at the parent's, carried over fork and exec)
+    return peak_memory_gb("cpu") * 1e9 / 2**20 - before
 
 
 def run_worker(script: str, args: list[str]) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,9 @@ PROBE = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|
 
 
 def _peak_memory_gb() -> float:
-    import torch
+    from alignkit.metrics.perf import peak_memory_gb
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return peak_memory_gb()
 
 
 def _rows(path: str, n: int):
@@ -381,6 +378,7 @@ def compare(case: str, single: list[dict], runs: list[dict], single_dir: Path, r
     """Differences of a ZeRO run from the one-process run, and its cost."""
     ref, ours = single[0], runs[0]
     loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours["losses"], ref["losses"]))
+    loss_abs = max(abs(a - b) for a, b in zip(ours["losses"], ref["losses"]))
     w_ref = _load_weights(case, single_dir / "final")
     w_ours = _load_weights(case, run_dir / "final")
     assert set(w_ref) == set(w_ours), sorted(set(w_ref) ^ set(w_ours))[:5]
@@ -392,7 +390,7 @@ def compare(case: str, single: list[dict], runs: list[dict], single_dir: Path, r
     logits_ref = torch.load(single_dir / "logits.pt")
     logits_ours = torch.load(run_dir / "logits.pt")
     plan = plan_estimate(case, len(runs), ours["stage"])
-    return {"case": case, "stage": ours["stage"], "loss_rel": loss_rel, "weight_abs": diff,
+    return {"case": case, "stage": ours["stage"], "loss_rel": loss_rel, "loss_abs": loss_abs, "weight_abs": diff,
             "plan_weights_gb": plan["weights_gb"], "plan_optimizer_gb": plan["optimizer_gb"],
             "plan_total_gb": plan["total_gb"],
             "update_max": ref["update_max"], "diff_over_update": diff_l2 / ref["update_l2"],
@@ -418,12 +416,13 @@ def plan_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | stage | loss rel. diff | weight diff (largest update) | diff/update | s/step 1 proc | s/step ZeRO | "
+    lines = ["| case | stage | loss diff: rel. (abs.) | weight diff (largest update) | diff/update | s/step 1 proc | s/step ZeRO | "
              "peak GB 1 proc | peak GB per rank | weights GB per rank | optimizer GB per rank |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = lambda k: " / ".join(f"{v:.2f}" for v in r[k])  # noqa: E731
-        lines.append(f"| {r['case']} | {r['stage']} | {r['loss_rel']:.1e} | {r['weight_abs']:.1e} ({r['update_max']:.1e}) | "
+        lines.append(f"| {r['case']} | {r['stage']} | {r['loss_rel']:.1e} ({r['loss_abs']:.0e}) | "
+                     f"{r['weight_abs']:.1e} ({r['update_max']:.1e}) | "
                      f"{r['diff_over_update']:.1e} | {r['s_per_step_single']:.2f} | {r['s_per_step']:.2f} | "
                      f"{r['peak_gb_single']:.2f} | {per('peak_gb')} | {per('weights_gb')} | {per('optimizer_gb')} |")
     return "\n".join(lines)

@@ -239,6 +239,23 @@ CASES: list[Case] = [
              "distributed: {offload_optimizer: true}\n")}),
     Case("processes-zero", "distributed.num_processes: 0", _train(), "distributed.num_processes", ">= 1",
          {"r.yaml": _recipe("distributed: {num_processes: 0}\n")}),
+    Case("machine-rank-out-of-range", "distributed.machine_rank 2 of num_machines 2", _train(),
+         "machine_rank", "0..1", {"r.yaml": _recipe(
+             "distributed: {num_machines: 2, machine_rank: 2, main_process_ip: 10.0.0.1}\n")}),
+    Case("machines-without-address", "num_machines: 2 without main_process_ip", _train(), "main_process_ip",
+         "machine with machine_rank 0", {"r.yaml": _recipe("distributed: {num_machines: 2}\n")}),
+    Case("timeout-zero", "distributed.timeout: 0", _validate(), "distributed.timeout", ">= 1",
+         {"r.yaml": _recipe("distributed: {timeout: 0}\n")}),
+    Case("port-out-of-range", "distributed.main_process_port: 70000", _validate(), "distributed.main_process_port",
+         "1-65535", {"r.yaml": _recipe("distributed: {main_process_port: 70000}\n")}),
+    # ---- plan
+    Case("plan-unknown-gpu", "alignkit plan --gpus 8xH1000", ["plan", QUICKSTART, "--gpus", "8xH1000"], "--gpus",
+         "e.g. 8xH100"),
+    Case("plan-mfu-above-one", "alignkit plan --mfu 1.5", ["plan", QUICKSTART, "--mfu", "1.5"], "--mfu",
+         "--mfu 0.4"),
+    Case("plan-model-missing", "alignkit plan with a model folder that does not exist",
+         ["plan", QUICKSTART, "--set", "model.name_or_path={dir}/no-model"], "model.name_or_path",
+         "check the path"),
     # ---- output_dir and resuming
     Case("output-dir-is-file", "output_dir is a file", _train(), "output_dir", "choose another output_dir",
          {"r.yaml": _recipe().replace("{dir}/out", "{dir}/out.txt"), "out.txt": "x"}),

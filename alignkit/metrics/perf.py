@@ -87,8 +87,16 @@ def device_peak_tflops(device: torch.device | str | None = None) -> float | None
 
 def peak_memory_gb(device: torch.device | str | None = None) -> float:
     """Peak memory of this process so far, GB (1e9 bytes): allocated by torch on a CUDA device, else the process'
-    peak resident set size."""
+    peak resident set size. On Linux that is VmHWM of /proc/self/status: `ru_maxrss` carries the parent's high-water
+    mark over fork and exec, so a launcher's workers would report the launcher's memory as their own."""
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
