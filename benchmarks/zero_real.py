@@ -17,8 +17,9 @@ prints, per case and stage:
   gradient entry by its own scale, so an entry whose gradient is rounding noise moves by a full step either way:
   the largest difference can reach the size of a step where the norms agree closely;
 * the median time per optimizer step (the first step left out), one process and per ZeRO rank;
-* the peak memory of each rank (resident set on a CPU, torch's peak allocation on a GPU) and, measured from the
-  tensors themselves, the weights and optimizer states each rank holds (what `alignkit plan` estimates).
+* the peak memory of each rank during training (resident set on a CPU, torch's peak allocation on a GPU; reset once
+  the trainer is built, so that loading the models does not count) and, measured from the tensors themselves, the
+  weights and optimizer states each rank holds: what `alignkit plan` estimates, which it prints beside them.
 
 Cases (`--cases`): fdpo-lora, fdpo-full, mipo-groups (mIPO on groups with `shared_prefix`), online-mipo, ppo (LoRA
 policy, full value model), crm-minilm. Sampling in the on-policy cases is made a function of the prompt and the
@@ -50,6 +51,23 @@ def _peak_memory_gb() -> float:
     from alignkit.metrics.perf import peak_memory_gb
 
     return peak_memory_gb()
+
+
+def _reset_peak() -> float:
+    """Reset the process' peak resident set to what it holds now (Linux's /proc/self/clear_refs), so that the peak read
+    later is that of what follows (training), not of loading the models; returns the resident set now, GB. On a GPU,
+    torch's peak allocation is reset."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 1e9
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _peak_memory_gb()
 
 
 def _rows(path: str, n: int):
@@ -304,6 +322,7 @@ def worker(case: str, stage: str, out: str, steps: int, resume: bool = False, ma
     trainer = build(case, os.path.join(out, "run"), world, stage_, steps, max_length, **saving)
     timer = _StepTimes()
     trainer.add_callback(timer)
+    loaded = _reset_peak()  # from here the peak is training's: built models in place, not their loading
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad} \
         if world == 1 else {}
     trainer.train()
@@ -315,6 +334,7 @@ def worker(case: str, stage: str, out: str, steps: int, resume: bool = False, ma
         result["update_l2"] = sum(u.square().sum().item() for u in update) ** 0.5
         result["update_max"] = max(u.abs().max().item() for u in update)
     result["peak_memory_gb"] = _peak_memory_gb()
+    result["peak_from_gb"] = loaded
     trainer.save_model(os.path.join(out, "final"))  # on every rank, as alignkit train does
     logits = _logits(trainer)
     if rank == 0:
@@ -406,8 +426,8 @@ def compare(case: str, single: list[dict], runs: list[dict], single_dir: Path, r
 def plan_table(rows: list[dict]) -> str:
     """`alignkit plan`'s estimates per device against what rank 0 measured (MB: the tiny model's are small)."""
     mb = lambda x: f"{x * 1000:.1f}" if x < 0.1 else f"{x * 1000:.0f}"  # noqa: E731
-    lines = ["| case | stage | weights MB: plan / measured | optimizer MB: plan / measured | plan total + baseline / "
-             "measured peak, MB |", "|---|---|---|---|---|"]
+    lines = ["| case | stage | weights MB: plan / measured | optimizer MB: plan / measured | plan total + libraries / "
+             "measured peak in training, MB |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['stage']} | {mb(r['plan_weights_gb'])} / {mb(r['weights_gb'][0])} | "
                      f"{mb(r['plan_optimizer_gb'])} / {mb(r['optimizer_gb'][0])} | "
@@ -449,8 +469,17 @@ def main(argv=None) -> list[dict]:
     print(f"\n{table(rows)}\n\n{len(rows)} runs against one process in {time.time() - t0:.0f} s "
           f"(float32, gradient checkpointing, global batch {GLOBAL_BATCH}, {a.steps} steps)")
     print(f"\nalignkit plan against the measurement, per rank:\n\n{plan_table(rows)}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.json:  # the rows, with the command, date and versions that produced them
+        import datetime
+        import importlib.metadata as md
+        import platform
+
+        meta = {"command": "python benchmarks/zero_real.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": str(datetime.date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores", "seconds": round(time.time() - t0),
+                "versions": {n: md.version(n) for n in ("torch", "transformers", "trl", "deepspeed", "accelerate",
+                                                        "peft")}}
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 

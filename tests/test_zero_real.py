@@ -37,11 +37,10 @@ def _reload_logits(case: str, folder: Path) -> torch.Tensor:
         return model.eval()(input_ids=tok(zero_real.PROBE, return_tensors="pt")["input_ids"]).logits.float()
 
 
-# Tolerances, measured (float32, gloo, 1 thread per process; benchmarks/zero_real.py prints the same figures):
-# MiniLM (4 steps, lr 1e-4): losses within 3e-7 relative of one process, the weight difference 1e-4 of the update's
-# norm; SmolLM2 LoRA (2 steps): 3e-7 and 2e-4. The bounds below are 30-100 times those; a rank whose gradient is not
-# averaged in (each rank training on its half) is off by more than 1e-2 in the loss by step 2 and by about 0.5 of the
-# update's norm (measured on MiniLM).
+# Tolerances, measured (float32, gloo, 1 thread per process; benchmarks/zero_real.py prints the same figures): MiniLM
+# (4 steps, lr 1e-4) within 6.0e-6 relative of one process in the loss and 2.7e-4 of the update's norm in the weights;
+# SmolLM2 LoRA (2 steps) 1.7e-7 and 1.5e-4. The bounds are 15-60 times those (another CPU's kernels round otherwise);
+# the logits of the reloaded folder equal the trained model's to 1e-6 or better (the same weights, the same kernels).
 @pytest.mark.parametrize("case,steps,port", [("crm-minilm", 4, 29573), ("fdpo-lora", 2, 29574)])
 def test_a_real_model_under_zero3_trains_as_one_process_saves_and_resumes(case, steps, port, tmp_path):
     resume = case == "crm-minilm"
@@ -49,7 +48,7 @@ def test_a_real_model_under_zero3_trains_as_one_process_saves_and_resumes(case, 
     runs = zero_real.launch(case, "zero3", tmp_path / "zero3", steps, port, resume=resume, max_length=64)
     assert [r["world"] for r in runs] == [2, 2] and all(r["deepspeed"] for r in runs)
     row = zero_real.compare(case, single, runs, tmp_path / "single", tmp_path / "zero3")
-    assert row["loss_rel"] < 1e-5 and row["diff_over_update"] < 1e-2, row
+    assert row["loss_rel"] < 1e-4 and row["diff_over_update"] < 1e-2, row
     # ZeRO-3 holds half of the weights on each rank
     assert row["weights_gb"][0] == pytest.approx(row["weights_gb_single"] / 2, rel=0.02)
     # the saved folder is a plain Hugging Face checkpoint: it loads without DeepSpeed, with the trained logits
