@@ -329,7 +329,9 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
         length, length_from = seq_len, "--seq-len"
     seqs = per_row * config.per_device_train_batch_size
     shape = _shape(policy_config)
-    eager = (m.attn_implementation or getattr(policy_config, "_attn_implementation", None)) == "eager"
+    from .trainers._trl import attn_implementation
+
+    eager = (m.attn_implementation or attn_implementation(trained)) == "eager"
     act_bytes = 2 if mixed else weight_bytes
     checkpointing = bool(config.gradient_checkpointing)
     activations = _activations(shape, seqs, length, act_bytes, checkpointing, eager)
