@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("recipe", help="path to the recipe YAML")
     pp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, as in train")
-    pp.add_argument("--gpus", help="what-if: COUNTxNAME or MACHINESxCOUNTxNAME, e.g. 8xH100 or 2x8xH100 (ZeRO stage and "
-                                   "precision from the recipe)")
+    pp.add_argument("--gpus", help="what-if: COUNTxNAME or MACHINESxCOUNTxNAME, e.g. 8xH100 or 2x8xH100 (ZeRO stage "
+                                   "and precision from the recipe)")
     pp.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
     pp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the recipe's max_length, or prompt + "
                                                 "response length)")

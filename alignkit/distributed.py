@@ -239,7 +239,7 @@ def _failure_line(exc, section, log: Path | None) -> str:
         cause = f"failed: {message[-1][:300]}" if message and not message[-1].startswith("To enable traceback") \
             else f"exited with code {first.exitcode}"
     others = sorted(set(failures) - {rank})
-    stopped = f"; rank(s) {', '.join(map(str, others))} stopped with it" if others else ""
+    stopped = f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} stopped with it" if others else ""
     where = f" (machine {section.machine_rank})" if section.num_machines > 1 else ""
     see = f"; tracebacks in {log}" if log is not None else ""
     return f"the job stopped: rank {rank} of {world}{where} {cause}{stopped}{see}."
@@ -280,19 +280,18 @@ def run_workers(section, recipe_path: str, overrides: list[str], log_dir: str | 
     LOG_DIR/error-machine<m>.log."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     cmd, env = launch_command(section, recipe_path, overrides)
     os.environ.update(env)
     os.environ[LAUNCHED_BY_ALIGNKIT] = "1"
-    # monitor_interval: how soon a dead worker is noticed (and the others stopped); the default is 0.1 s already
-    args = get_args_parser().parse_args([*_torchrun_args(section), "--monitor_interval=0.5", *cmd[cmd.index("-m", 3):]])
+    # the agent checks its workers every 0.1 s (torchrun's default): a dead one is noticed, the others stopped, at once
+    args = get_args_parser().parse_args([*_torchrun_args(section), *cmd[cmd.index("-m", 3):]])
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its ERROR lines repeat what the one line below says
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
     try:
         run(args)
     except SignalException as exc:  # Ctrl-C (or a scheduler's SIGTERM): the agent has stopped the workers

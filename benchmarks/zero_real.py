@@ -365,7 +365,8 @@ def launch(case: str, stage: str, out: Path, steps: int, port: int, resume: bool
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)] + args
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{case} {stage} failed:\n{proc.stderr[-6000:]}")
@@ -436,7 +437,8 @@ def plan_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | stage | loss diff: rel. (abs.) | weight diff (largest update) | diff/update | s/step 1 proc | s/step ZeRO | "
+    lines = ["| case | stage | loss diff: rel. (abs.) | weight diff (largest update) | diff/update | s/step 1 proc | "
+             "s/step ZeRO | "
              "peak GB 1 proc | peak GB per rank | weights GB per rank | optimizer GB per rank |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

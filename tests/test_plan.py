@@ -67,7 +67,8 @@ def test_counts_and_one_process_memory_are_the_trained_trainers(tiny_model_path,
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if trainer.ref_model is not None:
             weights += sum(p.numel() * p.element_size() for p in trainer.ref_model.parameters())
-            assert len(plan.models) == 2 and plan.models[1].params == sum(p.numel() for p in trainer.ref_model.parameters())
+            ref_params = sum(p.numel() for p in trainer.ref_model.parameters())
+            assert len(plan.models) == 2 and plan.models[1].params == ref_params
         else:
             assert len(plan.models) == 1  # LoRA: the reference is the adapter switched off
         assert sum(m.weights_gb for m in plan.models) * 1e9 == pytest.approx(weights)

@@ -98,7 +98,8 @@ def main(argv=None) -> Path:
                               "--python-version", a.python_version, *platforms, *group], check=True)
     if not list(dest.glob("deepspeed-*.whl")):
         subprocess.run(pip + ["wheel", "-q", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest),
-                              f"deepspeed=={md.version('deepspeed')}"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
+                              f"deepspeed=={md.version('deepspeed')}"], check=True,
+                       env={**os.environ, "DS_BUILD_OPS": "0"})
     root = Path(__file__).resolve().parents[2]
     wheels, code = folder_mb(dest), code_mb(root)
     print(f"{dest}: {len(list(dest.glob('*.whl')))} wheels, {wheels:.1f} MB; with the code ({code:.1f} MB) a GPU run "
