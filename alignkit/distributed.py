@@ -134,12 +134,15 @@ def _torchrun_args(section) -> list[str]:
     return args
 
 
+def _worker_args(recipe_path: str, overrides: list[str]) -> list[str]:
+    """What each worker runs: `alignkit train` on the same recipe and overrides."""
+    return ["-m", "alignkit.cli", "train", recipe_path, *[a for item in overrides for a in ("--set", item)]]
+
+
 def launch_command(section, recipe_path: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """The torchrun command (and extra environment) that runs this recipe on `num_processes` processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(section)]
-    cmd += ["-m", "alignkit.cli", "train", recipe_path]
-    for item in overrides:
-        cmd += ["--set", item]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_torchrun_args(section), *_worker_args(recipe_path,
+                                                                                              overrides)]
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if section.deepspeed:
         env["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -284,11 +287,11 @@ def run_workers(section, recipe_path: str, overrides: list[str], log_dir: str | 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    cmd, env = launch_command(section, recipe_path, overrides)
+    _, env = launch_command(section, recipe_path, overrides)
     os.environ.update(env)
     os.environ[LAUNCHED_BY_ALIGNKIT] = "1"
     # the agent checks its workers every 0.1 s (torchrun's default): a dead one is noticed, the others stopped, at once
-    args = get_args_parser().parse_args([*_torchrun_args(section), *cmd[cmd.index("-m", 3):]])
+    args = get_args_parser().parse_args([*_torchrun_args(section), *_worker_args(recipe_path, overrides)])
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its ERROR lines repeat what the one line below says

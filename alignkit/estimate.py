@@ -41,15 +41,21 @@ import dataclasses
 import re
 from typing import Any
 
-__all__ = ["GPUS", "ModelEstimate", "Plan", "parse_gpus", "plan_recipe", "format_plan", "EstimateError"]
+__all__ = ["GPUS", "ModelEstimate", "Plan", "gpu_peak_tflops", "parse_gpus", "plan_recipe", "format_plan",
+           "EstimateError"]
 
 GB = 1e9
 
-#: memory (GB) and dense bf16 peak (TFLOP/s) of the GPUs `--gpus` knows; the peaks are alignkit.metrics.perf's
-GPUS: dict[str, tuple[float, float]] = {
-    "H100": (80.0, 989.4), "H200": (141.0, 989.4), "B200": (180.0, 2250.0), "A100": (80.0, 312.0),
-    "A100-40GB": (40.0, 312.0), "L40S": (48.0, 362.0), "L4": (24.0, 121.0), "MI300X": (192.0, 1307.4),
-}
+#: memory (GB) of the GPUs `--gpus` knows; their dense bf16 peaks are alignkit.metrics.perf.DEVICE_PEAK_TFLOPS'
+GPUS: dict[str, float] = {"H100": 80.0, "H200": 141.0, "B200": 180.0, "A100": 80.0, "A100-40GB": 40.0, "L40S": 48.0,
+                          "L4": 24.0, "MI300X": 192.0}
+
+
+def gpu_peak_tflops(name: str) -> float:
+    """The dense bf16 peak of a `--gpus` name, from the table `perf/mfu` uses."""
+    from .metrics.perf import DEVICE_PEAK_TFLOPS
+
+    return DEVICE_PEAK_TFLOPS[name.split("-")[0]]
 
 
 class EstimateError(ValueError):
@@ -253,6 +259,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     """The plan of a recipe (alignkit.recipes.Recipe) on its `distributed` section's devices, or on `gpus`
     (`8xH100`, `2x8xH100`): parameters, memory per device, tokens and FLOPs per step, and with a GPU the step time at
     `mfu`. Loads configs and (for mDPO's group sizes) the first row of the data, never weights."""
+    from .metrics.perf import matmul_parameters, training_flops
     from .models import model_config
     from .recipes import ON_POLICY_METHODS, REWARD_MODEL_METHODS
 
@@ -302,9 +309,9 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     base_params = params - (trainable if peft_config is not None else 0)
     if recipe.method not in REWARD_MODEL_METHODS and peft_config is None:
         name = m.ref_name_or_path or m.name_or_path
-        ref_config = model_config(name, "model.ref_name_or_path", m.trust_remote_code) if m.ref_name_or_path \
-            else policy_config
-        ref_params = _count(_empty_model(ref_config, "causal"))
+        # a copy of the policy unless another model is named (no LoRA here: the trained model is the policy itself)
+        ref_params = (params, 0, largest) if not m.ref_name_or_path else _count(_empty_model(
+            model_config(name, "model.ref_name_or_path", m.trust_remote_code), "causal"))
         models.append(ModelEstimate("reference (frozen)", name, ref_params[0], 0, ref_params[2]))
     if recipe.method in ON_POLICY_METHODS:
         r = recipe.reward
@@ -338,9 +345,8 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     steps_per_update = config.gradient_accumulation_steps * (getattr(config, "num_mini_batches", 1) or 1)
     tokens = seqs * length * steps_per_update * n
     # FLOPs: training the policy (6 N per token + attention), frozen forwards (2 N per token), recomputation
-    matmul = _matmul_params(trained)
-    flops = 6.0 * matmul * tokens + 12.0 * shape["layers"] * shape["heads"] * (shape["hidden"] // max(
-        shape["heads"], 1)) * tokens * length
+    matmul = matmul_parameters(trained)
+    flops = training_flops(trained, tokens, tokens * length, n=matmul)  # 6 N per token and the attention products
     if checkpointing:
         flops += 2.0 * matmul * tokens
     for e in models[1:]:  # frozen models run forward (2 N per token); PPO's value model trains (6 N)
@@ -352,9 +358,8 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
                 tokens_per_step=tokens, gradient_checkpointing=checkpointing, flops_per_step=flops, notes=notes,
                 length_from=length_from)
     if gpu is not None:
-        memory, peak = GPUS[gpu]
-        plan.gpu, plan.gpu_memory_gb, plan.mfu = gpu, memory, mfu
-        plan.step_seconds = flops / (n * peak * 1e12 * mfu)
+        plan.gpu, plan.gpu_memory_gb, plan.mfu = gpu, GPUS[gpu], mfu
+        plan.step_seconds = flops / (n * gpu_peak_tflops(gpu) * 1e12 * mfu)
     if stage in (2, 3):
         plan.deepspeed_estimate_gb = deepspeed_estimate(params, largest, per_machine, machines, stage,
                                                         offload_optimizer, offload_params)
@@ -390,12 +395,6 @@ def _config_or_policy(name: str, key: str, m, policy_config, notes: list[str]):
         notes.append(f"{key}: {name} does not exist yet (a reward-model run still to come?); counted with the "
                      f"policy's architecture.")
         return policy_config
-
-
-def _matmul_params(model) -> int:
-    from torch import nn
-
-    return sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, nn.Linear))
 
 
 def deepspeed_estimate(params: int, largest_layer: int, per_machine: int, machines: int, stage: int,

@@ -241,23 +241,21 @@ def _seeded_sampling(trainer, group: int) -> None:
     policy.generate = seeded_generate
 
 
-class _StepTimes:
-    """A callback that records the wall time of each optimizer step."""
+def _step_times():
+    """A callback that records the wall time of each optimizer step (in `.times`)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
 
-        class StepTimes(TrainerCallback):
-            def __init__(self):
-                self.times, self.t0 = [], None
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                self.t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t0)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.times.append(time.perf_counter() - self.t0)
-
-        return StepTimes()
+    return StepTimes()
 
 
 def state_bytes(trainer) -> dict[str, float]:
@@ -320,7 +318,7 @@ def worker(case: str, stage: str, out: str, steps: int, resume: bool = False, ma
     stage_ = None if stage == "single" else stage
     saving = dict(save_strategy="steps", save_steps=steps // 2) if resume else {}
     trainer = build(case, os.path.join(out, "run"), world, stage_, steps, max_length, **saving)
-    timer = _StepTimes()
+    timer = _step_times()
     trainer.add_callback(timer)
     loaded = _reset_peak()  # from here the peak is training's: built models in place, not their loading
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad} \

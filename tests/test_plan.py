@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.estimate import GPUS, deepspeed_estimate, parse_gpus, plan_recipe
+from alignkit.estimate import GPUS, deepspeed_estimate, gpu_peak_tflops, parse_gpus, plan_recipe
 from alignkit.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +98,8 @@ def test_gpus_what_if_prices_a_step_and_says_whether_it_fits(capsys):
     assert (machines, per, name) == (2, 8, "H100")
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     plan = plan_recipe(recipe, gpus="8xH100", mfu=0.5)
-    assert plan.devices == 8 and plan.gpu_memory_gb == GPUS["H100"][0]
-    assert plan.step_seconds == pytest.approx(plan.flops_per_step / (8 * GPUS["H100"][1] * 1e12 * 0.5))
+    assert plan.devices == 8 and plan.gpu_memory_gb == GPUS["H100"] == 80
+    assert plan.step_seconds == pytest.approx(plan.flops_per_step / (8 * gpu_peak_tflops("H100") * 1e12 * 0.5))
     assert plan.tokens_per_step == 8 * plan.sequences_per_micro_batch * plan.sequence_length
     assert main(["plan", str(ROOT / "recipes" / "quickstart.yaml"), "--gpus", "1xL4", "--seq-len", "400000"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
