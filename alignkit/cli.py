@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_workers(dist, args.recipe, args.overrides, out / "logs")
             except LaunchError as exc:
                 runner.mark_failed(out, str(exc))
-                print(f"alignkit: error: {exc}", file=sys.stderr)
+                # on a line of its own: a worker stopped mid-update leaves its progress bar's line open
+                print(f"\nalignkit: error: {exc}", file=sys.stderr)
                 return 1
             return 0
         if getattr(args, "dry_run", False):
