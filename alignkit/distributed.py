@@ -29,6 +29,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +207,28 @@ class LaunchError(RuntimeError):
 
 def record_worker_failure(exc: BaseException) -> None:
     """In a worker started by `run_workers`: write the failure (type, message, traceback) to the error file
-    torchelastic gave this process, for the launcher to report."""
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    torchelastic gave this process, for the launcher to report.
 
-    ErrorHandler().record_exception(exc)
+    The format is torchelastic's `ErrorHandler.record_exception`; unlike it, the file is written beside its place and
+    renamed into it, so that it is whole or absent: the agent may stop this process (SIGTERM) at any moment once
+    another rank failed, and reading a half-written file crashed the agent (seen in CI)."""
+    import tempfile
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}",
+                        "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
+                                      "timestamp": str(int(time.time()))}}}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".error-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fp:
+            json.dump(data, fp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 #: what a worker's error says when another process of the job went away first
@@ -256,13 +275,29 @@ def _write_failure_log(exc, log_dir: Path, machine_rank: int) -> Path | None:
         trace = data.get("extraInfo", {}).get("py_callstack") if isinstance(data, dict) else None
         lines.append(f"=== rank {rank} (pid {f.pid}, exit code {f.exitcode}"
                      f"{', ' + f.signal_name() if f.exitcode < 0 else ''}) ===\n{trace or f.message}\n")
+    return _write_log(log_dir, f"error-machine{machine_rank}.log", "\n".join(lines))
+
+
+def _write_log(log_dir: Path, name: str, text: str) -> Path | None:
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"error-machine{machine_rank}.log"
-        path.write_text("\n".join(lines))
+        path = log_dir / name
+        path.write_text(text)
         return path
     except OSError:
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _is_rendezvous_failure(exc: BaseException) -> bool:
+    from torch.distributed import DistError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    return isinstance(exc, (RendezvousError, DistError, TimeoutError, ConnectionError))
 
 
 def _rendezvous_line(exc: BaseException, section) -> str:
@@ -302,10 +337,15 @@ def run_workers(section, recipe_path: str, overrides: list[str], log_dir: str | 
     except ChildFailedError as exc:
         log = _write_failure_log(exc, Path(log_dir), section.machine_rank)
         raise LaunchError(_failure_line(exc, section, log)) from None
-    except Exception as exc:  # the rendezvous: a machine that never arrived, an address that does not answer
-        if section.num_machines > 1:
+    except Exception as exc:
+        if section.num_machines > 1 and _is_rendezvous_failure(exc):  # a machine that never arrived, or no answer
             raise LaunchError(_rendezvous_line(exc, section)) from None
-        raise
+        # anything else that broke inside the agent while it watched the workers: one line, the traceback in the log
+        log = _write_log(Path(log_dir), f"agent-machine{section.machine_rank}.log",
+                         "".join(traceback.format_exception(exc)))
+        see = f"; traceback in {log}" if log is not None else ""
+        raise LaunchError(f"the launcher (torchrun's agent) stopped: {type(exc).__name__}: "
+                          f"{_first_line(exc)}{see}.") from None
     finally:
         quiet.setLevel(level)
         os.environ.pop(LAUNCHED_BY_ALIGNKIT, None)

@@ -220,3 +220,54 @@ def test_other_launchers_run_alignkit_train(launcher, tmp_path, tiny_model_path,
     assert summary["world_size"] == 2 and summary["deepspeed_zero_stage"] == (2 if launcher == "accelerate" else 3)
     assert _losses(out) == pytest.approx(_losses(one_process), rel=1e-5, abs=1e-5)
     _assert_same_weights(out, one_process, tiny_model_path, max_abs=1e-4)
+
+
+def test_a_worker_stopped_while_recording_its_failure_leaves_no_half_written_error_file(tmp_path, monkeypatch):
+    """Seen in CI: the agent stopped rank 0 (SIGTERM) while rank 0 was writing its error file after rank 1 was killed;
+    the agent then read the empty file and crashed with a JSONDecodeError traceback. The file now appears whole or not
+    at all (written beside it, then renamed)."""
+    from alignkit import distributed
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the SIGTERM arriving between the write and the rename
+
+    monkeypatch.setattr(distributed.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            distributed.record_worker_failure(exc)
+    assert not error_file.exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        distributed.record_worker_failure(exc)
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+    assert failure.message["message"] == "ValueError: boom" and "boom" in failure.message["extraInfo"]["py_callstack"]
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
+
+
+def test_an_agent_that_fails_on_its_own_ends_the_job_with_one_line(tmp_path, monkeypatch):
+    """Whatever else breaks inside torchrun's agent while it watches the workers ends in one line naming the cause and
+    the log that holds the traceback, not in the agent's traceback."""
+    import torch.distributed.run
+
+    from alignkit import distributed
+    from alignkit.recipes import DistributedSection
+
+    def broken(args):
+        raise json.JSONDecodeError("Expecting value", "", 0)
+
+    monkeypatch.setattr(torch.distributed.run, "run", broken)
+    with pytest.raises(distributed.LaunchError) as caught:
+        distributed.run_workers(DistributedSection(num_processes=2), "r.yaml", [], tmp_path / "logs")
+    line = str(caught.value)
+    assert "\n" not in line and "JSONDecodeError" in line and str(tmp_path / "logs") in line, line
+    assert "Traceback" in next((tmp_path / "logs").iterdir()).read_text()
