@@ -1,4 +1,4 @@
-"""Small helpers shared by the modules that turn exceptions into one-line user errors."""
+"""Small helpers shared across the package: one-line errors, torch threads, W&B's environment."""
 
 from __future__ import annotations
 
@@ -42,3 +42,58 @@ def set_torch_threads_for_this_machine() -> str | None:
 
     torch.set_num_threads(threads)
     return (f"torch threads: {threads} ({cores} cores, 1-minute load {load:.1f}; set OMP_NUM_THREADS to choose)")
+
+
+# ---- W&B's environment: one place for the offline switch (training runs and `alignkit eval`) ------------------
+
+def wants_wandb(config) -> bool:
+    """Whether a TrainingArguments reports to W&B."""
+    report_to = config.report_to or []
+    return "wandb" in (report_to if isinstance(report_to, list) else [report_to]) or report_to == "all"
+
+
+def has_wandb_key() -> bool:
+    """An API key in WANDB_API_KEY or ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    from pathlib import Path
+
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def configure_wandb(default_dir, mode: str = "auto", project: str | None = None, entity: str | None = None,
+                    group: str | None = None, tags: list[str] | None = None, say=None) -> str | None:
+    """Set W&B's environment for this process: project, entity, group and tags when given (project defaults to
+    "alignkit"), and the mode: "online", "offline", or "auto" (offline when no API key is found and WANDB_MODE does
+    not say online; `say` is told so). Offline runs go under WANDB_DIR, default `default_dir`. Returns the W&B
+    directory when offline (to tell the user how to sync it), else None."""
+    from pathlib import Path
+
+    for env, value in (("WANDB_PROJECT", project), ("WANDB_ENTITY", entity), ("WANDB_RUN_GROUP", group)):
+        if value:
+            os.environ[env] = value
+    if tags:
+        os.environ["WANDB_TAGS"] = ",".join(tags)
+    os.environ.setdefault("WANDB_PROJECT", "alignkit")
+    if mode == "offline" or (mode == "auto" and os.environ.get("WANDB_MODE") != "online" and not has_wandb_key()):
+        if mode == "auto" and os.environ.get("WANDB_MODE") not in ("offline", "dryrun") and say is not None:
+            say("W&B: no API key found (WANDB_API_KEY or ~/.netrc), so this run is logged offline.")
+        os.environ["WANDB_MODE"] = "offline"
+    elif mode == "online":
+        os.environ["WANDB_MODE"] = "online"
+    if os.environ.get("WANDB_MODE") == "offline":
+        wandb_dir = os.environ.setdefault("WANDB_DIR", str(Path(default_dir).resolve()))
+        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+        return wandb_dir
+    return None
+
+
+def info(msg: str) -> None:
+    """One `[alignkit] ...` line on stderr."""
+    import sys
+
+    print(f"[alignkit] {msg}", file=sys.stderr, flush=True)

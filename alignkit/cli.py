@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_dashboard(args) -> int:
     from .dashboard import DashboardError, build_workspace, push_definition, save_definition
-    from .runner import _has_wandb_key
+    from ._util import has_wandb_key
 
     if args.push:
         print(push_definition(args.push, args.entity))
@@ -131,7 +131,7 @@ def _run_dashboard(args) -> int:
     if not args.project:
         raise DashboardError("--project is missing; give the W&B project your runs log to, e.g. --project alignkit.")
     workspace = build_workspace(args.project, args.entity, args.run_dir)
-    if args.output is None and _has_wandb_key() and args.entity:
+    if args.output is None and has_wandb_key() and args.entity:
         print(workspace.save().url)
         return 0
     path = save_definition(workspace, args.output or f"wandb-workspace-{args.project}.json")
@@ -200,18 +200,16 @@ def _run_eval(args) -> int:
             print(f"{key}: " + json.dumps({k: round(v, 4) for k, v in report[key].items()}))
     print(f"[alignkit] wrote {', '.join(p.name for p in files)} to {args.output}", file=sys.stderr)
     if args.report_to == "wandb":
-        from .runner import _has_wandb_key
+        from ._util import configure_wandb
 
-        if not _has_wandb_key() and os.environ.get("WANDB_MODE") != "online":
-            os.environ["WANDB_MODE"] = "offline"
-            os.environ.setdefault("WANDB_DIR", str(Path(args.output).resolve()))
+        configure_wandb(args.output)  # offline without an API key, as training runs
         run = log_to_wandb(report, files)
         print(f"[alignkit] W&B run {run.id} ({os.environ.get('WANDB_MODE', 'online')})", file=sys.stderr)
     return 0
 
 
 def _run_plan(args, recipe) -> int:
-    from .estimate import EstimateError, format_plan, plan_recipe
+    from .run.estimate import EstimateError, format_plan, plan_recipe
 
     if not 0 < args.mfu <= 1:
         raise EstimateError(f"--mfu {args.mfu}: a fraction in (0, 1], e.g. --mfu 0.4.")
@@ -226,11 +224,11 @@ def _user_errors():
     from .dashboard import DashboardError
     from .data.validation import DatasetError
     from .divergences import UnsupportedDivergenceError
-    from .estimate import EstimateError
+    from .run.estimate import EstimateError
     from .metrics.evaluate import EvalError
     from .models import ModelError
     from .plot import PlotError
-    from .recipes import RecipeError
+    from .run.recipe import RecipeError
 
     return (RecipeError, DatasetError, UnsupportedDivergenceError, EvalError, ModelError, PlotError, DashboardError,
             EstimateError)
@@ -252,14 +250,53 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = formatwarning
 
 
-def _set_threads(say: bool = True) -> None:
-    """A single process's torch threads (launched workers get theirs from distributed.py)."""
-    if os.environ.get("LOCAL_RANK") is None:
-        from ._util import set_torch_threads_for_this_machine
+def _run_recipe(args) -> int:
+    """`train`, `validate` and `plan`: the run pipeline, top to bottom (alignkit/run/, docs/architecture.md). The
+    launcher of several processes stops at step 4; each worker, like a single process, runs steps 2 to 6."""
+    from .run import checks, launch
+    from .run.plan import Role, make_plan
+    from .run.recipe import load_recipe
 
-        line = set_torch_threads_for_this_machine()
-        if line and say:
-            print(f"[alignkit] {line}", file=sys.stderr)
+    recipe = load_recipe(args.recipe, args.overrides)          # 1. the recipe: schema only
+    if args.command == "plan":
+        return _run_plan(args, recipe)
+    plan = make_plan(recipe)                                   # 2. the plan: pure
+    if args.command == "validate":
+        import datasets
+
+        datasets.disable_progress_bars()
+        summary = checks.validate(plan)                        # 3. the checks
+        print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        return 0
+    section = plan.section
+    if plan.role is Role.LAUNCHER:
+        cmd, env = launch.launch_command(section, args.recipe, args.overrides)
+        if args.dry_run:
+            print(launch.format_command(cmd, env))
+            return 0
+        checked = checks.check(plan)                           # every check once, here, before N workers start
+        machines = f" on machine {section.machine_rank} of {section.num_machines}" if section.num_machines > 1 else ""
+        print(f"[alignkit] launching {section.num_processes} process(es){machines}: "
+              f"{launch.format_command(cmd, env)}", file=sys.stderr)
+        out = Path(checked.config.output_dir)
+        try:                                                   # 4. launch: the workers run steps 2-6
+            launch.run_workers(section, args.recipe, args.overrides, out / "logs")
+        except launch.LaunchError as exc:
+            from .run.outputs import mark_failed
+
+            mark_failed(out, str(exc))
+            # on a line of its own: a worker stopped mid-update leaves its progress bar's line open
+            print(f"\nalignkit: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if getattr(args, "dry_run", False):
+        print(f"{args.recipe}: single process (no distributed section with num_processes > 1 or deepspeed); run "
+              f"alignkit train {args.recipe}")
+        return 0
+    from .run import train
+
+    train(recipe, plan)                                        # 2-6 in this process (alignkit/run/__init__.py)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,61 +328,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "eval":
-            _set_threads(say=False)  # an error in the eval arguments stays the only line printed
+            from .run.launch import set_threads
+
+            set_threads(say=False)  # an error in the eval arguments stays the only line printed
             return _run_eval(args)
-        from . import runner
         from .console import quiet_third_party
 
         quiet_third_party()
-        from .recipes import RecipeError, load_recipe
-
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.command == "plan":
-            return _run_plan(args, recipe)
-        if args.command == "validate":
-            import datasets
-
-            datasets.disable_progress_bars()
-            summary = runner.validate(recipe)
-            print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-            return 0
-        dist = recipe.distributed
-        from .distributed import check_distributed, format_command, is_launched_worker, launch_command, needs_launch
-
-        if needs_launch(dist) and not is_launched_worker():
-            # fail here with one line, not in N workers with N tracebacks
-            try:
-                check_distributed(recipe)
-            except ValueError as exc:
-                raise RecipeError(str(exc)) from None
-            cmd, env = launch_command(dist, args.recipe, args.overrides)
-            if args.dry_run:
-                print(format_command(cmd, env))
-                return 0
-            pre = runner.preflight(recipe)  # every check once, here, before N workers start
-            machines = f" on machine {dist.machine_rank} of {dist.num_machines}" if dist.num_machines > 1 else ""
-            print(f"[alignkit] launching {dist.num_processes} process(es){machines}: {format_command(cmd, env)}",
-                  file=sys.stderr)
-            from .distributed import LaunchError, run_workers
-
-            out = Path(pre.config.output_dir)
-            try:
-                run_workers(dist, args.recipe, args.overrides, out / "logs")
-            except LaunchError as exc:
-                runner.mark_failed(out, str(exc))
-                # on a line of its own: a worker stopped mid-update leaves its progress bar's line open
-                print(f"\nalignkit: error: {exc}", file=sys.stderr)
-                return 1
-            return 0
-        if getattr(args, "dry_run", False):
-            print(f"{args.recipe}: single process (no distributed section with num_processes > 1 or deepspeed); run "
-                  f"alignkit train {args.recipe}")
-            return 0
-        _set_threads()
-        runner.train(recipe)
-        return 0
+        return _run_recipe(args)
     except Exception as exc:
-        from .distributed import LAUNCHED_BY_ALIGNKIT, is_launched_worker, record_worker_failure
+        from .run.launch import LAUNCHED_BY_ALIGNKIT, record_worker_failure
+        from .run.plan import is_launched_worker
 
         if is_launched_worker() and os.environ.get(LAUNCHED_BY_ALIGNKIT):
             # a worker of `alignkit train`'s launcher: the launcher reports the job's failure in one line

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 from transformers.trainer_callback import PrinterCallback
 
 __all__ = ["ConsoleCallback", "format_metrics", "quiet_third_party", "use_console"]

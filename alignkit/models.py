@@ -237,7 +237,7 @@ def build_real_model(name: str = "smollm2-135m-instruct", path: str | os.PathLik
         # transformers marks a GGUF-loaded model as quantized (the trainers then refuse it as "purely quantized"),
         # although its weights are already plain float32 tensors: drop the marker so the folder is a normal model.
         model.hf_quantizer.remove_quantization_config(model)
-        model.config._name_or_path = f"builtin:{name}"
+        model.config.name_or_path = f"builtin:{name}"
         tokenizer.model_max_length = spec.max_length
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(folder)
@@ -264,7 +264,7 @@ def _copy_real_model(name: str, spec: _RealModel, source: Path, target: Path) ->
         if tokenizer.eos_token is None:
             tokenizer.eos_token = tokenizer.sep_token
         tokenizer.model_max_length = spec.max_length
-        config._name_or_path = f"builtin:{name}"
+        config.name_or_path = f"builtin:{name}"
         config.save_pretrained(folder)
         shutil.copyfile(source / "model.safetensors", folder / "model.safetensors")
         tokenizer.save_pretrained(folder)

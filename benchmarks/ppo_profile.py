@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         import os
         import types
 
-        from alignkit.distributed import prepare_worker
+        from alignkit.run.launch import prepare_worker
 
         world = int(os.environ["WORLD_SIZE"])
         stage, gather = MODES[a.mode]

@@ -7,7 +7,7 @@ Each case trains SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct) or MiniLM
 optimizer steps, float32, gradient checkpointing on, once in one process and once per ZeRO stage in 2 processes
 (torchrun; gloo and DeepSpeed's CPU accelerator on a machine without GPU, NCCL on GPUs: the same code). Every run is
 a fresh process that builds its trainer the way `alignkit train` does inside a launched worker
-(`alignkit.distributed.prepare_worker`), trains, saves with `save_model` and writes what it measured. The script then
+(`alignkit.run.launch.prepare_worker`), trains, saves with `save_model` and writes what it measured. The script then
 prints, per case and stage:
 
 * the largest relative difference of the logged losses from the one-process run;
@@ -86,7 +86,7 @@ def build(case: str, output_dir: str, world: int = 1, stage: str | None = None, 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import alignkit
-    from alignkit.distributed import prepare_worker
+    from alignkit.run.launch import prepare_worker
     from alignkit.models import resolve_model_path
 
     smol = resolve_model_path("builtin:smollm2-135m-instruct")
@@ -209,8 +209,8 @@ def recipe_for(case: str, world: int, stage: str | None, max_length: int = 96) -
 
 def plan_estimate(case: str, world: int, stage: str | None, max_length: int = 96) -> dict:
     """`alignkit plan`'s figures for the run (per device, GB)."""
-    from alignkit.estimate import plan_recipe
-    from alignkit.recipes import parse_recipe
+    from alignkit.run.estimate import plan_recipe
+    from alignkit.run.recipe import parse_recipe
 
     plan = plan_recipe(parse_recipe(recipe_for(case, world, stage, max_length), source=f"{case}.yaml"))
     return {"weights_gb": sum(m.weights_gb for m in plan.models),

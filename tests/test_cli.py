@@ -97,7 +97,7 @@ def test_validate_and_set_overrides(capsys, tmp_path, monkeypatch):
 
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
-    from alignkit.recipes import load_recipe
+    from alignkit.run.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, BASE + "learning_rate: 5e-4\n"))  # YAML 1.1 reads this as a string
     assert recipe.build_config().learning_rate == 5e-4
@@ -158,7 +158,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
 
 
 def test_unquoted_no_is_the_string_no(tmp_path):
-    from alignkit.recipes import load_recipe
+    from alignkit.run.recipe import load_recipe
 
     config = load_recipe(_recipe(tmp_path, BASE + "save_strategy: no\neval_strategy: no\n")).build_config()
     assert config.save_strategy == "no" and config.eval_strategy == "no"
@@ -282,7 +282,7 @@ def test_bad_distributed_sections_fail_with_exit_2(tmp_path, capsys):
 
 
 def test_shipped_deepspeed_files_are_the_named_configs():
-    from alignkit.distributed import ZERO_CONFIGS
+    from alignkit.run.plan import ZERO_CONFIGS
 
     for name, cfg in ZERO_CONFIGS.items():
         assert json.loads((ROOT / "recipes" / "deepspeed" / f"{name}.json").read_text()) == cfg, name

@@ -226,7 +226,7 @@ def test_a_worker_stopped_while_recording_its_failure_leaves_no_half_written_err
     """Seen in CI: the agent stopped rank 0 (SIGTERM) while rank 0 was writing its error file after rank 1 was killed;
     the agent then read the empty file and crashed with a JSONDecodeError traceback. The file now appears whole or not
     at all (written beside it, then renamed)."""
-    from alignkit import distributed
+    from alignkit.run import launch as distributed
 
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
@@ -259,8 +259,8 @@ def test_an_agent_that_fails_on_its_own_ends_the_job_with_one_line(tmp_path, mon
     the log that holds the traceback, not in the agent's traceback."""
     import torch.distributed.run
 
-    from alignkit import distributed
-    from alignkit.recipes import DistributedSection
+    from alignkit.run import launch as distributed
+    from alignkit.run.recipe import DistributedSection
 
     def broken(args):
         raise json.JSONDecodeError("Expecting value", "", 0)

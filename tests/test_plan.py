@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.estimate import GPUS, deepspeed_estimate, gpu_peak_tflops, parse_gpus, plan_recipe
-from alignkit.recipes import load_recipe
+from alignkit.run.estimate import GPUS, deepspeed_estimate, gpu_peak_tflops, parse_gpus, plan_recipe
+from alignkit.run.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -30,8 +30,8 @@ def test_counts_and_one_process_memory_are_the_trained_trainers(tiny_model_path,
     """The quickstart's f-DPO run, with and without LoRA: the parameters the plan counts on the meta device are the
     built models', and the memory of weights and optimizer states (AdamW's two moments) is the bytes of those
     tensors after a step, exactly."""
-    from alignkit.recipes import parse_recipe
-    from alignkit.runner import train
+    from alignkit.run.recipe import parse_recipe
+    from alignkit.run import train
 
     monkeypatch.chdir(tmp_path)
     for peft in (None, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}):
@@ -43,9 +43,9 @@ def test_counts_and_one_process_memory_are_the_trained_trainers(tiny_model_path,
         plan = plan_recipe(recipe)
         trained = {}
 
-        import alignkit.runner as runner
+        import alignkit.run.build as build
 
-        real_train = runner.trainer_class
+        real_train = build.trainer_class
 
         def spy(method):
             cls = real_train(method)
@@ -57,7 +57,7 @@ def test_counts_and_one_process_memory_are_the_trained_trainers(tiny_model_path,
                     return out
             return Spy
 
-        monkeypatch.setattr(runner, "trainer_class", spy)
+        monkeypatch.setattr(build, "trainer_class", spy)
         train(recipe)
         trainer = trained["trainer"]
         model = trainer.model
@@ -75,7 +75,7 @@ def test_counts_and_one_process_memory_are_the_trained_trainers(tiny_model_path,
         state = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.dim() > 0)
         assert policy.optimizer_gb * 1e9 == pytest.approx(state)
-        monkeypatch.setattr(runner, "trainer_class", real_train)
+        monkeypatch.setattr(build, "trainer_class", real_train)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

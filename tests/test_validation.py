@@ -5,8 +5,8 @@ import pytest
 from datasets import Dataset
 
 from alignkit.data.validation import DatasetError, validate_preference_dataset
-from alignkit.recipes import parse_recipe
-from alignkit.runner import count_overlong
+from alignkit.run.recipe import parse_recipe
+from alignkit.run.checks import count_overlong
 from tests.conftest import base_args
 
 

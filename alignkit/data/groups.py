@@ -132,7 +132,7 @@ class DataCollatorForGroupPreference:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from ..trainers._trl import pad
+        from .._adapter import pad
 
         seqs, masks, rows = {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}
         for r, ex in enumerate(examples):

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Sampler
 from trl.data_utils import get_dataset_column_names
 
-from . import _trl
+from .. import _adapter
 
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
@@ -209,7 +209,7 @@ class AttributeBinsMixin:
         return dataset.add_column(BIN_COLUMNS[0], chosen).add_column(BIN_COLUMNS[1], rejected)
 
     def _add_bin_signature_columns(self):
-        _trl.add_signature_columns(self, BIN_COLUMNS)
+        _adapter.add_signature_columns(self, BIN_COLUMNS)
 
     def _bin_balanced_sampler(self):
         """The bin-balanced sampler when it applies, else None (Trainer's random sampler)."""
@@ -256,7 +256,7 @@ class AttributeBinsMixin:
                                  groups=groups if self.args.conditional else None,
                                  standardize=self.args.mmd_standardize,
                                  unbiased=self.args.mmd_estimator == "unbiased")
-        m = _trl.metrics(self, mode)  # the same global figures on every rank: no gather needed
+        m = _adapter.metrics(self, mode)  # the same global figures on every rank: no gather needed
         m["mmd/penalty"].append(out.penalty.item())
         m["mmd/bins_used"].append(out.bins_used)
         m["mmd/bins_skipped"].append(out.bins_skipped)

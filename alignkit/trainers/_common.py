@@ -95,7 +95,7 @@ class ConfigResolverMixin:
     @classmethod
     def _resolve_args(cls, model, args):
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else getattr(model.config, "name_or_path", None) or "model"
             args = cls.config_class(f"{str(name).rstrip('/').split('/')[-1]}-{cls._default_run_suffix}")
         elif not isinstance(args, cls.config_class):
             base = cls.config_class.__mro__[1].__name__
@@ -215,7 +215,7 @@ def base_model_name(trainer) -> str | None:
         return name
     model = getattr(trainer, "model", None)
     config = getattr(getattr(model, "policy", model), "config", None)
-    return getattr(config, "_name_or_path", None) or None
+    return getattr(config, "name_or_path", None) or None
 
 
 def describe_base_model(name: str | None) -> str:

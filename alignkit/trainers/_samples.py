@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .. import _adapter
+
 MAX_CHARS = 1000
 
 
@@ -53,7 +55,7 @@ def single_eval_dataset(trainer, eval_dataset, tokenized_column: str):
     if dataset is None or isinstance(dataset, dict):
         return None
     if tokenized_column not in (dataset.column_names or []):
-        dataset = trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, "eval")
+        dataset = _adapter.prepare_dataset(trainer, dataset, "eval")
     return dataset
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import RewardConfig, RewardTrainer
 
-from . import _trl
+from .. import _adapter
 from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
@@ -75,9 +75,9 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
         self.binner = None  # fitted on the training set in _prepare_dataset
         self._window: dict[str, list] = {"train": [], "eval": []}
         self._eval_prefix = "eval"
-        _trl.require()
+        _adapter.require()
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
-        _trl.require(self)
+        _adapter.require(self)
         self.data_collator = CollatorWithBins(self.data_collator)
         if self.model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output; this model has num_labels={self.model.config.num_labels}.")
@@ -147,10 +147,10 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         for key, value in self._window_metrics(mode).items():
-            _trl.metrics(self, mode)[key] = [value]
+            _adapter.metrics(self, mode)[key] = [value]
         if mode == "eval" and self._eval_prefix != "eval":
-            logs.update({f"{self._eval_prefix}_{k}": sum(v) / len(v) for k, v in _trl.metrics(self, mode).items() if v})
-            _trl.metrics(self, mode).clear()
+            logs.update({f"{self._eval_prefix}_{k}": sum(v) / len(v) for k, v in _adapter.metrics(self, mode).items() if v})
+            _adapter.metrics(self, mode).clear()
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -170,9 +170,9 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
         the training collator (so the bins are the ones the penalty sees). Every process runs the forward (ZeRO-3
         needs them all); rank 0 writes."""
 
-        dataset = self._remove_unused_columns(dataset, description="evaluation")
+        dataset = _adapter.remove_unused_columns(self, dataset, "evaluation")
         rows = [dataset[i] for i in range(min(len(dataset), self.args.eval_sample_pairs))]
-        batch = self._prepare_inputs(self.data_collator(rows))
+        batch = _adapter.prepare_inputs(self, self.data_collator(rows))
         bins = batch.pop("z_bins", None)
         was_training = self.model.training
         self.model.eval()

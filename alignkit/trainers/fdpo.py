@@ -20,11 +20,11 @@ from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigReso
 from ._perf import PerfArguments, PerfMetricsMixin
 from ..losses import (LOGRATIO_LOSS_TYPES, SCORE_DIFFERENCE_LOSS_TYPES, fdpo_scores, length_desensitised_logps,
                       logratio_loss, preference_ece, preference_loss, wpo_weights)
-from . import _trl
+from .. import _adapter
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
 
-_TRL_VERSION = _trl.TRL_VERSION
+_TRL_VERSION = _adapter.TRL_VERSION
 
 
 @dataclass
@@ -207,9 +207,9 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
         self.binner = None  # Causal DPO: fitted on the training set in _prepare_dataset
-        _trl.require()
+        _adapter.require()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
-        _trl.require(self)
+        _adapter.require(self)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self._warned_nonfinite = False
         if self._causal_enabled():
@@ -323,7 +323,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         return num_sequences // 2  # TRL's layout: [chosen pairs; rejected pairs]
 
     def _policy_forward(self, model, model_kwargs, labels):
-        return _trl.fused_forward(model, model_kwargs, labels)
+        return _adapter.fused_forward(model, model_kwargs, labels)
 
     def _reference_logps(self, model_kwargs, completion_mask) -> torch.Tensor:
         """Reference log-probs of every sequence, through TRL's `compute_ref_log_probs` (which handles a
@@ -449,9 +449,9 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         per_pair = gather(per_pair).t().contiguous()
         c_lr, r_lr, c_link, r_link, c_logps, r_logps = per_pair.unbind(dim=0)
 
-        m = _trl.metrics(self, mode)
+        m = _adapter.metrics(self, mode)
         m["entropy"].append(ent / n_tok if n_tok > 0 else 0.0)
-        m["num_tokens"] = [_trl.count_train_tokens(self, int(n_attn) if mode == "train" else 0)]
+        m["num_tokens"] = [_adapter.count_train_tokens(self, int(n_attn) if mode == "train" else 0)]
         m["logits/chosen"].append(lc / n_c if n_c > 0 else 0.0)
         m["logits/rejected"].append(lr / n_r if n_r > 0 else 0.0)
         m["mean_token_accuracy"].append(top1 / n_c if n_c > 0 else 0.0)
@@ -529,7 +529,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         if pending:
             logits = torch.cat(pending)
             ece = preference_ece(logits, torch.zeros_like(logits), beta=1.0)
-            _trl.metrics(self, mode)["calibration/ece"] = [ece.item()]
+            _adapter.metrics(self, mode)["calibration/ece"] = [ece.item()]
             pending.clear()
         super().log(logs, start_time)
 
@@ -546,7 +546,7 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
             "",
             "## alignkit",
             "",
-            f"- method: {self._name} (`{type(self).__name__}`)",
+            f"- method: {_adapter.card_name(self)} (`{type(self).__name__}`)",
             f"- divergence: `{self.divergence.name}`{alpha}",
             f"- beta: {self.beta}, loss_type: {', '.join(self.loss_types)}",
         ]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.groups import DataCollatorForGroupPreference, DataCollatorForSharedPrefixGroups, validate_group_dataset
 from ..losses import group_mean, group_preference_loss
-from . import _trl
+from .. import _adapter
 from .fdpo import FDPOConfig, FDPOTrainer
 
 __all__ = ["MultiSampleDPOConfig", "MultiSampleDPOTrainer"]
@@ -137,7 +137,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         if processing_class is None:
             from transformers import AutoTokenizer
 
-            processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(model if isinstance(model, str) else model.config.name_or_path)
         if data_collator is None:
             pad_id = processing_class.pad_token_id
             if pad_id is None:
@@ -154,7 +154,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             raise ValueError("shared_prefix and completion_sub_batch_size do not compute a Mixture-of-Experts model's "
                              "router (aux) loss; drop them for this model, or set router_aux_loss_coef: 0.")
         if args.shared_prefix:
-            impl = _trl.attn_implementation(self.accelerator.unwrap_model(self.model))
+            impl = _adapter.attn_implementation(self.accelerator.unwrap_model(self.model))
             if impl not in ("sdpa", "eager"):
                 raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager' (custom 4D masks); the "
                                  f"model uses {impl!r}. Load it with attn_implementation='sdpa' or drop shared_prefix.")
@@ -170,16 +170,16 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         if isinstance(dataset, IterableDataset):
             raise ValueError("MultiSampleDPOTrainer needs a map-style datasets.Dataset (group sizes are checked up front).")
         validate_group_dataset(dataset, f"{dataset_name} dataset")
-        eos = _trl.tokenizer_of(self).eos_token
+        eos = _adapter.tokenizer_of(self).eos_token
 
         def tokenize(example):
             conversational = isinstance(example["prompt"], list)
-            prompt_ids = _trl.tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
+            prompt_ids = _adapter.tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
             full = {}
             for side in ("chosen", "rejected"):
                 comps = example[side] if conversational else [c if c.endswith(eos) else c + eos for c in example[side]]
-                full[side] = [_trl.tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
-            prompt_len = min(_trl.common_prefix_length(prompt_ids, f) for side in full for f in full[side])
+                full[side] = [_adapter.tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
+            prompt_len = min(_adapter.common_prefix_length(prompt_ids, f) for side in full for f in full[side])
             return {
                 "prompt_ids": prompt_ids[:prompt_len],
                 "chosen_ids": [f[prompt_len:] for f in full["chosen"]],
@@ -247,15 +247,15 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             "num_input_tokens": inputs["packed_lengths"].sum(),
         }
 
-    model_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    model_outputs = _adapter.FUSED_HEAD_FIELDS
 
     def _packed_forward(self, model, inputs, fields):
         mask = inputs["attention_mask"]
-        if _trl.attn_implementation(self.accelerator.unwrap_model(self.model)) == "eager":
+        if _adapter.attn_implementation(self.accelerator.unwrap_model(self.model)) == "eager":
             dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        out = _trl.fused_forward(model, dict(input_ids=inputs["input_ids"], attention_mask=mask,
+        out = _adapter.fused_forward(model, dict(input_ids=inputs["input_ids"], attention_mask=mask,
                                              position_ids=inputs["position_ids"], use_cache=False), labels)
         return {f: getattr(out, f) for f in fields}
 
@@ -275,7 +275,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
 
     def _shared_prefix_reference(self, inputs) -> torch.Tensor:
         model = self.ref_model if self.ref_model is not None else self.model
-        with _trl.reference_context(self):
+        with _adapter.reference_context(self):
             packed = self._packed_forward(model, inputs, ("log_probs",))
         return self._unpack(inputs, packed)[0].sum(dim=1)
 
@@ -289,7 +289,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             return super()._policy_forward(model, model_kwargs, labels)
 
         def run(input_ids, attention_mask, lab):
-            out = _trl.fused_forward(model, dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+            out = _adapter.fused_forward(model, dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
                                      lab)
             return out.log_probs, out.entropy, out.mean_logits, out.is_top1
 
@@ -362,7 +362,7 @@ class MultiSampleDPOTrainer(FDPOTrainer):
         inputs_sizes = (fwd["is_chosen"].sum(), (~fwd["is_chosen"]).sum())
         gather = self.accelerator.gather_for_metrics
         extra = gather(torch.stack([self.beta * s["chosen_std"], self.beta * s["rejected_std"], s["correction"]], 1).float())
-        m = _trl.metrics(self, mode)
+        m = _adapter.metrics(self, mode)
         m["rewards/chosen_group_std"].append(extra[:, 0].mean().item())
         m["rewards/rejected_group_std"].append(extra[:, 1].mean().item())
         m["mipo/variance_correction"].append(extra[:, 2].mean().item())

@@ -199,7 +199,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         names = []
         for source in self.reward_funcs:
             if isinstance(source, nn.Module):
-                name = os.path.basename(str(getattr(source.config, "_name_or_path", "") or "").rstrip("/"))
+                name = os.path.basename(str(getattr(source.config, "name_or_path", "") or "").rstrip("/"))
                 name = name or type(source).__name__
             else:
                 name = getattr(source, "__name__", None) or type(source).__name__

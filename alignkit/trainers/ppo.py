@@ -19,7 +19,6 @@ then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -34,7 +33,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from ..divergences import get_divergence
 from ..losses import (SEQUENCE_PENALTY_NORMALIZATIONS, gae_advantages, masked_mean, masked_whiten, ppo_policy_loss,
                       ppo_value_loss, sequence_divergence_penalty)
-from . import _trl
+from .. import _adapter
 from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
                       default_precision_for_this_machine, describe_base_model)
 from ._perf import PerfArguments, PerfMetricsMixin
@@ -355,7 +354,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one {self._batch_description}; "
                              "lower one of them or add prompts.")
         wrapper = PolicyAndValue(model, value_model) if self._uses_value_model else PolicyOnly(model)
-        _trl.require()
+        _adapter.require()
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
@@ -419,7 +418,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         device (one process, DDP, ZeRO-2)."""
         m.eval().requires_grad_(False)
         if self._is_zero3:
-            engine = _trl.prepare_deepspeed(m, self.accelerator)
+            engine = _adapter.prepare_deepspeed(m, self.accelerator)
             self._frozen_engines.append(engine)
             return engine.module
         return m.to(self.accelerator.device)
@@ -519,13 +518,13 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
 
             t0 = _now()  # time/gather: gathering the weights and sharding them again (part of time/generation)
             with deepspeed.zero.GatheredParameters(list(model.policy.parameters())):
-                _trl.remove_hooks(self.model_wrapped)
+                _adapter.remove_hooks(self.model_wrapped)
                 self._timings["gather"] += _now() - t0
                 try:
                     yield model.policy, {}
                 finally:
                     t0 = _now()
-                    _trl.add_hooks(self.model_wrapped)
+                    _adapter.add_hooks(self.model_wrapped)
             self._timings["gather"] += _now() - t0
 
     @property
@@ -741,7 +740,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             # the engine built around PolicyAndValue and the optimizer together; the scheduler on the prepared
             # optimizer (saved in scheduler.pt by Trainer's checkpoints, the rest by the engine's save_checkpoint)
             if isinstance(self.model, nn.Module) and not hasattr(self.model, "save_checkpoint"):
-                self.optimizer, self.lr_scheduler = _trl.deepspeed_init(self, num_training_steps=num_updates)
+                self.optimizer, self.lr_scheduler = _adapter.deepspeed_init(self, num_training_steps=num_updates)
                 self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
             if self.lr_scheduler is None:
                 self.create_scheduler(num_training_steps=num_updates, optimizer=self.optimizer)
@@ -758,12 +757,12 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         start = 0
         if resume_from_checkpoint:
             if self.is_deepspeed_enabled:  # weights and optimizer state from the engine's checkpoint
-                _trl.deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint)
+                _adapter.deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint)
             else:
                 self._load_checkpoint_weights(resume_from_checkpoint)
-            _trl.load_optimizer_and_scheduler(self, resume_from_checkpoint)
+            _adapter.load_optimizer_and_scheduler(self, resume_from_checkpoint)
             self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
-            _trl.load_rng_state(self, resume_from_checkpoint)
+            _adapter.load_rng_state(self, resume_from_checkpoint)
             start = self.state.global_step
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
@@ -795,7 +794,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                     self.evaluate()
                 self.control.should_evaluate = False
             if self.control.should_save:
-                _trl.save_checkpoint(self)
+                _adapter.save_checkpoint(self)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
                 self.control.should_save = False
             if self.control.should_training_stop:
@@ -974,7 +973,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
             else:
                 missing, unexpected = module.load_state_dict(load_file(os.path.join(folder, "model.safetensors")),
                                                              strict=False)
-                tied = set(getattr(module, "_tied_weights_keys", None) or [])
+                tied = set(getattr(module, "all_tied_weights_keys", None) or {})  # transformers' public list
                 if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
                     raise ValueError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]}).")

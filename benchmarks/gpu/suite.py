@@ -186,7 +186,7 @@ def common_args(opts, out: str) -> dict:
 
         from accelerate.state import AcceleratorState
 
-        from alignkit.distributed import prepare_worker
+        from alignkit.run.launch import prepare_worker
 
         AcceleratorState._reset_state(reset_partial_state=False)  # one Accelerator per trainer
         args = prepare_worker(types.SimpleNamespace(mixed_precision="no", deepspeed="zero3", offload_optimizer=False,

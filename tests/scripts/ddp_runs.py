@@ -20,7 +20,7 @@ def main(out: str) -> None:
     import torch.distributed as dist
 
     import zero_runs
-    from alignkit.distributed import prepare_worker
+    from alignkit.run.launch import prepare_worker
 
     world = int(os.environ["WORLD_SIZE"])
     section = types.SimpleNamespace(mixed_precision="no", deepspeed=None, offload_optimizer=False, offload_params=False)

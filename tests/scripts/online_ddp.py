@@ -33,7 +33,7 @@ if stage is None:
 else:
     import types
 
-    from alignkit.distributed import prepare_worker
+    from alignkit.run.launch import prepare_worker
 
     common.update(per_device_train_batch_size=per_device // 2, gradient_accumulation_steps=2)
     common = prepare_worker(types.SimpleNamespace(mixed_precision="no", deepspeed=stage, offload_optimizer=False,

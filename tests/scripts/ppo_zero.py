@@ -37,7 +37,7 @@ def build(output_dir: str, world: int = 1, stage: str | None = None, lora: bool 
 
     from alignkit import PPOConfig, PPOTrainer
     from alignkit.data.synthetic import sentiment
-    from alignkit.distributed import prepare_worker
+    from alignkit.run.launch import prepare_worker
     from alignkit.models import build_tiny_model
 
     path = str(build_tiny_model("tiny-llama"))

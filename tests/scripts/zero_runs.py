@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/scripts/zero_runs.py {zero2|zero3} OUT_DIR
 
 runs every method for a few steps with `per_device_train_batch_size` = GLOBAL_BATCH / 2 under that ZeRO
-stage (through alignkit.distributed.prepare_worker, the code `alignkit train` uses), saves each model,
+stage (through alignkit.run.launch.prepare_worker, the code `alignkit train` uses), saves each model,
 then resumes FDPO from a ZeRO checkpoint; rank 0 writes OUT_DIR/result.json. The test compares with
 single-process runs of the same global batch, built by `build` below in the pytest process.
 """
@@ -27,7 +27,7 @@ def build(method: str, output_dir: str, world: int = 1, stage: str | None = None
     from alignkit import (CausalRewardConfig, CausalRewardTrainer, FDPOConfig, FDPOTrainer, MultiSampleDPOConfig,
                           MultiSampleDPOTrainer)
     from alignkit.data.synthetic import sentiment, sentiment_groups
-    from alignkit.distributed import prepare_worker
+    from alignkit.run.launch import prepare_worker
     from alignkit.models import build_tiny_model
 
     path = str(build_tiny_model("tiny-llama"))

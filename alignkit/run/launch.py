@@ -1,4 +1,10 @@
-"""Multi-process launching for `alignkit train`: the recipe's `distributed` section.
+"""Step 4 of a run: launch. The one place that changes process state: it starts and watches the workers of the
+recipe's `distributed` section, or sets this process up (threads, W&B's environment, and in a worker the
+environment and accelerate's state of its job).
+
+    recipe -> plan -> checks -> **launch** -> build -> execute
+
+The `distributed` section:
 
     distributed:
       num_processes: 2          # per machine
@@ -12,7 +18,7 @@ torchrun/accelerate arguments). `timeout` (seconds, default 1800 as transformers
 a process waits for its peers, at start-up for every machine to join and in every collective operation: a worker
 that dies, or a machine that never arrives, ends the whole job with one line naming the rank (or the machine) and
 the cause, never a hang (`run_workers`). Launched by another launcher (`accelerate launch`, `deepspeed`, `srun`
-running `alignkit train` per node), a worker sets itself up the same way (`prepare_worker`).
+running `alignkit train` per node), a worker sets itself up the same way (`join`).
 
 On a machine without GPU, DeepSpeed runs on its CPU accelerator with the gloo backend. accelerate then
 builds a one-process state while DeepSpeed starts a world of N, and the batch-size check fails
@@ -23,7 +29,6 @@ is what makes ZeRO-2/3 work on CPUs (tested in tests/test_zero.py). On GPUs the 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
@@ -33,96 +38,67 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-_BASE = {
-    "bf16": {"enabled": "auto"},
-    "fp16": {"enabled": "auto"},
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-}
-_ZERO2 = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
-_ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
-          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-          "stage3_gather_16bit_weights_on_model_save": True}
-_OFFLOAD = {"device": "cpu", "pin_memory": True}
+from .._util import configure_wandb, set_torch_threads_for_this_machine, wants_wandb
+from .plan import Plan, Role, has_gpu, worker_kwargs
 
-#: the named DeepSpeed configurations; recipes/deepspeed/<name>.json holds the same (tested)
-ZERO_CONFIGS: dict[str, dict[str, Any]] = {
-    "zero2": {"zero_optimization": _ZERO2, **_BASE},
-    "zero3": {"zero_optimization": _ZERO3, **_BASE},
-    "zero3_offload": {"zero_optimization": {**_ZERO3, "offload_optimizer": _OFFLOAD, "offload_param": _OFFLOAD},
-                      **_BASE},
-}
+__all__ = ["set_up_process", "join", "prepare_worker", "run_workers", "launch_command", "format_command",
+           "LaunchError", "record_worker_failure", "LAUNCHED_BY_ALIGNKIT"]
+
+def set_up_process(plan: Plan, config) -> str | None:
+    """Set this process up to train: torch threads (a single process; torchrun gives workers theirs), W&B's
+    environment when the config reports to W&B, and, in a worker, the job's state (`join`). Returns the W&B
+    directory of an offline run (or None)."""
+    if plan.role is Role.SINGLE:
+        set_threads()
+    wandb_dir = None
+    if wants_wandb(config):
+        w = plan.recipe.wandb
+        wandb_dir = configure_wandb(config.output_dir, **({} if w is None else dict(
+            mode=w.mode, project=w.project, entity=w.entity, group=w.group, tags=w.tags)),
+            say=lambda line: print(f"[alignkit] {line}", file=sys.stderr, flush=True))
+    return wandb_dir
 
 
-def has_gpu() -> bool:
-    import torch
+def set_threads(say: bool = True) -> None:
+    """A single process's torch threads (one per idle core unless OMP_NUM_THREADS says otherwise)."""
+    if os.environ.get("LOCAL_RANK") is None:
+        line = set_torch_threads_for_this_machine()
+        if line and say:
+            print(f"[alignkit] {line}", file=sys.stderr)
 
-    return torch.cuda.is_available()
 
-
-def deepspeed_config(spec: str, offload_optimizer: bool = False, offload_params: bool = False) -> dict:
-    """The DeepSpeed config for a name (`zero2`, `zero3`, `zero3_offload`) or a JSON file, with the
-    requested CPU offloads added."""
-    if spec in ZERO_CONFIGS:
-        cfg = copy.deepcopy(ZERO_CONFIGS[spec])
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"distributed.deepspeed: {spec!r} is neither one of {', '.join(ZERO_CONFIGS)} nor a "
-                             "JSON file.")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"distributed.deepspeed: {spec} is not valid JSON ({exc}).") from None
-    zero = cfg.setdefault("zero_optimization", {})
-    if offload_optimizer:
-        zero["offload_optimizer"] = dict(_OFFLOAD)
-    if offload_params:
-        if zero.get("stage") != 3:
-            raise ValueError("distributed.offload_params needs ZeRO stage 3 (deepspeed: zero3).")
-        zero["offload_param"] = dict(_OFFLOAD)
+def join(section, config_kwargs: dict[str, Any]) -> None:
+    """In a launched worker, before its config is built: the environment DeepSpeed and accelerate read, and, without
+    a GPU, accelerate's state with the gloo backend (the config's `accelerator_config.use_configured_state`, set by
+    `alignkit.run.plan.worker_kwargs`, makes the Trainer use it)."""
+    if section.deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if not has_gpu():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not has_gpu():
-        for section in ("offload_optimizer", "offload_param"):
-            if section in zero:
-                zero[section]["pin_memory"] = False  # no pinned memory without a GPU
-    return cfg
+        import datetime
+
+        from accelerate import PartialState
+
+        # Without DeepSpeed the state must be marked as CPU: a plain gloo PartialState is accelerate's
+        # single-process state (DistributedType.NO) even in a world of N, and each rank then trains its own copy
+        # with no gradient synchronisation (tests/test_ddp.py). Under DeepSpeed the engine's type is used.
+        uses_deepspeed = section.deepspeed or "deepspeed" in config_kwargs or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        PartialState(backend="gloo", timeout=datetime.timedelta(seconds=config_kwargs.get("ddp_timeout", 1800)),
+                     **({} if uses_deepspeed else {"cpu": True}))
 
 
-def check_distributed(recipe) -> None:
-    """Refuse what cannot run, before anything is launched (ValueError with the fix): a DeepSpeed name or file
-    that does not resolve (with one process too: ZeRO on one process is applied, for its memory savings),
-    reference precomputation under DeepSpeed with several processes."""
-    dist = recipe.distributed
-    ds = (dist.deepspeed if dist is not None else None) or recipe.training.get("deepspeed")
-    if dist is not None and dist.deepspeed:
-        deepspeed_config(dist.deepspeed, dist.offload_optimizer, dist.offload_params)
-    elif dist is not None and (dist.offload_optimizer or dist.offload_params):
-        raise ValueError("distributed.offload_optimizer / offload_params need distributed.deepspeed (e.g. zero3).")
-    world = dist.num_processes * dist.num_machines if dist is not None else 1
-    if ds and world > 1 and recipe.training.get("precompute_ref_log_probs"):
-        raise ValueError("precompute_ref_log_probs is not supported under DeepSpeed with several processes; set "
-                         "precompute_ref_log_probs: false (the reference then runs each step, sharded under ZeRO-3).")
+def prepare_worker(section, training: dict[str, Any]) -> dict[str, Any]:
+    """`worker_kwargs` then `join`: what `alignkit train` does in a worker, for scripts that build their own
+    trainers under torchrun (the tests' and benchmarks' multi-process runs). Returns the config's keyword
+    arguments."""
+    training = worker_kwargs(section, training)
+    join(section, training)
+    return training
 
 
-def needs_launch(section) -> bool:
-    """Whether `alignkit train` relaunches itself: several processes, or DeepSpeed (which needs a launched
-    process group even for one process)."""
-    return section is not None and (section.num_processes * section.num_machines > 1 or bool(section.deepspeed))
-
-
-def is_launched_worker() -> bool:
-    """True inside a process started by torchrun / accelerate / deepspeed."""
-    return "LOCAL_RANK" in os.environ
-
-
-def launched_by_another_launcher() -> bool:
-    """A worker of a job that `accelerate launch`, `deepspeed` or the user's own torchrun started with several
-    processes or DeepSpeed, whatever the recipe's `distributed` section says."""
-    return is_launched_worker() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or
-                                     os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
-
+# ---- running the workers ---------------------------------------------------------------------------------------
 
 def _torchrun_args(section) -> list[str]:
     args = [f"--nproc_per_node={section.num_processes}"]
@@ -155,45 +131,6 @@ def launch_command(section, recipe_path: str, overrides: list[str]) -> tuple[lis
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
     return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(c) for c in cmd])
 
-
-def prepare_worker(section, training: dict[str, Any]) -> dict[str, Any]:
-    """Inside a launched process: set up accelerate's state (gloo on CPUs) and return the training
-    config's keyword arguments with DeepSpeed and precision filled in."""
-    training = dict(training)
-    if getattr(section, "timeout", None) is not None:
-        training.setdefault("ddp_timeout", section.timeout)
-    if section.mixed_precision != "no":
-        training[section.mixed_precision] = True
-    gpu = has_gpu()
-    # `accelerate launch` with a DeepSpeed config: accelerate's environment describes it, and the training config
-    # builds its DeepSpeed plugin from there (TrainingArguments does, when `deepspeed` is unset)
-    deepspeed_from_launcher = not section.deepspeed and "deepspeed" not in training and \
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    if section.deepspeed:
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if not gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        training["deepspeed"] = deepspeed_config(section.deepspeed, section.offload_optimizer, section.offload_params)
-    elif not gpu and not deepspeed_from_launcher and "deepspeed" not in training:
-        training["use_cpu"] = True
-    if not gpu:
-        from accelerate import PartialState
-
-        # Without DeepSpeed the state must be marked as CPU: a plain gloo PartialState is accelerate's
-        # single-process state (DistributedType.NO) even in a world of N, and each rank then trains its own copy
-        # with no gradient synchronisation (tests/test_ddp.py). Under DeepSpeed the engine's type is used.
-        import datetime
-
-        uses_deepspeed = section.deepspeed or deepspeed_from_launcher or "deepspeed" in training
-        PartialState(backend="gloo", timeout=datetime.timedelta(seconds=training.get("ddp_timeout", 1800)),
-                     **({} if uses_deepspeed else {"cpu": True}))
-        accel = dict(training.get("accelerator_config") or {})
-        accel["use_configured_state"] = True
-        training["accelerator_config"] = accel
-    return training
-
-
-# ---- running the workers -------------------------------------------------------------------------------------
 
 #: set in the workers `run_workers` starts: a worker's failure is written to torchelastic's error file (read back by
 #: the launcher, which prints one line for the whole job) instead of as a traceback on the console

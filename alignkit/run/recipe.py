@@ -1,4 +1,6 @@
-"""Recipes: one YAML file that names the method, the model, the data and the TRL config.
+"""Step 1 of a run: the recipe, one YAML file that names the method, the model, the data and the TRL config.
+
+This module is the schema and is pure: it reads and checks YAML, and builds config objects; it starts nothing.
 
 A recipe speaks TRL: every top-level key that is not one of alignkit's sections is a field of the
 method's config class (for ``method: fdpo``, :class:`alignkit.FDPOConfig`, i.e. TRL's ``DPOConfig``
@@ -30,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from ._util import first_line
+from .._util import first_line
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides", "METHODS"]
 
@@ -142,7 +144,7 @@ class RewardSection(_Section):
 
 
 class DistributedSection(_Section):
-    """Multi-process training: `alignkit train` relaunches itself under torchrun (see alignkit.distributed)."""
+    """Multi-process training: `alignkit train` relaunches itself under torchrun (see alignkit.run.launch)."""
 
     num_processes: int = 1
     #: zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON | null (plain DDP)
@@ -214,23 +216,11 @@ class Recipe:
     source: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def build_config(self):
-        """The method's config object (e.g. FDPOConfig). Raises RecipeError on a bad value. Inside a process
-        launched for the `distributed` section, DeepSpeed and accelerate's state are set up first."""
-        cls = config_class(self.method)
-        training = self.training
-        from .distributed import is_launched_worker, launched_by_another_launcher, prepare_worker
-
-        section = self.distributed
-        if section is None and launched_by_another_launcher():
-            section = DistributedSection()  # accelerate launch / deepspeed / torchrun: they set the processes up
-        if section is not None and is_launched_worker():
-            try:
-                training = prepare_worker(section, training)
-            except ValueError as exc:
-                raise RecipeError(f"{self._where()}: {exc}") from None
+    def build_config(self, training: dict[str, Any] | None = None):
+        """The method's config object (e.g. FDPOConfig) from `training` (default: the recipe's own fields; the plan
+        passes them resolved for this process). Raises RecipeError on a bad value."""
         try:
-            return cls(**training)
+            return config_class(self.method)(**(self.training if training is None else training))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{self._where()}: {exc}") from None
 

@@ -1,4 +1,4 @@
-"""The one place where alignkit depends on TRL's and transformers' private internals.
+"""The one place where alignkit depends on private internals of TRL, transformers, accelerate, PEFT and DeepSpeed.
 
 alignkit's trainers subclass TRL's `DPOTrainer` and `RewardTrainer` (and transformers' `Trainer`). Where a
 public API exists they use it; what has none is listed here, and every access goes through this module:
@@ -38,6 +38,8 @@ OVERRIDDEN_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("trl.RewardTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
     ("trl.RewardTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("transformers.Trainer", "_get_train_sampler", ("self",)),
+    ("transformers.Trainer", "_remove_unused_columns", ("self", "dataset", "description")),
+    ("transformers.Trainer", "_prepare_inputs", ("self", "inputs")),
     ("transformers.Trainer", "_save", ("self", "output_dir", "state_dict")),
     ("transformers.Trainer", "_save_checkpoint", ("self", "model", "trial")),
     ("transformers.Trainer", "_load_rng_state", ("self", "checkpoint")),
@@ -60,10 +62,10 @@ FUNCTIONS: list[tuple[str, str, tuple[str, ...]]] = [
 
 #: private attributes of a constructed trainer: trainer class name -> attribute names
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "DPOTrainer": ("_metrics", "_total_train_tokens", "_tp_size", "_tokenizer", "_signature_columns",
+    "DPOTrainer": ("_name", "_metrics", "_total_train_tokens", "_tp_size", "_tokenizer", "_signature_columns",
                    "aux_loss_enabled", "router_aux_loss_coef", "precompute_ref_logps", "loss_types", "loss_weights",
                    "ld_alpha", "use_weighting", "label_smoothing", "beta"),
-    "RewardTrainer": ("_metrics", "_signature_columns"),
+    "RewardTrainer": ("_name", "_metrics", "_signature_columns"),
 }
 
 #: what `model(..., fused_lm_head=True)` returns (TRL's fused LM head); `log_sum_sq_probs` only with WPO
@@ -174,6 +176,26 @@ def common_prefix_length(a, b) -> int:
     from trl.data_utils import common_prefix_length as _cpl
 
     return _cpl(a, b)
+
+
+def prepare_dataset(trainer, dataset, dataset_name: str):
+    """TRL's tokenization of a raw split, as the trainer prepares its own (`_prepare_dataset`)."""
+    return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, dataset_name)
+
+
+def remove_unused_columns(trainer, dataset, description: str):
+    """The columns the model's forward does not take, removed as Trainer removes them for its dataloaders."""
+    return trainer._remove_unused_columns(dataset, description=description)
+
+
+def prepare_inputs(trainer, inputs: dict):
+    """A collated batch on the trainer's device, as Trainer moves one before its forward."""
+    return trainer._prepare_inputs(inputs)
+
+
+def card_name(trainer) -> str:
+    """The method name TRL writes in the model card (its trainers' `_name`, which ours set)."""
+    return trainer._name
 
 
 def pad(tensors, padding_value, **kwargs):

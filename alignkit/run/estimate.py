@@ -53,7 +53,7 @@ GPUS: dict[str, float] = {"H100": 80.0, "H200": 141.0, "B200": 180.0, "A100": 80
 
 def gpu_peak_tflops(name: str) -> float:
     """The dense bf16 peak of a `--gpus` name, from the table `perf/mfu` uses."""
-    from .metrics.perf import DEVICE_PEAK_TFLOPS
+    from ..metrics.perf import DEVICE_PEAK_TFLOPS
 
     return DEVICE_PEAK_TFLOPS[name.split("-")[0]]
 
@@ -225,10 +225,10 @@ def _sequences(recipe, config, tokenizer) -> tuple[int, int, str]:
     """(sequences per row or prompt in a training micro-batch, tokens per sequence, where that length comes from):
     the longest of the first SAMPLE_ROWS rows of the training data, capped at the config's limits (TRL pads a batch
     to its longest sequence)."""
-    from .runner import _load_split
+    from .checks import load_split
 
     method = recipe.method
-    data = _load_split(recipe, recipe.dataset.train_split)
+    data = load_split(recipe, recipe.dataset.train_split)
     rows = data.select(range(min(SAMPLE_ROWS, len(data))))
     where = f"the longest of {len(rows)} training rows"
     if method in ("ppo", "online_mdpo"):
@@ -256,15 +256,15 @@ def _sequences(recipe, config, tokenizer) -> tuple[int, int, str]:
 
 
 def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int | None = None) -> Plan:
-    """The plan of a recipe (alignkit.recipes.Recipe) on its `distributed` section's devices, or on `gpus`
+    """The plan of a recipe (alignkit.run.recipe.Recipe) on its `distributed` section's devices, or on `gpus`
     (`8xH100`, `2x8xH100`): parameters, memory per device, tokens and FLOPs per step, and with a GPU the step time at
     `mfu`. Loads configs and (for mDPO's group sizes) the first row of the data, never weights."""
-    from .metrics.perf import matmul_parameters, training_flops
-    from .models import model_config
-    from .recipes import ON_POLICY_METHODS, REWARD_MODEL_METHODS
+    from ..metrics.perf import matmul_parameters, training_flops
+    from ..models import model_config
+    from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS
 
-    from .distributed import check_distributed
-    from .recipes import RecipeError
+    from .plan import check_distributed
+    from .recipe import RecipeError
 
     try:
         check_distributed(recipe)  # a DeepSpeed name or file that does not resolve, as train refuses it
@@ -282,7 +282,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     offload_optimizer = bool(dist and dist.offload_optimizer)
     offload_params = bool(dist and dist.offload_params)
     if ds_spec:
-        from .distributed import deepspeed_config
+        from .plan import deepspeed_config
 
         ds = deepspeed_config(ds_spec, offload_optimizer, offload_params) if isinstance(ds_spec, str) else ds_spec
         zero = ds.get("zero_optimization", {})
@@ -328,7 +328,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
         _states(est, n, stage, weight_bytes, mixed, offload_optimizer, offload_params)
     if peft_config is not None:
         notes.append("LoRA: the reference is the policy with its adapter disabled (no second copy).")
-    from .models import model_tokenizer
+    from ..models import model_tokenizer
 
     per_row, length, length_from = _sequences(recipe, config, model_tokenizer(m.name_or_path, m.trust_remote_code,
                                                                             m.revision))
@@ -336,7 +336,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
         length, length_from = seq_len, "--seq-len"
     seqs = per_row * config.per_device_train_batch_size
     shape = _shape(policy_config)
-    from .trainers._trl import attn_implementation
+    from .._adapter import attn_implementation
 
     eager = (m.attn_implementation or attn_implementation(trained)) == "eager"
     act_bytes = 2 if mixed else weight_bytes
@@ -372,7 +372,7 @@ def _gpu_settings(recipe):
     TRL's default on a GPU: on, unless fp16 is."""
     import types
 
-    from .recipes import config_class
+    from .recipe import config_class
 
     values = {f.name: f.default for f in dataclasses.fields(config_class(recipe.method))
               if f.init and f.default is not dataclasses.MISSING}
@@ -385,7 +385,7 @@ def _gpu_settings(recipe):
 def _config_or_policy(name: str, key: str, m, policy_config, notes: list[str]):
     """The config of a reward or value model; one that does not exist yet (the output_dir of a reward-model run still
     to come) is counted with the policy's architecture, and the plan says so."""
-    from .models import ModelError, model_config
+    from ..models import ModelError, model_config
 
     try:
         return model_config(name, key, m.trust_remote_code)
