@@ -35,7 +35,7 @@ online_mdpo `reward`) sections, and any field of the method's config class at th
 plus divergence/alpha and the MMD penalty of Causal DPO; mdpo: those plus unbiased/nll_weight/...; crm:
 RewardConfig plus mmd_coef/attributes/...; ppo: TRL's former PPOConfig plus divergence/...; online_mdpo:
 num_generations/grouping/loss_type/beta/... of OnlineMultiSampleConfig).
-See README.md for the format.
+See docs/recipes.md for the format.
 """
 
 

@@ -1,7 +1,7 @@
 """`alignkit dashboard`: a W&B workspace with the panels that tell each method's story.
 
 Built with the `wandb-workspaces` package: one section per method (f-DPO, mDPO/mIPO, causal reward model, PPO)
-and one for throughput (`perf/*`), each panel a line plot of the metrics the trainers log (README "Logged
+and one for throughput (`perf/*`), each panel a line plot of the metrics the trainers log (docs/fdpo.md, "Logged
 metrics"), training and evaluation side by side. With a W&B API key it is saved to the project and its URL
 printed; without one (offline machines, CI) the workspace definition is written to a JSON file and the command
 that pushes it later is printed.

@@ -42,7 +42,7 @@ def test_every_shipped_recipe_validates(tmp_path, monkeypatch):
 
 def test_every_real_model_recipe_validates(tmp_path, monkeypatch):
     """recipes/real/: SmolLM2 with the data files shipped in recipes/real/data (validation reads the data, the
-    tokenizer and the model's config, not its weights; a full run of each takes minutes: README, "Real models")."""
+    tokenizer and the model's config, not its weights; a full run of each takes minutes: docs/getting-started.md, "Real models")."""
     from alignkit.cli import main
 
     monkeypatch.chdir(tmp_path)

@@ -59,7 +59,7 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
             `mmd_bandwidths`, `mmd_start_step` and the other `mmd_*` / `bin_*` fields mean what they mean in
             `CausalRewardConfig`.
 
-    Every other `DPOConfig` field means what it means in TRL (README, "Every TRL option works", lists which loss type
+    Every other `DPOConfig` field means what it means in TRL (docs/fdpo.md, "Every TRL option works", lists which loss type
     works with which divergence). TRL's own `f_divergence_type` / `f_alpha_divergence_coef` are translated into
     `divergence` / `alpha` (with a warning stating `alpha = 1 - f_alpha_divergence_coef`); after construction they
     mirror `divergence` / `alpha`. Setting both TRL's and alignkit's fields to different divergences is an error.
