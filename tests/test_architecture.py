@@ -152,3 +152,9 @@ def test_the_scan_allows_a_declared_hook_and_its_super_call():
     source = ("class T:\n    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):\n"
               "        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)\n")
     assert private_uses(source, library_private_names(), _declared_hooks()) == []
+
+
+def test_no_module_is_over_600_lines():
+    """Past that a module does several jobs (the redesign split runner.py, ppo.py and losses.py on this line)."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]

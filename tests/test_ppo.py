@@ -311,7 +311,7 @@ def test_train_returns_the_mean_loss_and_old_logprobs_are_computed_without_dropo
         layer.self_attn.attention_dropout = 0.5
     batch = next(trainer._prompt_batches(0))
     ro = trainer._rollout(batch)
-    from alignkit.trainers.ppo import response_logprobs
+    from alignkit.trainers.rollout import response_logprobs
 
     policy.eval()
     with torch.no_grad():

@@ -40,7 +40,9 @@ import torch.nn as nn
 from ..divergences import DEFAULT_MAX_EXPONENT
 from ..losses import GROUPINGS, group_mean, group_preference_loss, masked_mean, split_groups_by_reward
 from ._common import PREFERENCE_RULES, base_model_name, check_ranges, describe_base_model
-from .ppo import OnPolicyConfig, PPOTrainer, _divergence_estimates, _now, response_logprobs
+from .on_policy_config import OnPolicyConfig
+from .ppo import PPOTrainer
+from .rollout import divergence_estimates, now, response_logprobs
 
 __all__ = ["OnlineMultiSampleConfig", "OnlineMultiSampleTrainer"]
 
@@ -301,7 +303,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         used = (groups.chosen | groups.rejected).flatten()
         rows_total, tokens_total = self._update_counts(ro)
         self._perf_count(ro["mask"][used].sum(1), repeats=args.num_iterations)
-        t_opt = _now()
+        t_opt = now()
         losses, stats = [], []
         bs = args.per_device_train_batch_size
         for _ in range(args.num_iterations):
@@ -319,7 +321,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
                         stats.append(s)
                 losses.append(total)
             self.lr_scheduler.step()
-        self._timings["optimisation"] = _now() - t_opt
+        self._timings["optimisation"] = now() - t_opt
         # each process's loss is its share of the global mean: the iteration's loss is their sum (every process
         # runs this reduction, whatever it kept)
         loss_value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], device=ro["ids"].device)
@@ -383,7 +385,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             metrics[f"rewards/{name}/std"] = every.std().item() if every.numel() > 1 else 0.0
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
         # the unbiased estimate of every divergence of the family from the reference, from this rollout's samples
-        for name, est in _divergence_estimates(ro["logr"], rmask).items():
+        for name, est in divergence_estimates(ro["logr"], rmask).items():
             metrics[f"divergence/{name}"] = gather(est).mean().item()
         if sums[12]:
             for k, key in enumerate(("implicit_rewards/chosen", "implicit_rewards/rejected", "implicit_rewards/margins",

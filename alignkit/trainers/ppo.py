@@ -13,7 +13,9 @@ its import, and adds the f-divergence constraint of the thesis:
   KL and JS, whose reward penalty grows much faster than reverse KL's.
 
 One `global_step` is one PPO iteration: generate for a batch of prompts, score, compute advantages (GAE),
-then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates.
+then `num_ppo_epochs` passes of `num_mini_batches` clipped policy/value updates. The rollout is in `rollout.py`, the
+update in `update.py`, the configs in `on_policy_config.py`; this module holds the trainer's set-up, loop,
+evaluation and saving.
 """
 
 from __future__ import annotations
@@ -22,250 +24,27 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import GenerationConfig, Trainer, TrainerState, TrainingArguments
+from transformers import GenerationConfig, Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from ..divergences import get_divergence
-from ..losses import (SEQUENCE_PENALTY_NORMALIZATIONS, gae_advantages, masked_mean, masked_whiten, ppo_policy_loss,
-                      ppo_value_loss, sequence_divergence_penalty)
 from .. import _adapter
-from ._common import (PPO_RULES, TRAINING_RULES, ConfigResolverMixin, base_model_name, check_ranges,
-                      default_precision_for_this_machine, describe_base_model)
-from ._perf import PerfArguments, PerfMetricsMixin
+from ..divergences import get_divergence
+from ._common import ConfigResolverMixin, base_model_name, describe_base_model
+from ._perf import PerfMetricsMixin
 from ._samples import write_sample_table
+from .on_policy_config import OnPolicyConfig, PPOConfig
+from .rollout import (ESTIMATED_DIVERGENCES, TIMED_PARTS, PolicyAndValue, PolicyOnly, RewardFunc, Rollout,
+                      divergence_estimates)
+from .update import Update
 
 __all__ = ["OnPolicyConfig", "PPOConfig", "PPOTrainer"]
 
-RewardFunc = Callable[[list[str], list[str]], list[float]]
 
-
-@dataclass
-class OnPolicyConfig(PerfArguments, TrainingArguments):
-    r"""The fields every on-policy alignkit trainer shares (TRL's former `OnPolicyConfig`): where the models come
-    from, how responses are sampled and scored, and the f-divergence of the constraint. [`PPOConfig`] and
-    `OnlineMultiSampleConfig` add their own optimisation fields.
-
-    alignkit fields:
-        divergence (`str`, defaults to `"reverse_kl"`), alpha (`float`, *optional*): the f-divergence of the
-            constraint, as in `FDPOConfig`.
-        length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
-            thesis' length-penalty baseline).
-        top_k (`int`, defaults to `0`): sample from the `top_k` most likely tokens, as in TRL's `GRPOConfig`; 0
-            (TRL's former PPO) samples from all of them, 1 is greedy: the rollouts then do not depend on how the
-            prompts are split over processes.
-    """
-
-    #: the learning rate an unset `learning_rate` becomes (TRL's PPO default)
-    _default_learning_rate = 3e-6
-
-    # TRL's former OnPolicyConfig fields
-    exp_name: str = field(default="ppo", metadata={"help": "Experiment name: the run name when run_name is unset."})
-    reward_model_path: str | None = field(default=None, metadata={
-        "help": "Folder or hub id of the reward model, loaded when no reward_model is passed (and of the value "
-                "model's initialisation when no value_model is passed)."})
-    sft_model_path: str | None = field(default=None, metadata={
-        "help": "Folder or hub id of the policy (and reference), loaded when no model (ref_model) is passed."})
-    model_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
-    ref_adapter_name: str | None = field(default=None, metadata={"help": "Not supported (multi-adapter PEFT)."})
-    num_sample_generations: int = field(default=10, metadata={"help": "Tables of sample completions during training "
-                                                                      "(output_dir/samples, W&B); 0 turns them off."})
-    ds3_gather_for_generation: bool = field(default=True, metadata={
-        "help": "Under DeepSpeed ZeRO-3: gather the policy's weights for generation (faster; the policy must fit "
-                "on one device), else generate from the sharded weights with the ranks kept in step."})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
-    total_episodes: int | None = field(default=None, metadata={"help": "Prompts to generate for (sets max_steps)."})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad forward."})
-    response_length: int = field(default=53, metadata={"help": "Maximum new tokens per response."})
-    stop_token: str | None = field(default=None, metadata={"help": "'eos' to stop responses at the EOS token."})
-    stop_token_id: int | None = field(default=None, metadata={"help": "Token id that ends a response."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the top_k most likely tokens (GRPOConfig's name); 0 "
-                                                    "samples from all, 1 is greedy (the same responses whatever the "
-                                                    "number of processes)."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of "
-                                                                             "responses without a stop token."})
-    max_prompt_length: int | None = field(default=512, metadata={"help": "Prompts are truncated (left) to this."})
-    # alignkit
-    divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
-    alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
-    length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
-
-    def __post_init__(self):
-        if self.run_name is None:
-            self.run_name = self.exp_name
-        check_ranges(self, TRAINING_RULES, PPO_RULES)
-        default_precision_for_this_machine(self)
-        if self.learning_rate == TrainingArguments.learning_rate:
-            self.learning_rate = self._default_learning_rate
-        super().__post_init__()
-        self.divergence = get_divergence(self.divergence, self.alpha).name
-        if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token must be 'eos' or unset, got {self.stop_token!r}; use stop_token_id "
-                             "for another token.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}; 0 samples from every token, 1 is greedy.")
-        if self.response_length < 1:
-            raise ValueError(f"response_length must be >= 1, got {self.response_length}.")
-        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
-            raise ValueError("save_strategy 'best' needs a metric_for_best_model from Trainer's evaluation loop, which "
-                             "on-policy training does not run; use 'steps' or 'epoch' (an epoch is a pass over the "
-                             "prompts).")
-        if self.model_adapter_name or self.ref_adapter_name:
-            raise ValueError("model_adapter_name/ref_adapter_name (several adapters on one model) are not supported; "
-                             "pass peft_config (the reference is the policy with its adapter disabled) or a "
-                             "ref_model.")
-
-    @property
-    def local_batch_size(self) -> int:
-        """Prompts per process per iteration."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
-
-@dataclass
-class PPOConfig(OnPolicyConfig):
-    r"""Configuration for [`PPOTrainer`]: the fields of TRL's former `PPOConfig`, plus the f-divergence.
-
-    Batch sizes follow TRL's PPO: one iteration generates for `per_device_train_batch_size *
-    gradient_accumulation_steps * num_mini_batches` prompts per process; each mini-batch update takes
-    `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`. `max_steps` counts
-    iterations (or set `total_episodes`, the number of prompts to generate for).
-
-    alignkit fields (besides those of [`OnPolicyConfig`]):
-        divergence_penalty (`str`, defaults to `"reward"`): `reward` (per-token penalty in the reward) or
-            `loss` (sequence estimate added to the loss).
-        divergence_penalty_normalization (`str`, defaults to `"length_plus_one"`): with `divergence_penalty:
-            loss`, each sequence's summed divergence estimate is divided by (response length + 1), as the thesis'
-            own code does, so `kl_coef` weighs a per-token average; `sum` keeps the sum (a `kl_coef` then weighs
-            about `response length + 1` times more).
-    """
-
-    # TRL's former PPOConfig fields
-    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches per PPO epoch."})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the divergence penalty."})
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 or k3 (reverse KL, reward placement)."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    # alignkit
-    divergence_penalty: str = field(default="reward", metadata={"help": "reward or loss."})
-    divergence_penalty_normalization: str = field(
-        default="length_plus_one",
-        metadata={"help": "Loss placement: divide each sequence's penalty by (length + 1) (the thesis' code), or sum."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.divergence_penalty not in ("reward", "loss"):
-            raise ValueError(f"divergence_penalty must be 'reward' or 'loss', got {self.divergence_penalty!r}.")
-        if self.divergence_penalty_normalization not in SEQUENCE_PENALTY_NORMALIZATIONS:
-            raise ValueError(f"divergence_penalty_normalization must be one of {', '.join(SEQUENCE_PENALTY_NORMALIZATIONS)}"
-                             f", got {self.divergence_penalty_normalization!r}.")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}.")
-        for name in ("num_mini_batches", "num_ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
-
-    @property
-    def local_batch_size(self) -> int:
-        """Prompts per process per PPO iteration."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    # left padding: positions count real tokens only
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
-def response_logprobs(model, ids, mask, context_len: int, temperature: float | None):
-    """Log-probs of the response tokens under temperature-scaled logits (as sampled), and the token entropy;
-    `temperature=None`: the model's own logits, unscaled."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
-    logits = out.logits[:, context_len - 1:-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (float64 stays)
-    if temperature is not None:
-        logits = logits / (temperature + 1e-7)
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[:, context_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-def response_values(value_model, ids, mask, context_len: int):
-    """Per-token values: the value model's score head applied to every position's last hidden state."""
-    backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                      use_cache=False).last_hidden_state
-    head = value_model.score if hasattr(value_model, "score") else value_model.classifier
-    return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
-
-
-class PolicyOnly(nn.Module):
-    """The policy alone, with the attribute layout of `PolicyAndValue` (`.policy`), for on-policy trainers without a
-    value model: the training forward goes through the (DDP-)wrapped module. Returns the response tokens' log-probs
-    and entropies under `temperature`."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    def forward(self, input_ids, attention_mask, context_len: int, temperature: float | None):
-        return response_logprobs(self.policy, input_ids, attention_mask, context_len, temperature)
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so that one optimizer (and one checkpoint) holds both, and the
-    training forward goes through the (DDP-)wrapped module, which is what synchronises gradients."""
-
-    def __init__(self, policy, value_model):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    def forward(self, input_ids, attention_mask, context_len: int, temperature: float):
-        logp, _ = response_logprobs(self.policy, input_ids, attention_mask, context_len, temperature)
-        return logp, response_values(self.value_model, input_ids, attention_mask, context_len)
-
-
-#: the divergences estimated from every batch of rollouts (divergence/<name>), alpha at 0.5
-ESTIMATED_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "alpha")
-
-
-def _divergence_estimates(logr: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per sequence, the unbiased estimate of each divergence of `ESTIMATED_DIVERGENCES` from the reference."""
-    return {name: (get_divergence(name, 0.5 if name == "alpha" else None).estimator(logr) * mask).sum(1)
-            for name in ESTIMATED_DIVERGENCES}
-
-
-#: the parts of a PPO iteration logged as time/<part> (gather: ZeRO-3 weight gathering, inside generation)
-_TIMED_PARTS = ("generation", "gather", "forward", "scoring", "optimisation")
-
-
-def _now() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
+class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer):
     """PPO for causal LMs with an f-divergence constraint; TRL's former experimental PPOTrainer API.
 
     Example:
@@ -358,7 +137,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
                          data_collator=data_collator or self._collate)
-        self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
+        self._timings = dict.fromkeys(TIMED_PARTS, 0.0)
         self._frozen_engines = []  # under ZeRO-3: the DeepSpeed engines that shard the reference and reward model
         for name in ("ref_model", "reward_model"):
             m = getattr(self, name)
@@ -496,236 +275,6 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                 iteration += 1
             epoch += 1
 
-    # ---- rollout ---------------------------------------------------------------------------------
-    def _ref_context(self):
-        if self.ref_model is None:
-            return self.accelerator.unwrap_model(self.model).policy.disable_adapter()
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _policy_for_generation(self, model):
-        """The policy to generate with, and extra `generate` arguments. Under ZeRO-3 with
-        `ds3_gather_for_generation` the policy's weights are gathered on every rank for the duration of `generate`
-        (ZeRO's hooks removed meanwhile, as TRL's `unwrap_model_for_generation` does) and sharded again after;
-        without it the policy generates from the sharded weights with `synced_gpus=True`, so every rank keeps
-        running forwards (which gather the weights collectively) until all ranks are done."""
-        if not self._is_zero3:
-            yield model.policy, {}
-        elif not self.args.ds3_gather_for_generation:
-            yield model.policy, {"synced_gpus": True}
-        else:
-            import deepspeed
-
-            t0 = _now()  # time/gather: gathering the weights and sharding them again (part of time/generation)
-            with deepspeed.zero.GatheredParameters(list(model.policy.parameters())):
-                _adapter.remove_hooks(self.model_wrapped)
-                self._timings["gather"] += _now() - t0
-                try:
-                    yield model.policy, {}
-                finally:
-                    t0 = _now()
-                    _adapter.add_hooks(self.model_wrapped)
-            self._timings["gather"] += _now() - t0
-
-    @property
-    def _sum_over_processes(self):
-        """`None` on one process (the plain masked statistics), else a sum over processes."""
-        if self.args.world_size <= 1:
-            return None
-        return lambda t: self.accelerator.reduce(t, reduction="sum")
-
-    def _token_logprobs(self, model, ids, mask, context_len):
-        return response_logprobs(model, ids, mask, context_len, self.args.temperature)
-
-    def _values(self, value_model, ids, mask, context_len):
-        return response_values(value_model, ids, mask, context_len)
-
-    def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
-        return self._score_with(self.reward_model, ids, mask, context_len, response_mask)
-
-    def _score_with(self, reward, ids, mask, context_len, response_mask) -> torch.Tensor:
-        """The scores of one reward source: a sequence-classification model, or a function on decoded text."""
-        if isinstance(reward, nn.Module):
-            # the score at the last real token of each sequence (the RewardTrainer convention)
-            last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)
-            backbone = getattr(reward, reward.base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                              use_cache=False).last_hidden_state
-            head = reward.score if hasattr(reward, "score") else reward.classifier
-            return head(hidden[torch.arange(ids.size(0), device=ids.device), last]).squeeze(-1).float()
-        prompts = self.tokenizer.batch_decode(ids[:, :context_len], skip_special_tokens=True)
-        completions = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-                       for r, m in zip(ids[:, context_len:], response_mask)]
-        return torch.tensor(reward(prompts, completions), dtype=torch.float, device=ids.device)
-
-    def _penalty_per_token(self, logr: torch.Tensor) -> torch.Tensor:
-        """The per-token divergence estimate: k1/k3 for reverse KL (as TRL), the unbiased estimator else."""
-        if self.divergence.name == "reverse_kl" and self.args.kl_estimator == "k1":
-            return logr
-        return self.divergence.estimator(logr)
-
-    @torch.no_grad()
-    def _generate_and_score(self, batch, values: bool = True) -> dict[str, torch.Tensor]:
-        """Sample a response per prompt with the current policy, then (dropout off) the log-probs of policy
-        and reference, the token entropy, the values (if asked) and the scores."""
-        args, model = self.args, self.accelerator.unwrap_model(self.model)
-        device = self.accelerator.device
-        prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        context_len = prompt_ids.size(1)
-        t0 = _now()
-        model.eval()
-        with self._policy_for_generation(model) as (policy, extra):
-            seqs = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                   generation_config=self.generation_config, **extra)
-        self._timings["generation"] += _now() - t0
-        response = seqs[:, context_len:]
-        # a response ends at its first stop token (kept); everything after is padding
-        if self.stop_token_id is not None:
-            is_stop = response == self.stop_token_id
-            after = (is_stop.cumsum(1) - is_stop.long()) > 0
-            has_stop = is_stop.any(1)
-        else:
-            after = torch.zeros_like(response, dtype=torch.bool)
-            has_stop = torch.zeros(response.size(0), dtype=torch.bool, device=device)
-        response_mask = (~after).long()
-        response = response.masked_fill(after, self.tokenizer.pad_token_id)
-        ids = torch.cat([prompt_ids, response], 1)
-        mask = torch.cat([prompt_mask, response_mask], 1)
-
-        chunks = {k: [] for k in ("logp", "ref_logp", "values", "scores", "entropy")}
-        bs = args.local_rollout_forward_batch_size
-        for s in range(0, ids.size(0), bs):
-            i, m, rm = ids[s:s + bs], mask[s:s + bs], response_mask[s:s + bs]
-            t0 = _now()
-            logp, ent = self._token_logprobs(model.policy, i, m, context_len)
-            with self._ref_context():
-                ref_logp, _ = self._token_logprobs(self.ref_model or model.policy, i, m, context_len)
-            chunks["logp"].append(logp)
-            chunks["entropy"].append(ent)
-            chunks["ref_logp"].append(ref_logp)
-            if values:
-                chunks["values"].append(self._values(model.value_model, i, m, context_len))
-            t1 = _now()
-            chunks["scores"].append(self._scores(i, m, context_len, rm))
-            self._timings["forward"] += t1 - t0
-            self._timings["scoring"] += _now() - t1
-        r = {k: torch.cat(v) for k, v in chunks.items() if v}
-        model.train()  # the old log-probs and values above were computed with dropout off
-        r.update(ids=ids, mask=mask, response_mask=response_mask, context_len=context_len, has_stop=has_stop)
-        return r
-
-    def _penalised_scores(self, scores, lengths, has_stop) -> torch.Tensor:
-        """The scores the objective uses: `length_penalty` per response token and `missing_eos_penalty` for a
-        response without a stop token subtracted."""
-        scores = scores - self.args.length_penalty * lengths
-        if self.args.missing_eos_penalty is not None:
-            scores = scores - self.args.missing_eos_penalty * (~has_stop).float()
-        return scores
-
-    @torch.no_grad()
-    def _rollout(self, batch) -> dict[str, torch.Tensor]:
-        args, device = self.args, self.accelerator.device
-        r = self._generate_and_score(batch)
-        ids, mask, response_mask, has_stop = r["ids"], r["mask"], r["response_mask"], r["has_stop"]
-        context_len = r["context_len"]
-        lengths = response_mask.sum(1).float()
-        scores = self._penalised_scores(r["scores"], lengths, has_stop)
-        maskf = response_mask.float()
-        logr = (r["logp"] - r["ref_logp"]) * maskf
-        penalty = self._penalty_per_token(logr) * maskf
-        rewards = torch.zeros_like(logr)
-        if args.divergence_penalty == "reward":
-            rewards = rewards - args.kl_coef * penalty
-        last = (lengths.long() - 1).clamp(min=0)
-        rewards[torch.arange(rewards.size(0), device=device), last] += scores
-        if args.whiten_rewards:
-            rewards = masked_whiten(rewards, maskf, shift_mean=False, reduce=self._sum_over_processes) * maskf
-        values = r["values"] * maskf
-        advantages, returns = gae_advantages(rewards, values, maskf, args.gamma, args.lam)
-        # whitened over the rollouts of every process: N processes train as one process with the same global batch
-        advantages = masked_whiten(advantages, maskf, reduce=self._sum_over_processes) * maskf
-        return {"ids": ids, "mask": mask, "response_mask": maskf, "context_len": context_len,
-                "logp": r["logp"], "ref_logp": r["ref_logp"], "values": values, "advantages": advantages,
-                "returns": returns, "scores": scores, "raw_scores": r["scores"], "penalty": penalty,
-                "logr": logr, "entropy": r["entropy"], "lengths": lengths, "has_stop": has_stop.float(),
-                "rewards": rewards}
-
-    # ---- optimisation ----------------------------------------------------------------------------
-    def _ppo_loss(self, ro, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        args = self.args
-        ids, mask, rmask, c = ro["ids"][idx], ro["mask"][idx], ro["response_mask"][idx], ro["context_len"]
-        logp, vpred = self.model(ids, mask, c, args.temperature)  # through DDP when there are several ranks
-        old_logp, old_v, adv, ret = ro["logp"][idx], ro["values"][idx], ro["advantages"][idx], ro["returns"][idx]
-        vf_loss, vf_clipfrac = ppo_value_loss(vpred, old_v, ret, rmask, args.cliprange_value)
-        pg_loss, pg_clipfrac, ratio, approxkl = ppo_policy_loss(logp, old_logp, adv, rmask, args.cliprange)
-        loss = pg_loss + args.vf_coef * vf_loss
-        div_loss = torch.zeros((), device=loss.device)
-        if args.divergence_penalty == "loss":
-            logr = (logp - ro["ref_logp"][idx]) * rmask
-            per_seq = sequence_divergence_penalty(self.divergence.estimator(logr) * rmask, rmask,
-                                                  args.divergence_penalty_normalization)
-            div_loss = per_seq.mean()
-            loss = loss + args.kl_coef * div_loss
-        stats = {"loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-                 "div_loss": div_loss.detach(), "pg_clipfrac": pg_clipfrac, "vf_clipfrac": vf_clipfrac,
-                 "approxkl": approxkl, "ratio": ratio}
-        return loss, stats
-
-    def _micro_batch_backward(self, share: torch.Tensor, num_micro: int, last: bool) -> None:
-        """Backward of one micro-batch's `share` of an update's loss (the shares of its `num_micro` micro-batches
-        add up to the loss), then, after the last, the optimizer step (gradients clipped to `max_grad_norm`).
-        Under DeepSpeed the engine accumulates over its `gradient_accumulation_steps` (= `num_micro`) micro-batches,
-        dividing each loss by their number, and steps at the last: the share is scaled back. Without it
-        transformers 5 builds the accelerator with accumulation left to the training loop: the gradients add up
-        here."""
-        args = self.args
-        if self.is_deepspeed_enabled:
-            with self.accelerator.accumulate(self.model):
-                self.accelerator.backward(share * num_micro)
-                if self.accelerator.sync_gradients and args.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-            return
-        self.accelerator.backward(share)
-        if last:
-            if args.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-
-    def _updates_per_iteration(self) -> int:
-        """Optimizer steps per iteration (sizes the learning-rate schedule)."""
-        return self.args.num_ppo_epochs * self.args.num_mini_batches
-
-    def _training_iteration(self, batch):
-        """One PPO iteration on a batch of prompts: rollout, then `num_ppo_epochs` passes of `num_mini_batches`
-        updates. Returns the mean loss and a function computing the iteration's metrics (called when logging)."""
-        args = self.args
-        mb_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        ro = self._rollout(batch)
-        # perf/*: the tokens the policy trains on (prompt and response, once per PPO epoch); the iteration's
-        # time includes the rollout, so perf/tokens_per_second is end-to-end PPO throughput
-        self._perf_count(ro["mask"].sum(1), repeats=args.num_ppo_epochs)
-        t_opt = _now()
-        n = ro["ids"].size(0)
-        acc = {k: [] for k in ("loss", "pg_loss", "vf_loss", "div_loss", "pg_clipfrac", "vf_clipfrac", "approxkl",
-                               "ratio")}
-        for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(n, device=ro["ids"].device)
-            for mb in range(0, n, mb_size):
-                mb_idx = order[mb:mb + mb_size]
-                starts = range(0, mb_idx.numel(), args.per_device_train_batch_size)
-                for k_micro, micro in enumerate(starts):
-                    idx = mb_idx[micro:micro + args.per_device_train_batch_size]
-                    loss, stats = self._ppo_loss(ro, idx)
-                    # one update per mini-batch: the mean of its micro-batch losses
-                    self._micro_batch_backward(loss / len(starts), len(starts), last=k_micro == len(starts) - 1)
-                    for k, v in stats.items():
-                        acc[k].append(v)
-                self.lr_scheduler.step()
-        self._timings["optimisation"] = _now() - t_opt
-        return torch.stack(acc["loss"]).mean().item(), lambda: self._iteration_metrics(ro, acc)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Run `max_steps` PPO iterations (resuming from a checkpoint of this trainer if asked)."""
@@ -776,7 +325,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
         # Progress is shown by Trainer's progress callback (on_step_end), as in every other trainer.
         for it in range(start, args.max_steps):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._timings = dict.fromkeys(_TIMED_PARTS, 0.0)
+            self._timings = dict.fromkeys(TIMED_PARTS, 0.0)
             loss_value, iteration_metrics = self._training_iteration(next(batches))
             loss_sum += loss_value
             self.state.global_step = it + 1
@@ -862,7 +411,7 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                 rmask = r["response_mask"].float()
                 logr = (r["logp"] - r["ref_logp"]) * rmask
                 per_seq = [r["scores"], rmask.sum(1), (r["entropy"] * rmask).sum(1),
-                           *_divergence_estimates(logr, rmask).values(),
+                           *divergence_estimates(logr, rmask).values(),
                            torch.ones_like(rmask[:, 0])]  # the count of rollouts
                 if not filler:
                     sums += torch.stack([x.float().sum() for x in per_seq])
@@ -904,32 +453,6 @@ class PPOTrainer(PerfMetricsMixin, ConfigResolverMixin, Trainer):
                           "score": score})
         write_sample_table(self, table, f"step_{self.state.global_step}")
 
-    @torch.no_grad()
-    def _iteration_metrics(self, ro, acc) -> dict[str, float]:
-        gather = self.accelerator.gather_for_metrics
-        rmask = ro["response_mask"]
-        seq_penalty = ro["penalty"].sum(1)
-        metrics = {
-            "objective/scores": gather(ro["raw_scores"]).mean().item(),
-            "objective/rlhf_reward": gather(ro["rewards"].sum(1)).mean().item(),
-            f"objective/{self.divergence.name}": gather(seq_penalty).mean().item(),
-            "objective/entropy": gather(masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
-            "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
-            "response/length": gather(ro["lengths"]).mean().item(),
-            "lr": self.lr_scheduler.get_last_lr()[0],
-            "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
-        }
-        # seconds of this iteration: sampling, no-grad forwards (policy, reference, value), reward, updates
-        metrics.update({f"time/{k}": v for k, v in self._timings.items()})
-        # the unbiased estimate of every divergence of the family, from the same samples
-        for name, est in _divergence_estimates(ro["logr"], rmask).items():
-            metrics[f"divergence/{name}"] = gather(est).mean().item()
-        names = {"loss": "loss", "pg_loss": "loss/policy_avg", "vf_loss": "loss/value_avg", "div_loss": "loss/divergence_avg",
-                 "pg_clipfrac": "policy/clipfrac_avg", "vf_clipfrac": "val/clipfrac_avg",
-                 "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"}
-        for k, v in acc.items():
-            metrics[names[k]] = gather(torch.stack(v).mean().reshape(1)).mean().item()
-        return metrics
 
     # ---- saving ----------------------------------------------------------------------------------
     # Replaces Trainer._save: the policy is saved as a normal Hugging Face model (loadable with
