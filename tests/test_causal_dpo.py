@@ -75,7 +75,7 @@ def test_causal_dpo_trains_logs_and_saves_bins(make_model, tokenizer, pair_datas
 def test_plain_fdpo_computes_no_bins(make_model, tokenizer, pair_dataset, tmp_path):
     trainer = FDPOTrainer(model=make_model(), ref_model=make_model(), args=FDPOConfig(**base_args(tmp_path)),
                           train_dataset=pair_dataset(8), processing_class=tokenizer)
-    assert "chosen_z_bin" not in trainer.train_dataset.column_names and trainer.binner is None
+    assert "chosen_z_bin" not in trainer.train_dataset.column_names and trainer.attribute_bins.binner is None
 
 
 def test_groups_refuse_the_penalty(tmp_path):

@@ -135,7 +135,7 @@ def test_per_completion_attribute_columns(reward_model, tokenizer, tmp_path):
                              "rejected_polite": (i + 1) % 2} for i in range(8)])
     trainer = CausalRewardTrainer(model=reward_model(), args=CausalRewardConfig(**base_args(tmp_path, attributes=["polite"])),
                                   train_dataset=ds, processing_class=tokenizer)
-    assert trainer.binner.n_bins == 2
+    assert trainer.attribute_bins.binner.n_bins == 2
     assert trainer.train_dataset["chosen_z_bin"] == [i % 2 for i in range(8)]
 
 

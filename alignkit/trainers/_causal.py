@@ -13,7 +13,6 @@ from torch.utils.data import Sampler
 from trl.data_utils import get_dataset_column_names
 
 from .. import _adapter
-
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
 from ..losses import BinnedMMD, binned_mmd_penalty
@@ -155,17 +154,27 @@ class CollatorWithBins:
         return out
 
 
-class AttributeBinsMixin:
-    """Trainer mixin: bins from the raw completions (before TRL tokenizes), carried as two columns, a
-    bin-balanced train sampler and the penalty. The host sets `self.binner = None` before TRL's __init__
-    and wraps `self.data_collator` in `CollatorWithBins` after it."""
+class AttributeBins:
+    """The causal penalty's part of a trainer, as an object it calls: the attribute bins computed from the raw
+    completions (before TRL tokenizes), carried as two columns, the bin-balanced train sampler, and the penalty.
 
-    binner: AttributeBinner | None
+    A trainer declares `attribute_bins = AttributeBins.per_trainer()`; each trainer gets its own, made on first use,
+    so nothing needs setting before TRL's `__init__` (which prepares the datasets, and so fits the bins, before it
+    returns)."""
 
-    def _causal_enabled(self, args=None) -> bool:
-        return (args or self.args).mmd_coef > 0
+    def __init__(self):
+        #: fitted on the training set when TRL prepares it; then applied to every other split
+        self.binner: AttributeBinner | None = None
 
-    def _add_bins_if_needed(self, dataset, processing_class, args, dataset_name):
+    @staticmethod
+    def per_trainer() -> "_PerTrainer":
+        return _PerTrainer()
+
+    @staticmethod
+    def enabled(args) -> bool:
+        return args.mmd_coef > 0
+
+    def add_bins_if_needed(self, dataset, processing_class, args, dataset_name):
         if not args.attributes:  # only allowed with mmd_coef 0
             return dataset
         # TRL's helper reads the first row of an IterableDataset whose column names are unknown (None)
@@ -175,7 +184,8 @@ class AttributeBinsMixin:
             return dataset
         return self._add_bins(dataset, processing_class, args, dataset_name)
 
-    def _attribute_values(self, dataset, processing_class, args):
+    @staticmethod
+    def _attribute_values(dataset, processing_class, args):
         names = get_dataset_column_names(dataset)
         needed = {"chosen", "rejected"} | {c for a in args.attributes for c in (a, f"chosen_{a}", f"rejected_{a}")
                                            if c in names}
@@ -208,31 +218,36 @@ class AttributeBinsMixin:
         rejected = self.binner.transform(values["rejected"]).tolist()
         return dataset.add_column(BIN_COLUMNS[0], chosen).add_column(BIN_COLUMNS[1], rejected)
 
-    def _add_bin_signature_columns(self):
-        _adapter.add_signature_columns(self, BIN_COLUMNS)
+    @staticmethod
+    def add_signature_columns(trainer) -> None:
+        """The bin columns survive Trainer's removal of the columns the model does not take."""
+        _adapter.add_signature_columns(trainer, BIN_COLUMNS)
 
-    def _bin_balanced_sampler(self):
+    @staticmethod
+    def sampler(trainer):
         """The bin-balanced sampler when it applies, else None (Trainer's random sampler)."""
-        ds = self.train_dataset
-        if (not self.args.bin_balanced_sampler or not self._causal_enabled() or ds is None
+        ds, args = trainer.train_dataset, trainer.args
+        if (not args.bin_balanced_sampler or not AttributeBins.enabled(args) or ds is None
                 or BIN_COLUMNS[0] not in (ds.column_names or [])):
             return None
         # a pair's bin for sampling: its chosen completion's bin (the penalty pools both sides)
-        return BinBalancedSampler(ds[BIN_COLUMNS[0]], self.args.per_device_train_batch_size, seed=self.args.seed,
-                                  per_bin=self.args.bin_sampler_examples)
+        return BinBalancedSampler(ds[BIN_COLUMNS[0]], args.per_device_train_batch_size, seed=args.seed,
+                                  per_bin=args.bin_sampler_examples)
 
-    def _with_mmd_penalty(self, loss: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
-                          mode: str) -> torch.Tensor:
+    @staticmethod
+    def with_penalty(trainer, loss: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
+                     mode: str) -> torch.Tensor:
         """`loss + mmd_coef * penalty(values)`. Before `mmd_start_step` optimizer steps (the trainer state's global
         step, so a resumed run switches it on at the same step) the penalty is computed and logged only, outside
         the graph: no backward through a term of weight 0."""
-        if self.state.global_step < self.args.mmd_start_step:
+        if trainer.state.global_step < trainer.args.mmd_start_step:
             with torch.no_grad():
-                self._mmd_penalty(values, bins, mode)
+                AttributeBins.penalty(trainer, values, bins, mode)
             return loss
-        return loss + self.args.mmd_coef * self._mmd_penalty(values, bins, mode).penalty
+        return loss + trainer.args.mmd_coef * AttributeBins.penalty(trainer, values, bins, mode).penalty
 
-    def _mmd_penalty(self, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
+    @staticmethod
+    def penalty(trainer, values: torch.Tensor, bins: torch.Tensor, mode: str) -> BinnedMMD:
         """The binned MMD^2 of `values` laid out [chosen; rejected], logged under mmd/*.
 
         With several processes the penalty is computed on the *global* batch: values (with their gradient),
@@ -242,6 +257,7 @@ class AttributeBinsMixin:
         only per_device_train_batch_size pairs, fewer bins with two or more examples, and a different
         (noisier) objective. Cost: one all-gather of 2 x batch scalars (or hidden states) per step.
         """
+        args = trainer.args
         n = values.size(0) // 2
         bins = bins.to(values.device)
         groups = torch.cat([torch.ones(n), torch.zeros(n)]).to(values.device)
@@ -250,18 +266,32 @@ class AttributeBinsMixin:
             from torch.distributed.nn.functional import all_gather
 
             values = torch.cat(all_gather(values.contiguous()))
-            bins = self.accelerator.gather(bins)
-            groups = self.accelerator.gather(groups)
-        out = binned_mmd_penalty(values, bins, self.args.mmd_bandwidths,
-                                 groups=groups if self.args.conditional else None,
-                                 standardize=self.args.mmd_standardize,
-                                 unbiased=self.args.mmd_estimator == "unbiased")
-        m = _adapter.metrics(self, mode)  # the same global figures on every rank: no gather needed
+            bins = trainer.accelerator.gather(bins)
+            groups = trainer.accelerator.gather(groups)
+        out = binned_mmd_penalty(values, bins, args.mmd_bandwidths, groups=groups if args.conditional else None,
+                                 standardize=args.mmd_standardize, unbiased=args.mmd_estimator == "unbiased")
+        m = _adapter.metrics(trainer, mode)  # the same global figures on every rank: no gather needed
         m["mmd/penalty"].append(out.penalty.item())
         m["mmd/bins_used"].append(out.bins_used)
         m["mmd/bins_skipped"].append(out.bins_skipped)
         return out
 
-    def _save_bins(self, output_dir):
-        if self.binner is not None and self.is_world_process_zero():
-            self.binner.save(output_dir or self.args.output_dir)
+    def save(self, trainer, output_dir) -> None:
+        """The fitted bins beside the model (rank 0)."""
+        if self.binner is not None and trainer.is_world_process_zero():
+            self.binner.save(output_dir or trainer.args.output_dir)
+
+
+class _PerTrainer:
+    """A class attribute that gives each trainer its own `AttributeBins`, made on first access."""
+
+    def __set_name__(self, owner, name):
+        self.key = f"_{name}_instance"
+
+    def __get__(self, trainer, owner=None):
+        if trainer is None:
+            return self
+        found = trainer.__dict__.get(self.key)
+        if found is None:
+            found = trainer.__dict__[self.key] = AttributeBins()
+        return found

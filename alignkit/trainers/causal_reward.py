@@ -15,7 +15,7 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from .. import _adapter
-from ._causal import AttributeBinsMixin, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
+from ._causal import AttributeBins, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
@@ -58,7 +58,7 @@ class CausalRewardConfig(PerfArguments, CausalPenaltyArguments, RewardConfig):
         self._check_causal_fields()
 
 
-class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, RewardTrainer):
+class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
     """Drop-in replacement for TRL's `RewardTrainer` that makes the reward independent of a spurious
     attribute with an MMD penalty. Everything but the penalty is TRL's (data preparation, collator,
     loss, metrics, saving); the fitted attribute bins are saved next to the model."""
@@ -68,11 +68,12 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
     _default_run_suffix = "CRM"
     _tag_names = ["trl", "reward-trainer", "alignkit", "causal-reward-model"]
     _name = "Causal reward model"
+    #: Causal DPO / the causal reward model's bins, sampler and penalty (made on first use)
+    attribute_bins = AttributeBins.per_trainer()
 
     def __init__(self, model, args: CausalRewardConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, *pargs, **kwargs):
         args = self._resolve_args(model, args)
-        self.binner = None  # fitted on the training set in _prepare_dataset
         self._window: dict[str, list] = {"train": [], "eval": []}
         self._eval_prefix = "eval"
         _adapter.require()
@@ -85,16 +86,16 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
     # Extends RewardTrainer._prepare_dataset: the attribute bins are computed from the raw completions
     # (before TRL adds EOS and tokenizes) and carried as two extra columns.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        dataset = self._add_bins_if_needed(dataset, processing_class, args, dataset_name)
+        dataset = self.attribute_bins.add_bins_if_needed(dataset, processing_class, args, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._add_bin_signature_columns()
+        AttributeBins.add_signature_columns(self)
 
     # Replaces Trainer's random sampler with the bin-balanced one (when enabled).
     def _get_train_sampler(self, *args, **kwargs):
-        return self._bin_balanced_sampler() or super()._get_train_sampler(*args, **kwargs)
+        return AttributeBins.sampler(self) or super()._get_train_sampler(*args, **kwargs)
 
     # Extends RewardTrainer.compute_loss: TRL's loss and metrics, plus the MMD penalty on its outputs. With
     # mmd_coef 0 the loss is TRL's, untouched; the attribute metrics are still recorded (for comparisons).
@@ -115,7 +116,7 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
                 values = outputs.hidden_states[-1][torch.arange(last.size(0), device=last.device), last]
             else:
                 values = rewards
-            loss = self._with_mmd_penalty(loss, values, bins, mode)
+            loss = AttributeBins.with_penalty(self, loss, values, bins, mode)
         with torch.no_grad():  # rewards and bins since the last log (train) or over the eval set (eval)
             # gathered per side: gather_for_metrics trims the last eval batch to the dataset's remainder in
             # *rows*, which would cut a [chosen; rejected] tensor of twice that length in the wrong place
@@ -136,8 +137,9 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
         self._window[mode].clear()
         # the reward's spread: a penalty that is cheapest to lower by shrinking every reward shows up here first
         out = {"mmd/spearman_reward_bin": _spearman(r, z.float()), "mmd/reward_std": r.std(unbiased=False).item()}
-        sums = torch.zeros(self.binner.n_bins).index_add_(0, z, r)
-        counts = torch.bincount(z, minlength=self.binner.n_bins)
+        n_bins = self.attribute_bins.binner.n_bins
+        sums = torch.zeros(n_bins).index_add_(0, z, r)
+        counts = torch.bincount(z, minlength=n_bins)
         out.update({f"reward_by_bin/{b}": (sums[b] / counts[b]).item() for b in range(len(counts)) if counts[b]})
         return out
 
@@ -199,4 +201,4 @@ class CausalRewardTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMi
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
-        self._save_bins(output_dir)
+        self.attribute_bins.save(self, output_dir)

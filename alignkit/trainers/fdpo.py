@@ -14,7 +14,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .._util import AlignkitWarning
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
-from ._causal import AttributeBinsMixin, CausalPenaltyArguments, CollatorWithBins
+from ._causal import AttributeBins, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
                       default_precision_for_this_machine, name_base_model_in_card)
 from ._perf import PerfArguments, PerfMetricsMixin
@@ -160,7 +160,7 @@ def _ours_to_trl(name: str) -> str:
     return {"jsd": "js_divergence", "alpha": "alpha_divergence"}.get(name, name)
 
 
-class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPOTrainer):
+class FDPOTrainer(PerfMetricsMixin, ConfigResolverMixin, DPOTrainer):
     """Drop-in replacement for TRL's `DPOTrainer` that trains under any f-divergence of Theorem 1.
 
     Everything but the loss is TRL's: dataset preparation, the collator, the fused LM head, reference
@@ -179,6 +179,8 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
 
     _tag_names = ["trl", "dpo", "alignkit", "f-dpo"]
     _name = "f-DPO"
+    #: Causal DPO / the causal reward model's bins, sampler and penalty (made on first use)
+    attribute_bins = AttributeBins.per_trainer()
     _paper = {
         "title": "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints",
         "id": "2309.16240",
@@ -206,13 +208,12 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
-        self.binner = None  # Causal DPO: fitted on the training set in _prepare_dataset
         _adapter.require()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         _adapter.require(self)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self._warned_nonfinite = False
-        if self._causal_enabled():
+        if AttributeBins.enabled(self.args):
             self.data_collator = CollatorWithBins(self.data_collator)
 
     @classmethod
@@ -239,21 +240,21 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
     # Causal DPO only: extends DPOTrainer._prepare_dataset (attribute bins computed from the raw completions
     # and carried as two columns), its signature columns (so they survive) and the train sampler.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if self._causal_enabled(args):
-            dataset = self._add_bins_if_needed(dataset, processing_class, args, dataset_name)
+        if AttributeBins.enabled(args):
+            dataset = self.attribute_bins.add_bins_if_needed(dataset, processing_class, args, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._causal_enabled():
-            self._add_bin_signature_columns()
+        if AttributeBins.enabled(self.args):
+            AttributeBins.add_signature_columns(self)
 
     def _get_train_sampler(self, *args, **kwargs):
-        return self._bin_balanced_sampler() or super()._get_train_sampler(*args, **kwargs)
+        return AttributeBins.sampler(self) or super()._get_train_sampler(*args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
-        self._save_bins(output_dir)
+        self.attribute_bins.save(self, output_dir)
 
     # ------------------------------------------------------------------------------------------
     # Replaces DPOTrainer._compute_loss. TRL inlines its f-divergence scores there, and its forward-KL
@@ -371,10 +372,10 @@ class FDPOTrainer(PerfMetricsMixin, AttributeBinsMixin, ConfigResolverMixin, DPO
             if weights is not None:
                 per_pair = per_pair * weights
             loss = loss + per_pair.mean() * weight
-        if self._causal_enabled() and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
+        if AttributeBins.enabled(self.args) and "z_bins" in inputs:  # Causal DPO: the penalty on the implicit rewards
             implicit = self.beta * torch.cat([scores.chosen, scores.rejected])
             mode = "train" if self.model.training else "eval"
-            loss = self._with_mmd_penalty(loss, implicit, inputs["z_bins"], mode)
+            loss = AttributeBins.with_penalty(self, loss, implicit, inputs["z_bins"], mode)
         stats = {
             "chosen_logratios": chosen_lr.detach(),
             "rejected_logratios": rejected_lr.detach(),
