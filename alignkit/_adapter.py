@@ -62,10 +62,10 @@ FUNCTIONS: list[tuple[str, str, tuple[str, ...]]] = [
 
 #: private attributes of a constructed trainer: trainer class name -> attribute names
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "DPOTrainer": ("_name", "_metrics", "_total_train_tokens", "_tp_size", "_tokenizer", "_signature_columns",
+    "DPOTrainer": ("_name", "_paper", "_tag_names", "_metrics", "_total_train_tokens", "_tp_size", "_tokenizer", "_signature_columns",
                    "aux_loss_enabled", "router_aux_loss_coef", "precompute_ref_logps", "loss_types", "loss_weights",
                    "ld_alpha", "use_weighting", "label_smoothing", "beta"),
-    "RewardTrainer": ("_name", "_metrics", "_signature_columns"),
+    "RewardTrainer": ("_name", "_tag_names", "_metrics", "_signature_columns"),
 }
 
 #: what `model(..., fused_lm_head=True)` returns (TRL's fused LM head); `log_sum_sq_probs` only with WPO
@@ -196,6 +196,16 @@ def prepare_inputs(trainer, inputs: dict):
 def card_name(trainer) -> str:
     """The method name TRL writes in the model card (its trainers' `_name`, which ours set)."""
     return trainer._name
+
+
+def card_paper(trainer) -> dict:
+    """The method's paper for the card (TRL's `_paper`: title, arXiv id, BibTeX), or {}."""
+    return dict(getattr(trainer, "_paper", None) or {})
+
+
+def card_tags(trainer) -> list[str]:
+    """The trainer's Hub tags (TRL's `_tag_names`)."""
+    return list(getattr(trainer, "_tag_names", None) or [])
 
 
 def pad(tensors, padding_value, **kwargs):

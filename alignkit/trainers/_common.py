@@ -227,19 +227,3 @@ def describe_base_model(name: str | None) -> str:
     if os.path.exists(name) or name.startswith((".", "/", "~")):
         return f"the local model `{name}`"
     return f"[{name}](https://huggingface.co/{name})"
-
-
-def name_base_model_in_card(trainer) -> None:
-    """TRL's card names the base model only when it is a hub id and points its snippet at `hub_model_id`;
-    a model trained from a local folder (or a built-in) gets "fine-tuned version of [None]" and
-    `model="None"`. Name the real base model and the folder the model was saved in instead."""
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    if not trainer.is_world_process_zero() or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        card = fh.read()
-    fixed = card.replace("[None](https://huggingface.co/None)", describe_base_model(base_model_name(trainer)))
-    fixed = fixed.replace('model="None"', f'model="{trainer.args.output_dir}"')
-    if fixed != card:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(fixed)

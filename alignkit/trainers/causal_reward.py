@@ -15,10 +15,11 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from .. import _adapter
+from ._card import write_model_card
 from ._causal import AttributeBins, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
 from ._common import (CAUSAL_RULES, REWARD_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
-                      default_precision_for_this_machine, name_base_model_in_card)
+                      default_precision_for_this_machine)
 from ._perf import PerfArguments, PerfMetricsMixin
 from ._samples import single_eval_dataset, write_sample_table
 
@@ -194,10 +195,17 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
             table.append(entry)
         write_sample_table(self, table, f"{prefix}_step_{self.state.global_step}")
 
+    # Replaces TRL's card (its template links "[None]" for a local base model): the one writer in _card.py
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, naming the real base model (TRL writes "[None]" for a local one)."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        name_base_model_in_card(self)
+        """The model card: TRL's fields, the penalty's settings and (when trained from one) the recipe."""
+        write_model_card(self, model_name, dataset_name, tags, reward_model=True)
+
+    def card_details(self) -> list[str]:
+        """The penalty's settings, one line each, for the model card."""
+        a = self.args
+        return [f"method: {_adapter.card_name(self)} (`{type(self).__name__}`)",
+                f"mmd_coef: {a.mmd_coef}, attributes: {', '.join(a.attributes or []) or 'none'}, "
+                f"conditional: {a.conditional}, on: {a.mmd_on}"]
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

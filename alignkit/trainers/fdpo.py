@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -14,9 +13,10 @@ from trl import DPOConfig, DPOTrainer
 
 from .._util import AlignkitWarning
 from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
+from ._card import write_model_card
 from ._causal import AttributeBins, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
-                      default_precision_for_this_machine, name_base_model_in_card)
+                      default_precision_for_this_machine)
 from ._perf import PerfArguments, PerfMetricsMixin
 from ..losses import (LOGRATIO_LOSS_TYPES, SCORE_DIFFERENCE_LOSS_TYPES, fdpo_scores, length_desensitised_logps,
                       logratio_loss, preference_ece, preference_loss, wpo_weights)
@@ -534,24 +534,15 @@ class FDPOTrainer(PerfMetricsMixin, ConfigResolverMixin, DPOTrainer):
             pending.clear()
         super().log(logs, start_time)
 
+    # Replaces TRL's card (its template links "[None]" for a local base model): the one writer in _card.py
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, plus the alignkit method, divergence and (when trained from one) the recipe."""
-        tags = set([tags] if isinstance(tags, str) else (tags or []))
-        tags.add(f"divergence:{self.divergence.name}")
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=list(tags))
-        if not self.is_world_process_zero():
-            return
-        name_base_model_in_card(self)
+        """The model card: TRL's fields, the alignkit method, divergence and (when trained from one) the recipe."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        write_model_card(self, model_name, dataset_name, [*tags, f"divergence:{self.divergence.name}"])
+
+    def card_details(self) -> list[str]:
+        """The method's settings, one line each, for the model card."""
         alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
-        section = [
-            "",
-            "## alignkit",
-            "",
-            f"- method: {_adapter.card_name(self)} (`{type(self).__name__}`)",
-            f"- divergence: `{self.divergence.name}`{alpha}",
-            f"- beta: {self.beta}, loss_type: {', '.join(self.loss_types)}",
-        ]
-        if self.alignkit_recipe:
-            section += ["", "Recipe:", "", "```yaml", self.alignkit_recipe.rstrip(), "```"]
-        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as fh:
-            fh.write("\n".join(section) + "\n")
+        return [f"method: {_adapter.card_name(self)} (`{type(self).__name__}`)",
+                f"divergence: `{self.divergence.name}`{alpha}",
+                f"beta: {self.beta}, loss_type: {', '.join(self.loss_types)}"]

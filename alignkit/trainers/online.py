@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..divergences import DEFAULT_MAX_EXPONENT
 from ..losses import GROUPINGS, group_mean, group_preference_loss, masked_mean, split_groups_by_reward
-from ._common import PREFERENCE_RULES, base_model_name, check_ranges, describe_base_model
+from ._common import PREFERENCE_RULES, check_ranges
 from .on_policy_config import OnPolicyConfig
 from .ppo import PPOTrainer
 from .rollout import divergence_estimates, now, response_logprobs
@@ -144,6 +144,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
     _config_with_article = "an OnlineMultiSampleConfig"
     _default_run_suffix = "online-mDPO"
     _tag_names = ["trl", "alignkit", "mdpo", "online"]
+    _name = "Online multi-sample DPO"
     # no value model: the group loss needs none (PPOTrainer's wrapper becomes PolicyOnly)
     _uses_value_model = False
     _batch_description = ("iteration's prompts (per_device_train_batch_size x gradient_accumulation_steps x "
@@ -395,28 +396,16 @@ class OnlineMultiSampleTrainer(PPOTrainer):
             metrics["link/num_clamped"] = sums[13]
         return metrics
 
-    def create_model_card(self, model_name: str | None = None, **_):
-        """A short model card: the method, loss, divergence, groups and (when trained from one) the recipe."""
-        if not self.is_world_process_zero():
-            return
+    def card_details(self) -> list[str]:
+        """The method's settings, one line each, for the model card (written by PPOTrainer's create_model_card)."""
         a = self.args
         alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
         rewards = ", ".join(type(r).__name__ if isinstance(r, nn.Module) else getattr(r, "__name__", "a function")
                             for r in self.reward_funcs)
         sizes = f"{a.num_chosen} chosen / {a.num_rejected} rejected" if a.grouping == "top_bottom" else \
             "above / below the mean reward"
-        lines = [f"# {model_name or os.path.basename(os.path.abspath(a.output_dir))}", "",
-                 f"Policy fine-tuned from {describe_base_model(base_model_name(self))} with online "
-                 f"{'mIPO' if a.loss_type == 'ipo' else 'mDPO'} by alignkit (`OnlineMultiSampleTrainer`), on top "
-                 "of TRL.", "",
-                 "```python", "from transformers import pipeline", "",
-                 f'generator = pipeline("text-generation", model="{a.output_dir}")', "```", "",
-                 f"- divergence: `{self.divergence.name}`{alpha}, beta {a.beta}",
-                 f"- groups: {a.num_generations} samples per prompt, {sizes}", f"- reward: {rewards}",
-                 f"- iterations: {self.state.global_step}", ""]
-        recipe = getattr(self, "alignkit_recipe", None)
-        if recipe:
-            lines += ["Recipe:", "", "```yaml", recipe.rstrip(), "```", ""]
-        with open(os.path.join(a.output_dir, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines))
+        return [f"method: online {'mIPO' if a.loss_type == 'ipo' else 'mDPO'} (`{type(self).__name__}`)",
+                f"divergence: `{self.divergence.name}`{alpha}, beta {a.beta}",
+                f"groups: {a.num_generations} samples per prompt, {sizes}", f"reward: {rewards}",
+                f"iterations: {self.state.global_step}"]
 

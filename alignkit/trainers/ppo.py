@@ -33,7 +33,8 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .. import _adapter
 from ..divergences import get_divergence
-from ._common import ConfigResolverMixin, base_model_name, describe_base_model
+from ._card import write_model_card
+from ._common import ConfigResolverMixin
 from ._perf import PerfMetricsMixin
 from ._samples import write_sample_table
 from .on_policy_config import OnPolicyConfig, PPOConfig
@@ -77,6 +78,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
     _config_with_article = "a PPOConfig"
     _default_run_suffix = "PPO"
     _tag_names = ["trl", "ppo", "alignkit"]
+    _name = "PPO"
 
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
                  reward_model: nn.Module | RewardFunc | None = None, train_dataset=None, value_model=None,
@@ -501,26 +503,18 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
                     raise ValueError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]}).")
 
-    def create_model_card(self, model_name: str | None = None, **_):
-        """A short model card: the method, divergence, penalty placement and (when trained from one) the recipe."""
-        if not self.is_world_process_zero():
-            return
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **_):
+        """The model card (alignkit's one writer, _card.py): the divergence, the penalty and the recipe."""
+        write_model_card(self, model_name, dataset_name, tags)
+
+    def card_details(self) -> list[str]:
+        """The method's settings, one line each, for the model card."""
         alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
         reward = type(self.reward_model).__name__ if isinstance(self.reward_model, nn.Module) else \
             getattr(self.reward_model, "__name__", "a reward function")
-        lines = [f"# {model_name or os.path.basename(os.path.abspath(self.args.output_dir))}", "",
-                 f"Policy fine-tuned from {describe_base_model(base_model_name(self))} with PPO by alignkit "
-                 "(`PPOTrainer`), on top of TRL.", "",
-                 "```python", "from transformers import pipeline", "",
-                 f'generator = pipeline("text-generation", model="{self.args.output_dir}")', "```", "",
-                 f"- divergence: `{self.divergence.name}`{alpha}, penalty in the {self.args.divergence_penalty}, "
-                 f"kl_coef {self.args.kl_coef}", f"- reward: {reward}",
-                 f"- iterations: {self.state.global_step}", ""]
-        recipe = getattr(self, "alignkit_recipe", None)
-        if recipe:
-            lines += ["Recipe:", "", "```yaml", recipe.rstrip(), "```", ""]
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines))
+        return [f"method: PPO (`{type(self).__name__}`)",
+                f"divergence: `{self.divergence.name}`{alpha}, penalty in the {self.args.divergence_penalty}, "
+                f"kl_coef {self.args.kl_coef}", f"reward: {reward}", f"iterations: {self.state.global_step}"]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the policy (a Hugging Face model folder, or the adapter for PEFT) and the value model in
