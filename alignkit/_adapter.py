@@ -38,7 +38,6 @@ OVERRIDDEN_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("trl.RewardTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
     ("trl.RewardTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("transformers.Trainer", "_get_train_sampler", ("self",)),
-    ("transformers.Trainer", "_remove_unused_columns", ("self", "dataset", "description")),
     ("transformers.Trainer", "_prepare_inputs", ("self", "inputs")),
     ("transformers.Trainer", "_save", ("self", "output_dir", "state_dict")),
     ("transformers.Trainer", "_save_checkpoint", ("self", "model", "trial")),
@@ -183,9 +182,10 @@ def prepare_dataset(trainer, dataset, dataset_name: str):
     return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, dataset_name)
 
 
-def remove_unused_columns(trainer, dataset, description: str):
-    """The columns the model's forward does not take, removed as Trainer removes them for its dataloaders."""
-    return trainer._remove_unused_columns(dataset, description=description)
+def signature_columns(trainer) -> list[str]:
+    """The dataset columns Trainer keeps for its dataloaders (the model's inputs and the trainer's own)."""
+    trainer._set_signature_columns_if_needed()
+    return list(trainer._signature_columns)
 
 
 def prepare_inputs(trainer, inputs: dict):

@@ -182,3 +182,45 @@ def test_eval_metrics_per_dataset_and_per_bin(reward_model, tokenizer, tmp_path)
     assert metrics["eval_anti_mmd/spearman_reward_bin"] == pytest.approx(
         _spearman(torch.tensor(all_r), torch.tensor(all_z)), abs=1e-4)
     assert metrics["eval_anti_mmd/reward_std"] == pytest.approx(torch.tensor(all_r).std(unbiased=False).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("mmd_on", ["reward", "hidden"])
+def test_the_penalty_works_on_a_half_precision_model(mmd_on, tiny_model_path, tokenizer, pair_dataset, tmp_path):
+    """A float16 (or bfloat16) reward model with the default penalty trains on a CPU (the penalty's kernel distances
+    are computed in float32: torch has no half-precision `cdist` on CPUs), and its penalty is the float32 penalty of
+    the same values."""
+    from alignkit.losses import binned_mmd_penalty
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1, dtype=torch.float16)
+    args = CausalRewardConfig(**base_args(tmp_path, attributes=["length:chars"], num_bins=2, mmd_on=mmd_on))
+    trainer = CausalRewardTrainer(model=model, args=args, train_dataset=pair_dataset(16), processing_class=tokenizer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader())))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    values, bins = torch.randn(8, dtype=torch.float16), torch.tensor([0, 1] * 4)
+    out = trainer.attribute_bins.penalty(trainer, values, bins, "train")
+    assert out.penalty.dtype == torch.float32
+    torch.testing.assert_close(out.penalty, binned_mmd_penalty(values.float(), bins, args.mmd_bandwidths,
+                                                               standardize=args.mmd_standardize).penalty)
+
+
+@pytest.mark.parametrize("mmd_coef", [0.0, 1.0])
+def test_evaluation_on_an_iterable_eval_dataset_writes_its_sample_pairs(mmd_coef, reward_model, tokenizer,
+                                                                         pair_dataset, tmp_path):
+    """A streaming (iterable) eval dataset evaluates as in TRL's RewardTrainer, and its first pairs are written with
+    their rewards, as for a map-style one."""
+    import json
+
+    args = CausalRewardConfig(**base_args(tmp_path, mmd_coef=mmd_coef, attributes=["length:chars"], num_bins=2,
+                                          eval_strategy="steps", eval_steps=1, eval_sample_pairs=3))
+    trainer = CausalRewardTrainer(model=reward_model(), args=args, train_dataset=pair_dataset(8),
+                                  eval_dataset=pair_dataset(6, split="test").to_iterable_dataset(),
+                                  processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "eval_accuracy" in metrics
+    written = list((tmp_path / "samples").glob("eval_step_0*.jsonl"))
+    assert len(written) == 1
+    rows = [json.loads(line) for line in written[0].read_text().splitlines()]
+    assert len(rows) == 3 and all("reward_chosen" in r and "reward_rejected" in r for r in rows)

@@ -193,3 +193,30 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(attn, loss_type, tiny_m
     torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5 * max(1.0, l1.abs().item()))
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=5e-5 * max(1.0, g1[k].abs().max().item()), msg=k)
+
+
+def test_per_row_chat_template_kwargs_are_applied_as_trl_applies_them(make_model, tokenizer, pair_dataset, tmp_path):
+    """A `chat_template_kwargs` column (and `tools`) reaches the chat template for every row, as in TRL's DPOTrainer:
+    with groups of one, the tokenized prompts and completions are TRL's, and differ from those without the column."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}{% if m['role'] == 'user' %} as "
+                         "{{ persona | default('nobody') }}{% endif %}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    pairs = pair_dataset(6, conversational=True)
+    personas = [{"persona": p} for p in ("pirate", "poet", "pirate", "judge", "poet", "child")]
+    with_kwargs = pairs.add_column("chat_template_kwargs", personas)
+
+    def prepared(cls, config_cls, data, out):
+        trainer = cls(model=make_model(), ref_model=make_model(), args=config_cls(**base_args(tmp_path / out)),
+                      train_dataset=data, processing_class=tok)
+        return trainer.train_dataset.to_dict()
+
+    ours = prepared(MultiSampleDPOTrainer, MultiSampleDPOConfig, _as_groups(with_kwargs).add_column(
+        "chat_template_kwargs", personas), "ours")
+    trl = prepared(DPOTrainer, DPOConfig, with_kwargs, "trl")
+    plain = prepared(MultiSampleDPOTrainer, MultiSampleDPOConfig, _as_groups(pairs), "plain")
+    assert ours["prompt_ids"] == trl["prompt_ids"] != plain["prompt_ids"]
+    assert [c[0] for c in ours["chosen_ids"]] == trl["chosen_ids"]
+    assert [r[0] for r in ours["rejected_ids"]] == trl["rejected_ids"]

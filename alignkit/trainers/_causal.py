@@ -258,6 +258,9 @@ class AttributeBins:
         (noisier) objective. Cost: one all-gather of 2 x batch scalars (or hidden states) per step.
         """
         args = trainer.args
+        # in float32: half-precision models' values would lose the kernel distances' precision, and torch has no
+        # half-precision cdist on CPUs; the gradient flows back through the cast in the model's precision
+        values = values.float()
         n = values.size(0) // 2
         bins = bins.to(values.device)
         groups = torch.cat([torch.ones(n), torch.zeros(n)]).to(values.device)

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from trl.data_utils import get_dataset_column_names
+
 from .. import _adapter
 
 MAX_CHARS = 1000
@@ -54,7 +56,7 @@ def single_eval_dataset(trainer, eval_dataset, tokenized_column: str):
         dataset = trainer.eval_dataset[dataset]
     if dataset is None or isinstance(dataset, dict):
         return None
-    if tokenized_column not in (dataset.column_names or []):
+    if tokenized_column not in get_dataset_column_names(dataset):  # a streaming dataset's from its first row
         dataset = _adapter.prepare_dataset(trainer, dataset, "eval")
     return dataset
 

@@ -9,6 +9,8 @@ conditional: the penalty within the chosen set plus within the rejected set.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -173,8 +175,12 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
         the training collator (so the bins are the ones the penalty sees). Every process runs the forward (ZeRO-3
         needs them all); rank 0 writes."""
 
-        dataset = _adapter.remove_unused_columns(self, dataset, "evaluation")
-        rows = [dataset[i] for i in range(min(len(dataset), self.args.eval_sample_pairs))]
+        # the first rows, map-style or streaming, with the columns the training dataloader keeps
+        keep = set(_adapter.signature_columns(self))
+        rows = [{k: v for k, v in row.items() if k in keep}
+                for row in itertools.islice(iter(dataset), self.args.eval_sample_pairs)]
+        if not rows:
+            return
         batch = _adapter.prepare_inputs(self, self.data_collator(rows))
         bins = batch.pop("z_bins", None)
         was_training = self.model.training

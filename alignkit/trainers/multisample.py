@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import textwrap
 
 from dataclasses import dataclass, field
@@ -174,11 +176,20 @@ class MultiSampleDPOTrainer(FDPOTrainer):
 
         def tokenize(example):
             conversational = isinstance(example["prompt"], list)
-            prompt_ids = _adapter.tokenize(processing_class, example["prompt"], **({"add_generation_prompt": True} if conversational else {}))["input_ids"]
+            # as TRL's DPOTrainer: a row's `tools` and `chat_template_kwargs` reach its chat template
+            chat = {}
+            if conversational:
+                tools = example.get("tools")
+                chat = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                        **(example.get("chat_template_kwargs") or {})}
+            prompt_ids = _adapter.tokenize(processing_class, example["prompt"],
+                                           **({"add_generation_prompt": True, **chat} if conversational else {}))[
+                "input_ids"]
             full = {}
             for side in ("chosen", "rejected"):
                 comps = example[side] if conversational else [c if c.endswith(eos) else c + eos for c in example[side]]
-                full[side] = [_adapter.tokenize(processing_class, example["prompt"] + c)["input_ids"] for c in comps]
+                full[side] = [_adapter.tokenize(processing_class, example["prompt"] + c, **chat)["input_ids"]
+                              for c in comps]
             prompt_len = min(_adapter.common_prefix_length(prompt_ids, f) for side in full for f in full[side])
             return {
                 "prompt_ids": prompt_ids[:prompt_len],
