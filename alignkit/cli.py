@@ -269,6 +269,11 @@ def _run_recipe(args) -> int:
         print(f"{args.recipe}: OK " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         return 0
     section = plan.section
+    if plan.role is Role.LAUNCHER and plan.finished is not None and not args.dry_run:
+        from ._util import info
+
+        info(checks.finished_line(plan))                       # resuming a finished run: nothing to launch
+        return 0
     if plan.role is Role.LAUNCHER:
         cmd, env = launch.launch_command(section, args.recipe, args.overrides)
         if args.dry_run:

@@ -318,6 +318,19 @@ CASES: list[Case] = [
     Case("dashboard-push-not-definition", "dashboard --push of a file that is not a workspace definition",
          ["dashboard", "--push", "{dir}/ws.json", "--entity", "me"], "--push", "alignkit dashboard",
          files={"ws.json": '{"hello": 1}'}),
+    # numbers that overflow or are not finite (issue 29): refused by validate, before anything trains
+    Case("number-overflows-to-inf", "beta: 1e400 (YAML reads it as infinity)", _validate(), "beta", "finite",
+         {"r.yaml": _recipe("beta: 1e400\n")}),
+    Case("number-inf", "learning_rate: .inf", _validate(), "learning_rate", "finite",
+         {"r.yaml": _recipe("learning_rate: .inf\n")}),
+    Case("number-epochs-inf", "num_train_epochs: .inf", _validate(), "num_train_epochs", "finite",
+         {"r.yaml": _recipe("num_train_epochs: .inf\n")}),
+    Case("number-batch-size-huge", "per_device_train_batch_size: 1e23", _validate(), "per_device_train_batch_size",
+         "at most", {"r.yaml": _recipe("per_device_train_batch_size: 1e23\n")}),
+    Case("number-negative-inf-section", "a section value of -.inf (peft.lora_dropout)", _validate(),
+         "peft.lora_dropout", "finite", {"r.yaml": _recipe("peft: {r: 4, lora_dropout: -.inf}\n")}),
+    Case("output-dir-empty", "--set output_dir= (empty)", [*_train(), "--set", "output_dir="], "output_dir",
+         "outputs/my-run", {"r.yaml": _recipe()}),
 ]
 
 

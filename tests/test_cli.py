@@ -299,3 +299,19 @@ def test_trainer_checks_reach_the_cli_as_one_line(tmp_path, capsys):
     assert main(["train", str(ROOT / "recipes" / "ppo-fdiv.yaml"), "--set", f"output_dir={tmp_path}",
                  "--set", "dataset.builtin_kwargs={num_samples: 4}"]) == 2
     assert "fewer than one PPO batch" in capsys.readouterr().err
+
+
+def test_a_yaml_merge_key_is_read_as_yaml_defines_it(tmp_path):
+    """`<<: *anchor` merges a mapping and an explicit key beside it wins, as YAML defines; a key given twice in the
+    same mapping is still refused."""
+    from alignkit.run.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("method: fdpo\nmodel:\n  <<: {name_or_path: builtin:tiny-llama, dtype: bfloat16}\n"
+                    "  dtype: float32\ndataset: &data {name: builtin:sentiment}\noutput_dir: out\n")
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path == "builtin:tiny-llama" and recipe.model.dtype == "float32"
+    path.write_text("method: fdpo\nmodel:\n  name_or_path: builtin:tiny-llama\n  name_or_path: x\n"
+                    "dataset: builtin:sentiment\n")
+    with pytest.raises(RecipeError, match="appears twice"):
+        load_recipe(path)

@@ -158,6 +158,18 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_model(tmp_path):
     steps = [e["step"] for e in json.loads((part / "metrics.json").read_text())["log_history"] if "loss" in e]
     assert steps == list(range(5, 121, 5)), steps
 
+    # resuming the finished run again is a no-op that says so (it trained one step past max_steps, changing the
+    # weights, before issue 29)
+    before = (part / "model.safetensors").read_bytes(), (part / "alignkit_run.json").read_text()
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["train", recipe, "--set", f"output_dir={part}", *args, "--set", "resume_from_checkpoint=true"]) == 0
+    assert "holds a finished run" in err.getvalue() and "nothing was trained" in err.getvalue(), err.getvalue()
+    assert ((part / "model.safetensors").read_bytes(), (part / "alignkit_run.json").read_text()) == before
+
 
 def test_train_output_is_quiet_and_readable(tmp_path):
     """One bar for training and one for evaluation, a line per dataset split, metrics as tables on stdout, no

@@ -23,11 +23,14 @@ def train(recipe, plan=None) -> dict:
     a worker that a launcher started (the `alignkit train` command launches the workers itself). Returns the run's
     metrics."""
     from .._util import info
-    from .checks import check
+    from .checks import check, finished_line
     from .launch import join, set_up_process
     from .plan import Role, make_plan
 
     plan = make_plan(recipe) if plan is None else plan
+    if plan.finished is not None:
+        info(finished_line(plan))
+        return {}
     if plan.role is Role.LAUNCHER:
         raise RuntimeError("this recipe runs several processes; start it with `alignkit train RECIPE`, which "
                            "launches them")

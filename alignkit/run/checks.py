@@ -24,7 +24,7 @@ from .plan import Plan
 from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, dataset_validator
 
 __all__ = ["Checked", "check", "validate", "load_split", "load_datasets", "load_tokenizer", "check_models",
-           "count_overlong"]
+           "count_overlong", "finished_line"]
 
 _DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -292,6 +292,13 @@ def check(plan: Plan) -> Checked:
     return Checked(config, train_ds, eval_ds, tokenizer, warnings)
 
 
+def finished_line(plan: Plan) -> str:
+    """What `train` says, and does instead of training, when asked to resume a run that already finished."""
+    return (f"{plan.output_dir} holds a finished run (step {plan.finished.get('step')}, status complete): resuming "
+            "it would train past its end, so nothing was trained. To train further, start a new run in another "
+            "output_dir (or set overwrite_output_dir: true to replace this one).")
+
+
 def validate(plan: Plan) -> dict:
     """`alignkit validate`: the plan and every check, without training. Warnings are printed; errors raise
     RecipeError. Returns a summary."""
@@ -305,4 +312,5 @@ def validate(plan: Plan) -> dict:
         "eval_examples": len(checked.eval_dataset) if checked.eval_dataset is not None else 0,
         "output_dir": checked.config.output_dir,
         **({"resume_from": plan.resume_from} if plan.resume_from else {}),
+        **({"finished": "nothing to resume"} if plan.finished is not None else {}),
     }

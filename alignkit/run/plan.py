@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .outputs import complete_checkpoints, run_artifacts
+from .outputs import complete_checkpoints, run_artifacts, run_status
 from .recipe import DistributedSection, Recipe, RecipeError, config_class, load_recipe
 
 __all__ = ["Plan", "Role", "make_plan", "ZERO_CONFIGS", "deepspeed_config", "check_distributed", "needs_launch",
@@ -176,6 +176,8 @@ class Plan:
     output_dir: Path
     #: the checkpoint to resume from, or None for a new run
     resume_from: str | None
+    #: asked to resume a run that already finished (its status says complete): there is nothing to train
+    finished: dict | None = None
 
     @property
     def method(self) -> str:
@@ -216,7 +218,9 @@ def make_plan(recipe: Recipe) -> Plan:
     # TrainingArguments' own default when output_dir is not given
     out = Path(str(kwargs.get("output_dir") or "trainer_output"))
     resume_from = _output_policy(recipe, role, out)
-    return Plan(recipe, role, section, kwargs, peft_config, out, resume_from)
+    status = run_status(out) if resume_from is not None else None
+    finished = status if status is not None and status.get("status") == "complete" else None
+    return Plan(recipe, role, section, kwargs, peft_config, out, resume_from, finished)
 
 
 # ---- output_dir and resuming ----------------------------------------------------------------------------------

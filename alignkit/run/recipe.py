@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -320,19 +321,25 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
         return value.lower() in ("true", "yes")
     if float in args and isinstance(value, (int, float, str)):
         if int in args and isinstance(value, int):
-            return value
+            return _bounded_int(name, value, where)
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             if str not in args:
                 raise RecipeError(f"{where}: {name} must be a number, got {value!r}.") from None
+        else:
+            return _finite(name, number, where)
+    if int in args and float not in args and isinstance(value, int):
+        return _bounded_int(name, value, where)
     if int in args and float not in args and isinstance(value, (str, float)):
         try:
             as_float = float(value)
         except ValueError:
             as_float = None
+        if as_float is not None:
+            _finite(name, as_float, where)
         if as_float is not None and as_float.is_integer():
-            return int(as_float)
+            return _bounded_int(name, int(as_float), where)
         if str not in args:
             raise RecipeError(f"{where}: {name} must be an integer, got {value!r}.")
     if args == (bool,) or (set(args) <= {bool, type(None)}):
@@ -341,6 +348,24 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
         if str in args:
             return str(value)
         raise wrong()
+    return value
+
+
+#: the largest integer a recipe may give (a count of steps, samples or tokens); anything above cannot be meant and
+#: overflows the 32-bit sizes of tensors and samplers deep inside training
+MAX_INT = 2**31 - 1
+
+
+def _finite(name: str, value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise RecipeError(f"{where}: {name} must be a finite number, got {value!r} (YAML reads a number beyond "
+                          "1.8e308 as infinity); give a finite value.")
+    return value
+
+
+def _bounded_int(name: str, value: int, where: str) -> int:
+    if abs(value) > MAX_INT:
+        raise RecipeError(f"{where}: {name} must be at most {MAX_INT}, got {value:.3g}; give a realistic value.")
     return value
 
 
@@ -471,6 +496,8 @@ class _RecipeLoader(yaml.SafeLoader):
         seen: dict[Any, int] = {}
         if isinstance(node, yaml.MappingNode):
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor`: YAML's merge (an explicit key beside it wins), which SafeLoader resolves
                 try:
                     key = self.construct_object(key_node, deep=True)
                     hash(key)
