@@ -4,7 +4,8 @@
     alignkit validate RECIPE.yaml [--set key=value ...]
     alignkit plan RECIPE.yaml [--gpus 8xH100] [--set key=value ...]
 
-User errors (bad recipe, bad data, bad values) print one line, `alignkit: error: ...`, and exit 2.
+User errors (bad recipe, bad data, bad values) print one line, `alignkit: error: ...`, and exit 2. Any other failure
+prints one line naming it and the log that holds its traceback, and exits 1 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="let an unexpected failure's traceback through (also ALIGNKIT_DEBUG=1); without it, "
+                             "one line names the failure and the log that holds the traceback")
     # the `deepspeed` launcher passes --local_rank=N to each process, before the command (the same as $LOCAL_RANK,
     # which is what is read)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -304,6 +308,33 @@ def _run_recipe(args) -> int:
     return 0
 
 
+def _first_line(exc: BaseException) -> str:
+    from ._util import first_line
+
+    return first_line(exc)[:300]
+
+
+def _write_error_log(exc: BaseException, argv: list[str] | None) -> Path | None:
+    """The traceback of an unexpected failure, with the command, in $ALIGNKIT_CACHE/logs (else the temp folder)."""
+    import tempfile
+    import time
+    import traceback
+
+    from .models import cache_dir
+
+    text = (f"alignkit {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n{''.join(traceback.format_exception(exc))}")
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -352,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _user_errors()):
             print(f"alignkit: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        raise
+        if args.debug or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        log = _write_error_log(exc, argv)
+        where = f"the traceback is in {log}" if log is not None else "no log could be written"
+        print(f"\nalignkit: error: unexpected {type(exc).__name__}: {_first_line(exc)}; {where} (--debug shows it "
+              "here). Please report it with that log.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130

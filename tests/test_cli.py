@@ -315,3 +315,34 @@ def test_a_yaml_merge_key_is_read_as_yaml_defines_it(tmp_path):
                     "dataset: builtin:sentiment\n")
     with pytest.raises(RecipeError, match="appears twice"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("command", [["train", "RECIPE"], ["validate", "RECIPE"], ["plan", "RECIPE"],
+                                     ["plot", "DIR"], ["eval", "builtin:tiny-llama"]])
+def test_an_unexpected_failure_is_one_line_and_a_log_and_debug_shows_it(command, tmp_path, monkeypatch, capsys):
+    """Anything that is not a user error (a bug, a library failing) ends every command with one line that names the
+    error and the log holding the traceback, exit 1; `--debug` (or ALIGNKIT_DEBUG=1) lets the traceback through."""
+    import alignkit.run.recipe
+    import alignkit.plot
+    import alignkit.metrics.evaluate
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("something deep inside broke")
+
+    monkeypatch.setattr(alignkit.run.recipe, "load_recipe", broken)
+    monkeypatch.setattr(alignkit.plot, "plot_run", broken)
+    monkeypatch.setattr(alignkit.metrics.evaluate, "load_prompts", broken)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    argv = [a.replace("RECIPE", str(QUICKSTART)).replace("DIR", str(tmp_path)) for a in command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("alignkit: error: unexpected ZeroDivisionError: something deep inside broke"), err
+    log = Path(lines[0].rsplit(" in ", 1)[1].split(" ")[0].rstrip(";."))
+    assert "Traceback" in log.read_text() and "something deep inside broke" in log.read_text()
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", *argv])
+    monkeypatch.setenv("ALIGNKIT_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
