@@ -289,7 +289,8 @@ def _run_recipe(args) -> int:
               f"{launch.format_command(cmd, env)}", file=sys.stderr)
         out = Path(checked.config.output_dir)
         try:                                                   # 4. launch: the workers run steps 2-6
-            launch.run_workers(section, args.recipe, args.overrides, out / "logs")
+            with launch.output_dir_lock(plan):
+                launch.run_workers(section, args.recipe, args.overrides, out / "logs")
         except launch.LaunchError as exc:
             from .run.outputs import mark_failed
 

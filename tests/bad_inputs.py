@@ -331,6 +331,8 @@ CASES: list[Case] = [
          "peft.lora_dropout", "finite", {"r.yaml": _recipe("peft: {r: 4, lora_dropout: -.inf}\n")}),
     Case("output-dir-empty", "--set output_dir= (empty)", [*_train(), "--set", "output_dir="], "output_dir",
          "outputs/my-run", {"r.yaml": _recipe()}),
+    Case("output-dir-users-readme", "an output_dir holding the user's own README.md", _train(), "README.md",
+         "overwrite_output_dir: true", {"r.yaml": _recipe(), "out/README.md": "# My notes\n"}),
 ]
 
 

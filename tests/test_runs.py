@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from alignkit.cli import main
@@ -192,3 +191,41 @@ def test_train_output_is_quiet_and_readable(tmp_path):
     card = (out / "README.md").read_text()
     assert "fine-tuned version of `builtin:tiny-llama`" in card and "None" not in card, card
     assert f'model="{out}"' in card
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused(tmp_path):
+    """Two `alignkit train` into one folder at once: the second is refused with the first one's pid, even with
+    overwrite_output_dir (before, both passed the reuse check, both trained, and the last writer won). The lock is
+    the operating system's, so it goes with the process that held it: once the first run has ended (here, killed),
+    the folder can be used again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "train", recipe, "--set", f"output_dir={out}",
+                              "--set", "max_steps=100000", "--set", "eval_strategy=no", "--set", "eval_on_start=false"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "alignkit_run.json").is_file() and "running" in (out / "alignkit_run.json").read_text()):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.2)
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["train", recipe, "--set", f"output_dir={out}", "--set", "overwrite_output_dir=true",
+                         *QUICK])
+        assert code == 2 and f"pid {first.pid}" in err.getvalue() and "in use by another alignkit run" in \
+            err.getvalue(), err.getvalue()
+        assert first.poll() is None  # the first run was left alone
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert _quickstart(out, "--set", "overwrite_output_dir=true") == 0  # the dead run's lock went with it
+    assert json.loads((out / "alignkit_run.json").read_text())["status"] == "complete"
+    assert not (out / ".alignkit.lock.json").exists()  # the holder's record goes with the lock

@@ -24,7 +24,7 @@ def train(recipe, plan=None) -> dict:
     metrics."""
     from .._util import info
     from .checks import check, finished_line
-    from .launch import join, set_up_process
+    from .launch import join, output_dir_lock, set_up_process
     from .plan import Role, make_plan
 
     plan = make_plan(recipe) if plan is None else plan
@@ -46,4 +46,7 @@ def train(recipe, plan=None) -> dict:
     from .build import build_trainer
     from .execute import execute
 
-    return execute(plan, checked, build_trainer(plan, checked, wandb_dir), wandb_dir)
+    if plan.role is Role.WORKER:  # the launcher of the job holds output_dir's lock
+        return execute(plan, checked, build_trainer(plan, checked, wandb_dir), wandb_dir)
+    with output_dir_lock(plan):
+        return execute(plan, checked, build_trainer(plan, checked, wandb_dir), wandb_dir)

@@ -29,6 +29,7 @@ is what makes ZeRO-2/3 work on CPUs (tested in tests/test_zero.py). On GPUs the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -39,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from .._util import configure_wandb, set_torch_threads_for_this_machine, wants_wandb
-from .plan import Plan, Role, has_gpu, worker_kwargs
+from .plan import Plan, Role, check_output_dir, has_gpu, worker_kwargs
+from .recipe import RecipeError
 
-__all__ = ["set_up_process", "join", "prepare_worker", "run_workers", "launch_command", "format_command",
+__all__ = ["set_up_process", "output_dir_lock", "join", "prepare_worker", "run_workers", "launch_command", "format_command",
            "LaunchError", "record_worker_failure", "LAUNCHED_BY_ALIGNKIT"]
 
 def set_up_process(plan: Plan, config) -> str | None:
@@ -57,6 +59,47 @@ def set_up_process(plan: Plan, config) -> str | None:
             mode=w.mode, project=w.project, entity=w.entity, group=w.group, tags=w.tags)),
             say=lambda line: print(f"[alignkit] {line}", file=sys.stderr, flush=True))
     return wandb_dir
+
+
+#: the lock a run holds on its output_dir (an OS file lock: released when the process ends, however it ends, so a
+#: lock is never left stale), and who holds it
+LOCK_FILE, HOLDER_FILE = ".alignkit.lock", ".alignkit.lock.json"
+
+
+@contextlib.contextmanager
+def output_dir_lock(plan: Plan):
+    """Hold the run's output_dir for as long as it trains: a second run into the same folder, started meanwhile, is
+    refused (RecipeError) with the holder's host, pid and start time. Once held, the output_dir checks run again,
+    since another run may have finished there after this one's plan was made."""
+    import socket
+    import time
+
+    from filelock import FileLock, Timeout
+
+    if plan.section is not None and plan.section.machine_rank > 0:
+        yield  # machine 0 holds it (and only it writes there)
+        return
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads((out / HOLDER_FILE).read_text())
+            who = f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+        except (OSError, ValueError, KeyError):
+            who = "a process that has not said who it is yet"
+        raise RecipeError(f"output_dir: {str(out)!r} is in use by another alignkit run ({who}); wait for it to end, "
+                          "or choose another output_dir.") from None
+    try:
+        (out / HOLDER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        check_output_dir(plan)
+        yield
+    finally:
+        (out / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
 
 
 def set_threads(say: bool = True) -> None:

@@ -26,7 +26,7 @@ from .outputs import complete_checkpoints, run_artifacts, run_status
 from .recipe import DistributedSection, Recipe, RecipeError, config_class, load_recipe
 
 __all__ = ["Plan", "Role", "make_plan", "ZERO_CONFIGS", "deepspeed_config", "check_distributed", "needs_launch",
-           "is_launched_worker", "launched_by_another_launcher", "worker_kwargs", "has_gpu"]
+           "is_launched_worker", "launched_by_another_launcher", "worker_kwargs", "has_gpu", "check_output_dir"]
 
 _BASE = {
     "bf16": {"enabled": "auto"},
@@ -312,6 +312,17 @@ def _resolve_resume(recipe: Recipe, out: Path) -> str | None:
     return str(checkpoint)
 
 
+#: files a run writes that a user may keep in a folder of their own: found there without a run beside them, they are
+#: the user's, and the run is refused unless overwrite_output_dir says otherwise
+USER_FILES_A_RUN_WRITES = ("README.md",)
+
+
+def check_output_dir(plan: Plan) -> None:
+    """The output_dir checks again (the launch step calls this once it holds output_dir's lock: another run may have
+    written there since the plan was made)."""
+    _output_policy(plan.recipe, plan.role, plan.output_dir)
+
+
 def _output_policy(recipe: Recipe, role: Role, out: Path) -> str | None:
     """Check output_dir before anything is trained: a file is refused; a folder holding another run is refused
     unless the recipe resumes it or says overwrite_output_dir: true. Returns the checkpoint to resume from.
@@ -325,6 +336,11 @@ def _output_policy(recipe: Recipe, role: Role, out: Path) -> str | None:
     other_machine = recipe.distributed is not None and recipe.distributed.machine_rank > 0
     if checkpoint is None and role is not Role.WORKER and not other_machine:
         found = run_artifacts(out)
+        theirs = [name for name in USER_FILES_A_RUN_WRITES if (out / name).is_file()]
+        if theirs and not found and not recipe.overwrite_output_dir:
+            raise RecipeError(f"output_dir: {str(out)!r} holds {', '.join(theirs)}, not written by alignkit; the run "
+                              "would replace it (the model card is README.md). Choose another output_dir, or say "
+                              "overwrite_output_dir: true to replace it.")
         if found and not recipe.overwrite_output_dir:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             raise RecipeError(f"output_dir: {str(out)!r} holds another run ({shown}); training would overwrite it. "
