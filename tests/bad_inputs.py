@@ -333,6 +333,9 @@ CASES: list[Case] = [
          "outputs/my-run", {"r.yaml": _recipe()}),
     Case("output-dir-users-readme", "an output_dir holding the user's own README.md", _train(), "README.md",
          "overwrite_output_dir: true", {"r.yaml": _recipe(), "out/README.md": "# My notes\n"}),
+    Case("ppo-load-best-model", "PPO with load_best_model_at_end: true (its loop never loads one)", _validate(),
+         "load_best_model_at_end", "remove it", {"r.yaml": _recipe("load_best_model_at_end: true\n", method="ppo")
+                                                 + "reward: {function: builtin:sentiment}\n"}),
 ]
 
 

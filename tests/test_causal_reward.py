@@ -224,3 +224,23 @@ def test_evaluation_on_an_iterable_eval_dataset_writes_its_sample_pairs(mmd_coef
     assert len(written) == 1
     rows = [json.loads(line) for line in written[0].read_text().splitlines()]
     assert len(rows) == 3 and all("reward_chosen" in r and "reward_rejected" in r for r in rows)
+
+
+@pytest.mark.parametrize("settings,says", [
+    (dict(mmd_start_step=10, max_steps=10), "mmd_start_step"),
+    (dict(bin_sampler_examples=8, per_device_train_batch_size=8), "bin_sampler_examples"),
+])
+def test_a_penalty_setting_that_cannot_take_effect_warns_once(settings, says, tmp_path):
+    """No silent no-ops (issue 29): a penalty that would start after the last step, or a balanced sampler that cannot
+    put two bins in a batch (it falls back to random order), warns when the config is made."""
+    import warnings
+
+    from alignkit._util import AlignkitWarning
+
+    args = dict(base_args(tmp_path, mmd_coef=1.0, attributes=["length:chars"]), **settings)
+    with pytest.warns(AlignkitWarning, match=says):
+        CausalRewardConfig(**args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlignkitWarning)
+        CausalRewardConfig(**dict(args, mmd_coef=0.0))  # no penalty: nothing to warn about
+        CausalRewardConfig(**base_args(tmp_path, mmd_coef=1.0, attributes=["length:chars"]))

@@ -5,6 +5,7 @@ penalty itself (docs/methods.md section 3; thesis 4.4 and 4.8)."""
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch.utils.data import Sampler
 from trl.data_utils import get_dataset_column_names
 
 from .. import _adapter
+from .._util import AlignkitWarning
 from ..data.attributes import AttributeBinner, AttributeSpec, extract_attribute
 from ..data.validation import DatasetError
 from ..losses import BinnedMMD, binned_mmd_penalty
@@ -90,6 +92,21 @@ class CausalPenaltyArguments:
             self.attributes = []  # no penalty and no attribute: the plain TRL trainer, no bins computed
         for a in self.attributes:  # validates binning, kind, n_bins and regexes early
             self.attribute_spec(a)
+        self._warn_about_settings_without_effect()
+
+    def _warn_about_settings_without_effect(self):
+        """No silent no-ops: penalty settings that cannot take effect in this run say so once, here."""
+        if self.mmd_coef <= 0:
+            return
+        if 0 < self.max_steps <= self.mmd_start_step:
+            warnings.warn(f"mmd_start_step={self.mmd_start_step} is not below max_steps={self.max_steps}: the MMD "
+                          "penalty is only logged, never trained on; lower mmd_start_step (or set mmd_coef: 0).",
+                          AlignkitWarning, stacklevel=3)
+        if self.bin_balanced_sampler and self.per_device_train_batch_size < 2 * self.bin_sampler_examples:
+            warnings.warn(f"bin_sampler_examples={self.bin_sampler_examples} leaves room for fewer than two bins in "
+                          f"a batch of per_device_train_batch_size={self.per_device_train_batch_size}: the balanced "
+                          "sampler falls back to random order. Lower bin_sampler_examples or raise the batch size.",
+                          AlignkitWarning, stacklevel=3)
 
     def attribute_spec(self, source: str) -> AttributeSpec:
         return AttributeSpec(source, kind=self.attribute_kind, n_bins=self.num_bins, binning=self.binning)

@@ -67,6 +67,9 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
     length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
 
     def __post_init__(self):
+        if self.load_best_model_at_end:
+            raise ValueError(f"load_best_model_at_end: {type(self).__name__}'s loop keeps the last policy and never "
+                             "loads a best one; remove it (evaluate checkpoints with alignkit eval instead).")
         if self.run_name is None:
             self.run_name = self.exp_name
         check_ranges(self, TRAINING_RULES, PPO_RULES)
