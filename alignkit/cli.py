@@ -148,7 +148,7 @@ def _run_dashboard(args) -> int:
 def _run_eval(args) -> int:
     from .metrics.evaluate import EvalError, evaluate, load_prompts, log_to_wandb, write_report
 
-    from .models import check_model_source, check_score_head
+    from .models import causal_lm_config, check_model_source, check_same_vocabulary, check_score_head
 
     if args.k < 2:
         raise EvalError(f"-k {args.k}: self-BLEU and distinct-n compare the samples of a prompt with each other; "
@@ -179,9 +179,13 @@ def _run_eval(args) -> int:
     if args.attribute and not (args.reward_model and args.pairs):
         raise EvalError("--attribute measures a reward model's bias on pairs; add --reward-model and --pairs.")
     check_model_source(args.model, "MODEL (the policy)", need_tokenizer=True)
+    policy = causal_lm_config(args.model, "MODEL (the policy)")  # an encoder or a reward model is refused here
     for flag, name in (("--ref", args.ref), ("--compare-model", args.compare_model)):
         if name:
             check_model_source(name, flag, need_tokenizer=flag == "--compare-model")
+            other = causal_lm_config(name, flag)
+            if flag == "--ref":  # log-ratios compare the same token ids; a compared policy has its own tokenizer
+                check_same_vocabulary(policy, other, flag, name)
     if args.reward_model:
         check_model_source(args.reward_model, "--reward-model", need_tokenizer=True)
         check_score_head(args.reward_model, "--reward-model", must_be_trained=True)

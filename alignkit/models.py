@@ -313,6 +313,69 @@ def model_config(name_or_path: str, key: str, trust_remote_code: bool = False, r
         raise ModelError(f"{key}: could not read the config of {name_or_path!r}: {first_line(exc)}") from None
 
 
+#: the architectures of a causal language model, by their transformers class names
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
+def causal_lm_config(name_or_path: str, key: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The config of a model that must be a causal language model (a policy, a reference), checked from its
+    config.json alone: an encoder or a reward model given as a policy is refused before any weights load. A PEFT
+    adapter folder stands for its base model. Raises ModelError naming `key`."""
+    import json
+
+    adapter = Path(name_or_path).expanduser() / "adapter_config.json"
+    if not is_builtin(name_or_path) and adapter.is_file() and not adapter.with_name("config.json").is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if base:
+            return causal_lm_config(base, f"{key} (the base of the adapter in {name_or_path})", trust_remote_code)
+    cfg = model_config(name_or_path, key, trust_remote_code=trust_remote_code, revision=revision)
+    archs = list(cfg.architectures or [])
+    if archs and not any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in archs):
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            what = (f"a reward model ({archs[0]}), which scores text but does not generate it; give it as reward.model "
+                    "(or --reward-model)")
+        else:
+            what = f"a {archs[0]}, not a causal language model"
+        raise ModelError(f"{key}: {name_or_path!r} is {what}. A policy or reference is a causal language model "
+                         "(…ForCausalLM), e.g. builtin:smollm2-135m-instruct.")
+    return cfg
+
+
+def check_same_vocabulary(policy_cfg, other_cfg, key: str, other: str) -> None:
+    """A reference (or a model compared token by token) must share the policy's vocabulary. Raises ModelError."""
+    a, b = getattr(policy_cfg, "vocab_size", None), getattr(other_cfg, "vocab_size", None)
+    if a is not None and b is not None and a != b:
+        raise ModelError(f"{key}: {other!r} has a vocabulary of {b} tokens and the policy one of {a}: their "
+                         "log-probabilities of the same token ids cannot be compared. Give a model with the same "
+                         "tokenizer as the policy (e.g. the policy's base model).")
+
+
+def empty_model(config, kind: str, peft_config=None):
+    """The model of `config` on PyTorch's meta device (no memory, no weights): `kind` "causal" or "seqcls" (one
+    output), with `peft_config`'s adapters when given."""
+    import copy
+
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with init_empty_weights(include_buffers=True):
+        if kind == "causal":
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+    return model
+
+
 def model_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The tokenizer of a model, without its weights (a built-in real model that is not converted yet: from its GGUF
     metadata or shipped folder)."""

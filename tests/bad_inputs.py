@@ -33,6 +33,13 @@ def _recipe(extra: str = "", method: str = "fdpo", model: str = "builtin:tiny-ll
             f"output_dir: {{dir}}/out\n{extra}")
 
 
+def _model_files(folder: str, model_type: str, architecture: str, **config) -> dict[str, str]:
+    """A model folder with a config.json (no weights: the checks read configs only) and a tokenizer config."""
+    cfg = {"model_type": model_type, "architectures": [architecture], "vocab_size": 1024, "hidden_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, **config}
+    return {f"{folder}/config.json": json.dumps(cfg), f"{folder}/tokenizer_config.json": "{}"}
+
+
 def _jsonl(rows) -> str:
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
@@ -336,6 +343,23 @@ CASES: list[Case] = [
     Case("ppo-load-best-model", "PPO with load_best_model_at_end: true (its loop never loads one)", _validate(),
          "load_best_model_at_end", "remove it", {"r.yaml": _recipe("load_best_model_at_end: true\n", method="ppo")
                                                  + "reward: {function: builtin:sentiment}\n"}),
+    # the kind of model, from config.json before any weights load (issue 29, item 4)
+    Case("policy-is-an-encoder", "an encoder (BertModel) as the f-DPO policy", _validate(), "model.name_or_path",
+         "causal language model", {"r.yaml": _recipe(model="{dir}/enc"), **_model_files("enc", "bert", "BertModel")}),
+    Case("policy-is-a-reward-model", "a reward model (…ForSequenceClassification) as the policy", _validate(),
+         "model.name_or_path", "reward.model", {"r.yaml": _recipe(model="{dir}/rm"),
+                                                **_model_files("rm", "llama", "LlamaForSequenceClassification")}),
+    Case("reference-other-vocabulary", "a reference whose vocabulary is not the policy's", _validate(),
+         "model.ref_name_or_path", "same tokenizer",
+         {"r.yaml": _recipe(model="{name_or_path: builtin:tiny-llama, ref_name_or_path: '{dir}/ref'}"),
+          **_model_files("ref", "llama", "LlamaForCausalLM", vocab_size=50)}),
+    Case("lora-targets-nothing", "LoRA target_modules that match no module of the model", _validate(),
+         "peft.target_modules", "q_proj", {"r.yaml": _recipe("peft: {r: 4, target_modules: [query_projection]}\n")}),
+    Case("eval-policy-is-an-encoder", "eval of an encoder as the policy", ["eval", "{dir}/enc"], "MODEL",
+         "causal language model", _model_files("enc", "bert", "BertModel")),
+    Case("eval-reference-other-vocabulary", "eval --ref with another vocabulary", ["eval", "builtin:tiny-llama",
+         "--ref", "{dir}/ref"], "--ref", "same tokenizer", _model_files("ref", "llama", "LlamaForCausalLM",
+                                                                        vocab_size=50)),
 ]
 
 

@@ -19,7 +19,8 @@ from .._util import first_line, info
 from ..data.synthetic import load_builtin_dataset
 from ..data.validation import (DatasetError, apply_column_mapping, check_data_file, iter_arrow, iter_rows,
                                locate_json_error, text_columns)
-from ..models import BUILTIN_PREFIX, ModelError, check_model_source, check_score_head, resolve_model_path
+from ..models import (BUILTIN_PREFIX, ModelError, causal_lm_config, check_model_source, check_same_vocabulary,
+                      check_score_head, empty_model, model_config, resolve_model_path)
 from .plan import Plan
 from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, dataset_validator
 
@@ -167,10 +168,35 @@ def check_models(recipe: Recipe) -> None:
             heads.append(("model.name_or_path", m.name_or_path, False))
         for key, name, must_be_trained in heads:
             check_score_head(name, key, must_be_trained, trust_remote_code=m.trust_remote_code)
+        if recipe.method in REWARD_MODEL_METHODS:
+            config = model_config(m.name_or_path, "model.name_or_path", m.trust_remote_code, m.revision)
+        else:  # a policy, and its reference, are causal LMs with one vocabulary
+            config = causal_lm_config(m.name_or_path, "model.name_or_path", m.trust_remote_code, m.revision)
+            if m.ref_name_or_path:
+                ref = causal_lm_config(m.ref_name_or_path, "model.ref_name_or_path", m.trust_remote_code)
+                check_same_vocabulary(config, ref, "model.ref_name_or_path", m.ref_name_or_path)
     except ModelError as exc:
         raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise RecipeError(f"could not read the model config: {first_line(exc)}") from None
+    if recipe.peft is not None:
+        _check_lora_targets(recipe, config)
+
+
+def _check_lora_targets(recipe: Recipe, config) -> None:
+    """The PEFT section's target_modules match modules of the model (on the meta device: no weights)."""
+    peft_config = recipe.build_peft_config()
+    kind = "seqcls" if recipe.method in REWARD_MODEL_METHODS else "causal"
+    try:
+        empty_model(config, kind, peft_config)
+    except ValueError as exc:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in empty_model(config, kind).named_modules()
+                         if isinstance(mod, torch.nn.Linear)})
+        raise RecipeError(f"peft.target_modules: {peft_config.target_modules} match no module of "
+                          f"{recipe.model.name_or_path} ({first_line(exc)[:120]}); its linear layers are "
+                          f"{', '.join(linear[:12])}, or say all-linear.") from None
 
 
 #: special tokens a tokenizer may add around a text (BOS/EOS, a prefix space): a text of B UTF-8 bytes has at

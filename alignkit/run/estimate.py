@@ -36,7 +36,6 @@ bf16 peak times the stated MFU. On-policy methods also generate (PPO, online mDP
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from typing import Any
@@ -128,25 +127,6 @@ def _count(model) -> tuple[int, int, int]:
         seen.setdefault(id(p), (p.numel(), p.requires_grad))
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     return sum(n for n, _ in seen.values()), sum(n for n, t in seen.values() if t), largest
-
-
-def _empty_model(config, kind: str, peft_config=None):
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    with init_empty_weights(include_buffers=True):
-        if kind == "causal":
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        else:
-            config = copy.deepcopy(config)
-            config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-    return model
 
 
 def _shape(config) -> dict[str, int]:
@@ -260,7 +240,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     (`8xH100`, `2x8xH100`): parameters, memory per device, tokens and FLOPs per step, and with a GPU the step time at
     `mfu`. Loads configs and (for mDPO's group sizes) the first row of the data, never weights."""
     from ..metrics.perf import matmul_parameters, training_flops
-    from ..models import model_config
+    from ..models import empty_model, model_config
     from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS
 
     from .plan import check_distributed
@@ -301,7 +281,7 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
         precision = f"{'bf16' if config.bf16 else 'fp16'} (DeepSpeed, fp32 master weights)"
     peft_config = recipe.build_peft_config()
     kind = "seqcls" if recipe.method in REWARD_MODEL_METHODS else "causal"
-    trained = _empty_model(policy_config, kind, peft_config)
+    trained = empty_model(policy_config, kind, peft_config)
     params, trainable, largest = _count(trained)
     role = "reward model (trained)" if kind == "seqcls" else "policy"
     models = [ModelEstimate(role, m.name_or_path, params, trainable, largest)]
@@ -310,19 +290,19 @@ def plan_recipe(recipe, gpus: str | None = None, mfu: float = 0.4, seq_len: int 
     if recipe.method not in REWARD_MODEL_METHODS and peft_config is None:
         name = m.ref_name_or_path or m.name_or_path
         # a copy of the policy unless another model is named (no LoRA here: the trained model is the policy itself)
-        ref_params = (params, 0, largest) if not m.ref_name_or_path else _count(_empty_model(
+        ref_params = (params, 0, largest) if not m.ref_name_or_path else _count(empty_model(
             model_config(name, "model.ref_name_or_path", m.trust_remote_code), "causal"))
         models.append(ModelEstimate("reference (frozen)", name, ref_params[0], 0, ref_params[2]))
     if recipe.method in ON_POLICY_METHODS:
         r = recipe.reward
         if r.model:
             cfg = _config_or_policy(r.model, "reward.model", m, policy_config, notes)
-            rp = _count(_empty_model(cfg, "seqcls"))
+            rp = _count(empty_model(cfg, "seqcls"))
             models.append(ModelEstimate("reward model (frozen)", r.model, rp[0], 0, rp[2]))
         if recipe.method == "ppo":
             name = r.value_model or r.model or m.name_or_path
             cfg = _config_or_policy(name, "reward.value_model", m, policy_config, notes)
-            vp = _count(_empty_model(cfg, "seqcls"))
+            vp = _count(empty_model(cfg, "seqcls"))
             models.append(ModelEstimate("value model (trained)", name, vp[0], vp[0], vp[2]))
     for est in models:
         _states(est, n, stage, weight_bytes, mixed, offload_optimizer, offload_params)
