@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare-model", help="another policy; with --reward-model, gives the win-rate score")
     ev.add_argument("--attribute", help="spurious attribute for reward-model bias (length, a column, regex:...)")
     ev.add_argument("--output", default="outputs/eval", help="folder for report.json, samples.jsonl and PNGs")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --output")
     ev.add_argument("--report-to", choices=["none", "wandb"], default="none")
     ev.add_argument("--seed", type=int, default=0)
     pl = sub.add_parser("plot", help="training curves as PNGs from a run's metrics.json (no W&B needed)",
@@ -122,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--run-dir", help="an alignkit train output_dir: only its method's section (and throughput)")
     db.add_argument("--output", help="write the definition to this JSON file instead of saving it to W&B")
     db.add_argument("--push", metavar="FILE", help="save a definition written earlier to W&B (needs an API key)")
+    db.add_argument("--overwrite", action="store_true", help="replace a definition file written earlier")
     return parser
 
 
@@ -134,11 +136,19 @@ def _run_dashboard(args) -> int:
         return 0
     if not args.project:
         raise DashboardError("--project is missing; give the W&B project your runs log to, e.g. --project alignkit.")
+    if "/" in args.project:
+        team, _, project = args.project.partition("/")
+        raise DashboardError(f"--project {args.project}: a W&B project name has no '/'; give the team apart: "
+                             f"--entity {team} --project {project}.")
+    output = args.output or f"wandb-workspace-{args.project}.json"
+    if Path(output).exists() and not args.overwrite and not (args.output is None and has_wandb_key() and args.entity):
+        raise DashboardError(f"--output {output}: a definition written earlier is there; choose another file, or add "
+                             "--overwrite to replace it.")
     workspace = build_workspace(args.project, args.entity, args.run_dir)
     if args.output is None and has_wandb_key() and args.entity:
         print(workspace.save().url)
         return 0
-    path = save_definition(workspace, args.output or f"wandb-workspace-{args.project}.json")
+    path = save_definition(workspace, output)
     entity = args.entity or "YOUR_ENTITY"
     print(f"W&B workspace definition written to {path} ({len(workspace.sections)} sections); save it to W&B with: "
           f"alignkit dashboard --push {path} --entity {entity}")
@@ -178,6 +188,12 @@ def _run_eval(args) -> int:
             raise EvalError(f"--reward-function: {exc}") from None
     if args.attribute and not (args.reward_model and args.pairs):
         raise EvalError("--attribute measures a reward model's bias on pairs; add --reward-model and --pairs.")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--output {args.output}: a file; give a folder for report.json, samples.jsonl and the plots.")
+    if (out / "report.json").exists() and not args.overwrite:
+        raise EvalError(f"--output {args.output}: holds an earlier report (report.json); choose another folder, or add "
+                        "--overwrite to replace it.")
     check_model_source(args.model, "MODEL (the policy)", need_tokenizer=True)
     policy = causal_lm_config(args.model, "MODEL (the policy)")  # an encoder or a reward model is refused here
     for flag, name in (("--ref", args.ref), ("--compare-model", args.compare_model)):

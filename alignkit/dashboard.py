@@ -157,8 +157,13 @@ def load_definition(path: str | Path, entity: str | None = None):
 
 def push_definition(path: str | Path, entity: str | None = None) -> str:
     """Save a written definition to W&B (needs an API key and network); returns the workspace URL."""
+    from ._util import has_wandb_key
+
     workspace = load_definition(path, entity)
     if not workspace.entity:
         raise DashboardError("--push needs --entity: the definition was written without one (your W&B user or "
                              "team name).")
+    if not has_wandb_key():
+        raise DashboardError(f"--push {path}: saving to W&B needs an API key; run `wandb login` (or set "
+                             "WANDB_API_KEY), then run this again.")
     return workspace.save().url

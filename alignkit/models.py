@@ -313,6 +313,17 @@ def model_config(name_or_path: str, key: str, trust_remote_code: bool = False, r
         raise ModelError(f"{key}: could not read the config of {name_or_path!r}: {first_line(exc)}") from None
 
 
+def unreadable_weights(exc: BaseException, name: str, key: str) -> str | None:
+    """The one-line message for a weights file that cannot be read (a truncated or corrupt safetensors file), or
+    None when `exc` is another failure."""
+    from safetensors import SafetensorError
+
+    if not isinstance(exc, SafetensorError):
+        return None
+    return (f"{key}: {name!r}: its model.safetensors cannot be read ({first_line(exc)}): the file is truncated or "
+            "corrupt; save the model again (model.save_pretrained(folder)).")
+
+
 #: the architectures of a causal language model, by their transformers class names
 CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 

@@ -360,6 +360,20 @@ CASES: list[Case] = [
     Case("eval-reference-other-vocabulary", "eval --ref with another vocabulary", ["eval", "builtin:tiny-llama",
          "--ref", "{dir}/ref"], "--ref", "same tokenizer", _model_files("ref", "llama", "LlamaForCausalLM",
                                                                         vocab_size=50)),
+    # outputs of eval / dashboard, and broken model files (issue 29)
+    Case("eval-output-is-a-file", "eval --output naming a file", ["eval", "builtin:tiny-llama", "--output",
+         "{dir}/afile"], "--output", "a folder", {"afile": "x"}),
+    Case("eval-output-holds-a-report", "eval into a folder that holds an earlier report",
+         ["eval", "builtin:tiny-llama", "--output", "{dir}/ev"], "--output", "--overwrite",
+         {"ev/report.json": "{}"}),
+    Case("eval-truncated-weights", "eval of a model folder whose model.safetensors is truncated",
+         ["eval", "{dir}/m"], "model.safetensors", "save the model again",
+         {**_model_files("m", "llama", "LlamaForCausalLM"), "m/model.safetensors": b"\x10\x00\x00"}),
+    Case("dashboard-project-with-slash", "dashboard --project team/proj", ["dashboard", "--project", "team/proj",
+         "--output", "{dir}/ws.json"], "--project", "--entity team"),
+    Case("dashboard-output-exists", "dashboard --output naming a definition written before",
+         ["dashboard", "--project", "p", "--output", "{dir}/ws.json"], "--output", "--overwrite",
+         {"ws.json": "{}"}),
 ]
 
 

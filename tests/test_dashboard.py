@@ -69,3 +69,18 @@ def test_push_refuses_a_definition_without_entity_before_any_network(tmp_path, c
     assert main(["dashboard", "--project", "p", "--output", str(out), "--entity", ""]) == 0
     assert main(["dashboard", "--push", str(out), "--entity", ""]) == 2
     assert "--push needs --entity" in capsys.readouterr().err
+
+
+def test_pushing_without_an_api_key_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
+    """`dashboard --push` with no W&B API key anywhere: exit 2 and what to do (it was a wandb UsageError traceback)."""
+    from alignkit.cli import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    definition = tmp_path / "ws.json"
+    assert main(["dashboard", "--project", "p", "--output", str(definition)]) == 0
+    capsys.readouterr()
+    assert main(["dashboard", "--push", str(definition), "--entity", "me"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--push" in err[0] and "wandb login" in err[0], err

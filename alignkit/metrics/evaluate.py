@@ -33,8 +33,15 @@ def _load_causal_lm(name):
     try:
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise EvalError(f"could not load model {name!r}: {first_line(exc)}") from None
+    except Exception as exc:
+        from ..models import unreadable_weights
+
+        line = unreadable_weights(exc, str(name), "MODEL")
+        if line is not None:
+            raise EvalError(line) from None
+        if isinstance(exc, OSError):
+            raise EvalError(f"could not load model {name!r}: {first_line(exc)}") from None
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from .._util import first_line, info, wants_wandb
-from ..models import resolve_model_path
+from ..models import resolve_model_path, unreadable_weights
 from .checks import Checked
 from .plan import Plan
 from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, trainer_class
@@ -34,8 +34,13 @@ def load_models(recipe: Recipe):
         ref = None
         if m.ref_name_or_path:
             ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.ref_name_or_path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise RecipeError(f"model.name_or_path: could not load {m.name_or_path!r}: {first_line(exc)}") from None
+    except Exception as exc:
+        line = unreadable_weights(exc, m.name_or_path, "model.name_or_path")
+        if line is not None:
+            raise RecipeError(line) from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise RecipeError(f"model.name_or_path: could not load {m.name_or_path!r}: {first_line(exc)}") from None
+        raise
     return model, ref
 
 
