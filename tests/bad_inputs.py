@@ -374,6 +374,10 @@ CASES: list[Case] = [
     Case("dashboard-output-exists", "dashboard --output naming a definition written before",
          ["dashboard", "--project", "p", "--output", "{dir}/ws.json"], "--output", "--overwrite",
          {"ws.json": "{}"}),
+    Case("reward-texts-beyond-positions", "reward-model texts longer than the encoder's 512 positions (MiniLM)",
+         _validate(), "max_length", "max_length: 512",
+         {"r.yaml": _data_recipe(method="crm") .replace("builtin:tiny-llama", "builtin:minilm-l6"),
+          "data.jsonl": _jsonl([dict(PAIR, chosen="a great film " * 300)] + [PAIR] * 15)}),
 ]
 
 

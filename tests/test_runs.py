@@ -229,3 +229,27 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused(tmp_path):
     assert _quickstart(out, "--set", "overwrite_output_dir=true") == 0  # the dead run's lock went with it
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "complete"
     assert not (out / ".alignkit.lock.json").exists()  # the holder's record goes with the lock
+
+
+def test_a_save_that_fails_marks_the_run_failed_and_leaves_no_temp_folder(tmp_path, monkeypatch, capsys):
+    """A full disk (ENOSPC) in the middle of the final save: the run says failed (not "running"), names the error,
+    and the half-written temporary folder is gone; the earlier files of the folder are untouched."""
+    import errno
+
+    from alignkit import FDPOTrainer
+
+    real_save = FDPOTrainer.save_model
+
+    def full_disk(self, output_dir=None, _internal_call=False):
+        real_save(self, output_dir, _internal_call)  # the files are written, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FDPOTrainer, "save_model", full_disk)
+    out = tmp_path / "run"
+    assert _quickstart(out) == 1
+    status = json.loads((out / "alignkit_run.json").read_text())
+    assert status["status"] == "failed" and "No space left" in status["error"], status
+    assert not (out / ".alignkit-saving").exists()
+    assert not (out / "model.safetensors").exists()  # nothing that could pass for the finished model
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err

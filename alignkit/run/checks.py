@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .._util import first_line, info
@@ -225,7 +226,8 @@ def count_overlong(recipe: Recipe, config, tokenizer, dataset) -> tuple[int, int
         if isinstance(prompt if prompt is not None else completion, list):  # conversational
             return tokenizer.apply_chat_template((prompt or []) + (completion or []), tokenize=True, return_dict=True,
                                                  add_generation_prompt=generation_prompt)["input_ids"]
-        return tokenizer((prompt or "") + (completion or ""))["input_ids"]
+        # verbose=False: counting long rows is the point here, not a warning about them
+        return tokenizer((prompt or "") + (completion or ""), verbose=False)["input_ids"]
 
     def common_prefix(a, b) -> int:
         n = 0
@@ -312,10 +314,31 @@ def check(plan: Plan) -> Checked:
         raise RecipeError(f"eval_strategy is {getattr(config.eval_strategy, 'value', config.eval_strategy)!r} but the "
                           "dataset section names no eval split; "
                           "set dataset.eval_split or dataset.test_size, or eval_strategy: 'no'.")
-    warnings += _check_lengths(recipe, config, tokenizer, train_ds, "train dataset")
-    if eval_ds is not None:
-        warnings += _check_lengths(recipe, config, tokenizer, eval_ds, "eval dataset")
+    for ds, where in ((train_ds, "train dataset"), (eval_ds, "eval dataset")):
+        if ds is not None:
+            _check_positions(recipe, config, tokenizer, ds, where)
+            warnings += _check_lengths(recipe, config, tokenizer, ds, where)
     return Checked(config, train_ds, eval_ds, tokenizer, warnings)
+
+
+def _check_positions(recipe: Recipe, config, tokenizer, dataset, where: str) -> None:
+    """An encoder with learned absolute positions (BERT, MiniLM) cannot read a text longer than its positions: with
+    max_length above them (TRL's default is 1024), such rows would crash the forward. Counted and refused here, with
+    the numbers and the max_length that drops them."""
+    if recipe.method not in REWARD_MODEL_METHODS:
+        return
+    cfg = model_config(recipe.model.name_or_path, "model.name_or_path", recipe.model.trust_remote_code)
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if getattr(cfg, "position_embedding_type", None) != "absolute" or not positions:
+        return
+    if config.max_length is not None and config.max_length <= positions:
+        return
+    dropped, rows, longest = count_overlong(recipe, SimpleNamespace(max_length=positions), tokenizer, dataset)
+    if dropped:
+        raise RecipeError(f"{where}: {dropped} of {rows} rows are longer than the {positions} positions of "
+                          f"{recipe.model.name_or_path} (the longest has {longest} tokens; max_length is "
+                          f"{config.max_length}): they would crash its forward. Set max_length: {positions} (TRL then "
+                          "drops them), or shorten them.")
 
 
 def finished_line(plan: Plan) -> str:

@@ -47,7 +47,17 @@ def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None)
             info(f"interrupted at step {trainer.state.global_step}: the model was not saved{hint}")
         raise
     # The model is saved before anything else can fail (evaluation, metrics, the card): it survives them.
-    _save_final_model(trainer, out)
+    try:
+        _save_final_model(trainer, out)
+    except Exception as exc:  # a full disk, a lost mount: the run is failed, and no half-written folder is left
+        if main:
+            import shutil
+
+            shutil.rmtree(out / _SAVING, ignore_errors=True)
+            write_status(out, "failed", step=trainer.state.global_step, error=f"{type(exc).__name__}: {exc}"[:500],
+                         model_saved=False)
+            info(f"saving the trained model to {out} failed ({type(exc).__name__}: {exc}); the run is marked failed")
+        raise
     metrics = {"train": result.metrics, "distributed": _distributed_summary(trainer)}
     try:
         trainer.create_model_card(model_name=out.name)  # Trainer only writes one at checkpoints or on push
@@ -70,13 +80,17 @@ def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None)
     return metrics
 
 
+#: the folder the final model is written into before its files are moved into place
+_SAVING = ".alignkit-saving"
+
+
 def _save_final_model(trainer, out: Path) -> None:
     """Write the final model into a temporary folder inside ``out``, then move each file into place: an
     interruption while saving leaves the earlier files whole (and the status not complete). Every rank calls
     this (ZeRO-3 gathers the weights collectively); rank 0 moves the files."""
     import shutil
 
-    tmp = out / ".alignkit-saving"
+    tmp = out / _SAVING
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
