@@ -404,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _user_errors()):
             print(f"alignkit: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        from .run.execute import TrainingStopped
+
+        if isinstance(exc, TrainingStopped):  # a run that failed on purpose, with its own one line
+            print(f"\nalignkit: error: {exc}", file=sys.stderr)
+            return 1
         if args.debug or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         log = _write_error_log(exc, argv)

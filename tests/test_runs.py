@@ -253,3 +253,21 @@ def test_a_save_that_fails_marks_the_run_failed_and_leaves_no_temp_folder(tmp_pa
     assert not (out / "model.safetensors").exists()  # nothing that could pass for the finished model
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_run_whose_weights_turn_non_finite_stops_there_and_is_never_complete(tmp_path, capsys):
+    """learning_rate 1e30 (finite, so validate passes) makes the tiny model's weights NaN at step 2. `alignkit train`
+    stops at that optimizer step with one line naming it, saves no final model and no later checkpoint, keeps the
+    finite checkpoint of step 1, and marks the run failed (before, it trained on, saved NaN weights, and failed only
+    later in evaluation, or said complete)."""
+    out = tmp_path / "run"
+    code = _quickstart(out, "--set", "learning_rate=1e30", "--set", "save_strategy=steps", "--set", "save_steps=1",
+                       "--set", "max_steps=6")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    line = [e for e in err.splitlines() if e.startswith("alignkit: error:")]
+    assert len(line) == 1 and "step 2" in line[0] and "non-finite" in line[0] and "checkpoint-1" in line[0], err
+    status = json.loads((out / "alignkit_run.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 2 and status["latest_checkpoint"] == "checkpoint-1"
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

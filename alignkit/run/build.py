@@ -107,6 +107,7 @@ def build_trainer(plan: Plan, checked: Checked, wandb_dir: str | None = None):
     trainer.alignkit_base_model = recipe.model.name_or_path
     if wandb_dir is not None or wants_wandb(config):
         trainer.add_callback(_wandb_run_setup(recipe))
+    trainer.add_callback(_finite_weights_guard(trainer))
     from ..console import new_heads, use_console
 
     use_console(trainer)
@@ -157,3 +158,29 @@ def _wandb_run_setup(recipe: Recipe):
                 wandb.run.define_metric(name, summary=summary)
 
     return WandbRunSetup()
+
+
+def _finite_weights_guard(trainer):
+    """`alignkit train` only (the Python API keeps TRL's behaviour): after every optimizer step the trained weights
+    must be finite; at the first step where they are not, training stops there, before that step's checkpoint is
+    written, and `trainer.alignkit_nonfinite` records the step and the last logged figures for the execute step."""
+    import torch
+    from transformers import TrainerCallback
+
+    # every rank checks the same weights (DDP and ZeRO-2 keep them whole on each), so all ranks stop together; under
+    # ZeRO-3 a rank's parameters are empty placeholders and the check sees nothing
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad and p.numel() > 0]
+
+    class FiniteWeights(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                finite = bool(torch.stack([p.detach().abs().amax().float() for p in trainable]).isfinite().all()) \
+                    if trainable else True
+            if not finite:
+                last = next((e for e in reversed(state.log_history) if "loss" in e), {})
+                trainer.alignkit_nonfinite = {"step": state.global_step, "last_log": last}
+                control.should_training_stop = True
+                control.should_save = control.should_evaluate = control.should_log = False
+            return control
+
+    return FiniteWeights()

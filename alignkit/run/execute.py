@@ -18,7 +18,7 @@ from .outputs import clear_previous_run, complete_checkpoints, write_status
 from .plan import Plan
 from .recipe import REWARD_MODEL_METHODS, Recipe
 
-__all__ = ["execute"]
+__all__ = ["execute", "TrainingStopped"]
 
 def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None) -> dict:
     """Train as planned; save model, tokenizer, recipe, metrics and a model card to output_dir, with
@@ -46,6 +46,9 @@ def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None)
                     "and save_steps make resumable runs)")
             info(f"interrupted at step {trainer.state.global_step}: the model was not saved{hint}")
         raise
+    stopped = getattr(trainer, "alignkit_nonfinite", None)
+    if stopped is not None:
+        _stop_at_nonfinite(trainer, out, stopped, main)
     # The model is saved before anything else can fail (evaluation, metrics, the card): it survives them.
     try:
         _save_final_model(trainer, out)
@@ -78,6 +81,27 @@ def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None)
         _finish_wandb_run()
         _summarise(recipe, config, trainer, out, wandb_dir)
     return metrics
+
+
+class TrainingStopped(RuntimeError):
+    """`alignkit train` stopped a run on purpose (its weights turned non-finite); the message is one line."""
+
+
+def _stop_at_nonfinite(trainer, out: Path, stopped: dict, main: bool) -> None:
+    """The weights turned non-finite at an optimizer step: no final model, the run failed, one line that names the
+    step, the last logged figures and the last finite checkpoint."""
+    done = complete_checkpoints(out)
+    last = stopped["last_log"]
+    figures = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "grad_norm", "logratios/chosen", "logratios/rejected")
+                        if isinstance(last.get(k), (int, float)))
+    keep = f"the last finite checkpoint is {done[-1].name}" if done else "no checkpoint was written before it"
+    line = (f"training stopped at step {stopped['step']}: the weights became non-finite (NaN or inf)"
+            f"{f'; last logged: {figures}' if figures else ''}. No final model was saved; {keep}. Lower "
+            "learning_rate (or beta), or check the data for empty completions.")
+    if main:
+        write_status(out, "failed", step=stopped["step"], error=line[:500], model_saved=False,
+                     latest_checkpoint=done[-1].name if done else None)
+    raise TrainingStopped(line)
 
 
 #: the folder the final model is written into before its files are moved into place
