@@ -159,6 +159,9 @@ def push_definition(path: str | Path, entity: str | None = None) -> str:
     """Save a written definition to W&B (needs an API key and network); returns the workspace URL."""
     from ._util import has_wandb_key
 
+    if not Path(path).is_file():
+        raise DashboardError(f"--push {path}: no such file; write the definition first with alignkit dashboard "
+                             "--project PROJECT --output FILE.")
     workspace = load_definition(path, entity)
     if not workspace.entity:
         raise DashboardError("--push needs --entity: the definition was written without one (your W&B user or "

@@ -7,8 +7,10 @@ from tests.bad_inputs import CASES, run_case
 
 
 def test_the_table_is_large_and_distinct():
-    assert len(CASES) >= 50
+    assert len(CASES) >= 150
     assert len({c.id for c in CASES}) == len(CASES)
+    # every command has its cases
+    assert {c.argv[0] for c in CASES} >= {"train", "validate", "eval", "plan", "plot", "dashboard"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -191,6 +191,8 @@ def _check_lora_targets(recipe: Recipe, config) -> None:
     try:
         empty_model(config, kind, peft_config)
     except ValueError as exc:
+        if "target modules" not in str(exc).lower():  # another value PEFT refuses, e.g. r: 0
+            raise RecipeError(f"peft: {first_line(exc)}") from None
         import torch
 
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in empty_model(config, kind).named_modules()
