@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "of a run's metrics.json (or a checkpoint's trainer_state.json).")
     pl.add_argument("run", help="a run's output_dir, or its metrics.json / trainer_state.json")
     pl.add_argument("--output", help="folder for the PNGs (default: RUN/plots)")
+    pl.add_argument("--overwrite", action="store_true", help="replace plots made earlier in that folder")
     db = sub.add_parser("dashboard", help="a W&B workspace with each method's panels (offline: a file to push later)",
                         description="Build a W&B workspace with one section per method (f-DPO, mDPO/mIPO, causal reward "
                                     "model, PPO) and one for throughput. With a W&B API key it is saved to the "
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             from .plot import plot_run
 
-            for path in plot_run(args.run, args.output):
+            for path in plot_run(args.run, args.output, overwrite=args.overwrite):
                 print(path)
             return 0
         if args.command == "eval":

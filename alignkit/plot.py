@@ -61,8 +61,9 @@ def curves(history: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]
     return out
 
 
-def plot_run(run: str | Path, output: str | Path | None = None) -> list[Path]:
-    """Write one PNG per metric family into `output` (default: `<run>/plots`); returns their paths."""
+def plot_run(run: str | Path, output: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Write one PNG per metric family into `output` (default: `<run>/plots`); returns their paths. Earlier plots
+    there are replaced only with `overwrite`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,6 +74,10 @@ def plot_run(run: str | Path, output: str | Path | None = None) -> list[Path]:
     if not families:
         raise PlotError(f"{run}: its log_history has no numeric metrics to plot.")
     out = Path(output) if output else (run if run.is_dir() else run.parent) / "plots"
+    if out.exists() and not out.is_dir():
+        raise PlotError(f"--output {out}: a file; give a folder for the PNGs.")
+    if not overwrite and out.is_dir() and any(out.glob("*.png")):
+        raise PlotError(f"{out}: holds plots made earlier; add --overwrite to replace them, or give another --output.")
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for family, metrics in sorted(families.items()):

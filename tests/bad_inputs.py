@@ -415,6 +415,12 @@ CASES: list[Case] = [
          "learning_rate", {"r.yaml": _recipe("learnig_rate: 0.001\n")}),
     Case("eval-split-and-test-size", "dataset with both eval_split and test_size", _validate(), "dataset",
          "not both", {"r.yaml": _recipe(dataset="{name: builtin:sentiment, eval_split: test, test_size: 0.1}")}),
+    Case("plot-output-holds-plots", "plot into a folder that holds earlier plots", ["plot", "{dir}/run"], "plots",
+         "--overwrite", {"run/metrics.json": json.dumps({"log_history": [{"loss": 0.6, "step": 1}]}),
+                         "run/plots/train.png": b"png"}),
+    Case("output-dir-under-a-file", "an output_dir inside a path that is a file", _validate(), "output_dir",
+         "another output_dir", {"r.yaml": _recipe().replace("output_dir: {dir}/out", "output_dir: {dir}/afile/out"),
+                                "afile": "x"}),
 ]
 
 

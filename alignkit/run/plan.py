@@ -332,6 +332,13 @@ def _output_policy(recipe: Recipe, role: Role, out: Path) -> str | None:
     find its files."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir: {str(out)!r} is a file, not a folder; choose another output_dir.")
+    ancestor = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise RecipeError(f"output_dir: {str(out)!r} lies under {str(ancestor)!r}, which is a file; choose another "
+                          "output_dir.")
+    if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RecipeError(f"output_dir: {str(out)!r} cannot be written ({str(ancestor)!r} is not writable); choose "
+                          "another output_dir.")
     checkpoint = _resolve_resume(recipe, out)
     other_machine = recipe.distributed is not None and recipe.distributed.machine_rank > 0
     if checkpoint is None and role is not Role.WORKER and not other_machine:
