@@ -271,3 +271,20 @@ def test_a_run_whose_weights_turn_non_finite_stops_there_and_is_never_complete(t
     assert status["status"] == "failed" and status["step"] == 2 and status["latest_checkpoint"] == "checkpoint-1"
     assert not (out / "model.safetensors").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_online_groups_that_skip_every_prompt_train_nothing_and_say_so(tmp_path, capsys):
+    """A min_reward_spread above any spread of the reward skips every prompt: nothing is trained. `alignkit train`
+    says so in one line, saves no model and marks the run failed (it exited 0 with zero updates)."""
+    out = tmp_path / "run"
+    (tmp_path / "r.yaml").write_text(
+        "method: online_mdpo\nmodel: {name_or_path: builtin:tiny-llama, dtype: float32}\n"
+        "dataset: {name: builtin:sentiment, builtin_kwargs: {num_samples: 32}}\n"
+        "reward: {function: builtin:sentiment}\nnum_generations: 2\nper_device_train_batch_size: 4\n"
+        "response_length: 4\nmax_steps: 2\nmin_reward_spread: 1000.0\nreport_to: none\nsave_strategy: 'no'\n"
+        f"output_dir: {out}\n")
+    assert main(["train", str(tmp_path / "r.yaml")]) == 1
+    line = [e for e in capsys.readouterr().err.splitlines() if e.startswith("alignkit: error:")]
+    assert len(line) == 1 and "min_reward_spread" in line[0] and "nothing was trained" in line[0], line
+    assert json.loads((out / "alignkit_run.json").read_text())["status"] == "failed"
+    assert not (out / "model.safetensors").exists()

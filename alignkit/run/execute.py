@@ -49,6 +49,11 @@ def execute(plan: Plan, checked: Checked, trainer, wandb_dir: str | None = None)
     stopped = getattr(trainer, "alignkit_nonfinite", None)
     if stopped is not None:
         _stop_at_nonfinite(trainer, out, stopped, main)
+    if getattr(trainer, "prompts_trained_on", None) == 0:  # online groups: every prompt's rewards too close
+        _stop(out, main, trainer.state.global_step,
+              f"nothing was trained: in all {trainer.state.global_step} iterations every prompt's rewards spread by no "
+              f"more than min_reward_spread={config.min_reward_spread}, so every prompt was skipped. Lower "
+              "min_reward_spread, or check that the reward source tells the completions apart. No model was saved.")
     # The model is saved before anything else can fail (evaluation, metrics, the card): it survives them.
     try:
         _save_final_model(trainer, out)
@@ -98,8 +103,14 @@ def _stop_at_nonfinite(trainer, out: Path, stopped: dict, main: bool) -> None:
     line = (f"training stopped at step {stopped['step']}: the weights became non-finite (NaN or inf)"
             f"{f'; last logged: {figures}' if figures else ''}. No final model was saved; {keep}. Lower "
             "learning_rate (or beta), or check the data for empty completions.")
+    _stop(out, main, stopped["step"], line)
+
+
+def _stop(out: Path, main: bool, step: int, line: str) -> None:
+    """End a run that must not be called complete: status failed (with the latest complete checkpoint), one line."""
     if main:
-        write_status(out, "failed", step=stopped["step"], error=line[:500], model_saved=False,
+        done = complete_checkpoints(out)
+        write_status(out, "failed", step=step, error=line[:500], model_saved=False,
                      latest_checkpoint=done[-1].name if done else None)
     raise TrainingStopped(line)
 

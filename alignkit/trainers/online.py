@@ -303,6 +303,7 @@ class OnlineMultiSampleTrainer(PPOTrainer):
         groups, n_prompts = ro["groups"], ro["num_prompts"]
         used = (groups.chosen | groups.rejected).flatten()
         rows_total, tokens_total = self._update_counts(ro)
+        self.prompts_trained_on = getattr(self, "prompts_trained_on", 0) + int(rows_total)
         self._perf_count(ro["mask"][used].sum(1), repeats=args.num_iterations)
         t_opt = now()
         losses, stats = [], []
