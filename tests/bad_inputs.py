@@ -421,6 +421,12 @@ CASES: list[Case] = [
     Case("output-dir-under-a-file", "an output_dir inside a path that is a file", _validate(), "output_dir",
          "another output_dir", {"r.yaml": _recipe().replace("output_dir: {dir}/out", "output_dir: {dir}/afile/out"),
                                 "afile": "x"}),
+    Case("policy-is-minilm", "builtin:minilm-l6 (an encoder) as the f-DPO policy", _validate(), "model.name_or_path",
+         "causal language model", {"r.yaml": _recipe(model="builtin:minilm-l6")}),
+    Case("eval-policy-is-a-reward-model", "eval of a reward-model folder as the policy", ["eval", "{dir}/rm"],
+         "MODEL", "reward.model", _model_files("rm", "llama", "LlamaForSequenceClassification")),
+    Case("eval-ref-is-a-reward-model", "eval --ref naming a reward model", ["eval", "builtin:tiny-llama", "--ref",
+         "{dir}/rm"], "--ref", "causal language model", _model_files("rm", "llama", "LlamaForSequenceClassification")),
 ]
 
 
