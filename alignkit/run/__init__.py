@@ -46,7 +46,8 @@ def train(recipe, plan=None) -> dict:
     from .build import build_trainer
     from .execute import execute
 
-    if plan.role is Role.WORKER:  # the launcher of the job holds output_dir's lock
-        return execute(plan, checked, build_trainer(plan, checked, wandb_dir), wandb_dir)
-    with output_dir_lock(plan):
+    import contextlib
+
+    # a worker's launcher holds output_dir's lock for the whole job
+    with contextlib.nullcontext() if plan.role is Role.WORKER else output_dir_lock(plan):
         return execute(plan, checked, build_trainer(plan, checked, wandb_dir), wandb_dir)
