@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward-function", help="score the samples with a function instead: builtin:vader (real "
                                               "text), builtin:sentiment, or package.module:function")
     ev.add_argument("--compare-model", help="another policy; with --reward-model, gives the win-rate score")
+    ev.add_argument("--exact", action="store_true", help="random-number prompts (low/high columns): score every "
+                                                          "integer's probability from the logits too")
     ev.add_argument("--attribute", help="spurious attribute for reward-model bias (length, a column, regex:...)")
     ev.add_argument("--output", default="outputs/eval", help="folder for report.json, samples.jsonl and PNGs")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --output")
@@ -207,6 +209,9 @@ def _run_eval(args) -> int:
         check_model_source(args.reward_model, "--reward-model", need_tokenizer=True)
         check_score_head(args.reward_model, "--reward-model", must_be_trained=True)
     prompts = load_prompts(args.prompts, args.split, args.num_prompts)
+    if args.exact and not {"low", "high"} <= set(prompts.column_names):
+        raise EvalError(f"--exact scores random-number prompts, which carry 'low' and 'high' columns; --prompts "
+                        f"{args.prompts} has {prompts.column_names}: use --prompts builtin:random_numbers or add them.")
     pairs = load_prompts(args.pairs, args.pairs_split, args.num_pairs) if args.pairs else None
     if pairs is not None:
         from .data.validation import validate_preference_dataset
@@ -215,12 +220,13 @@ def _run_eval(args) -> int:
     report = evaluate(args.model, prompts, ref=args.ref, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, reward_model=args.reward_model, compare_model=args.compare_model,
                       pairs=pairs, beta=args.beta, attribute=args.attribute, seed=args.seed,
-                      reward_function=args.reward_function)
+                      reward_function=args.reward_function, exact_numbers=args.exact)
     files = write_report(report, args.output)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()
              if k not in ("samples",) and not isinstance(v, dict)}
     print(json.dumps(shown))
-    for key in ("divergence", "pairs", "reward", "reward_model_bias", "random_numbers"):
+    for key in ("divergence", "pairs", "reward", "reward_model_bias", "random_numbers",
+                "random_numbers_exact"):
         if key in report:
             print(f"{key}: " + json.dumps({k: round(v, 4) for k, v in report[key].items()}))
     print(f"[alignkit] wrote {', '.join(p.name for p in files)} to {args.output}", file=sys.stderr)

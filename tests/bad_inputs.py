@@ -290,6 +290,8 @@ CASES: list[Case] = [
     Case("eval-pairs-without-ref", "eval --pairs without --ref or --reward-model",
          ["eval", "builtin:tiny-llama", "--pairs", "builtin:sentiment"], "--pairs", "add one of them"),
     Case("eval-k-one", "eval -k 1", ["eval", "builtin:tiny-llama", "-k", "1"], "-k 1", "k >= 2"),
+    Case("eval-exact-without-bounds", "eval --exact on prompts without low/high columns",
+         ["eval", "builtin:tiny-llama", "--exact"], "--exact", "builtin:random_numbers"),
     Case("eval-num-prompts-zero", "eval --num-prompts 0", ["eval", "builtin:tiny-llama", "--num-prompts", "0"],
          "--num-prompts", "at least 1"),
     Case("eval-temperature-zero", "eval --temperature 0", ["eval", "builtin:tiny-llama", "--temperature", "0"],

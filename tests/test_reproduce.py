@@ -139,7 +139,7 @@ def test_online_groups(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-@pytest.mark.parametrize("name", ["random_numbers_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
+@pytest.mark.parametrize("name", ["random_numbers_real", "table31_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
                                   "crm_demographic"])
 def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
     """Their full forms take 20-60 min on SmolLM2 (causal_dpo: 6 min, 3 seeds, docs/results.md); CI only checks that
@@ -151,6 +151,26 @@ def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0 and "--output" in capsys.readouterr().out
+
+
+def test_table31_report_bootstrap_and_verdicts():
+    """The interval resamples seeds, then prompts: identical seeds give the prompts' own spread; a win rate whose
+    interval holds 0.5 is inconclusive, one above it reproduces a claim above 0.5, and fewer than 3 seeds decide
+    nothing."""
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import table31_report as t
+
+    mean, lo, hi = t.bootstrap([[1.0] * 30, [1.0] * 30, [1.0] * 30])
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    mean, lo, hi = t.bootstrap([[0.0, 1.0] * 50] * 3)
+    assert mean == 0.5 and 0.35 < lo < 0.5 < hi < 0.65  # binomial: 0.5 +- 1.96 * 0.5 / sqrt(100)
+    assert t.verdict(0.6, 0.9, 0.8, 3, False) == "reproduced"
+    assert t.verdict(0.1, 0.4, 0.8, 3, False).startswith("not reproduced")
+    assert t.verdict(0.4, 0.6, 0.8, 3, True).startswith("inconclusive") and "still moving" in t.verdict(
+        0.4, 0.6, 0.8, 3, True)
+    assert t.verdict(0.6, 0.9, 0.8, 2, False).startswith("too few seeds")
 
 
 def test_frontier_interpolates_reward_at_matched_divergence():

@@ -118,13 +118,15 @@ def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batc
 
 def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
              reward_model=None, compare_model=None, pairs=None, beta: float = 0.1, attribute: str | None = None,
-             seed: int = 0, reward_function=None) -> dict[str, Any]:
+             seed: int = 0, reward_function=None, exact_numbers: bool = False) -> dict[str, Any]:
     """Sample `k` completions for each prompt of `prompts` (a datasets.Dataset with a `prompt` column, or
     a list of strings) and report the metrics that apply:
 
     * always: predictive entropy, distinct-1/2, self-BLEU (k >= 2), completion length;
     * `ref` (model or path): estimates of every f-divergence D_f(policy || ref) from the samples;
-    * prompts with `low`/`high` columns (random numbers): entropy and KL to uniform of the sampled numbers;
+    * prompts with `low`/`high` columns (random numbers): entropy and KL to uniform of the sampled numbers; with
+      `exact_numbers`, also each integer's probability from the logits (`metrics.numbers`): the in-range mass,
+      the normalised entropy, the KL to uniform and how often `low` is the mode;
     * `pairs` (+ `ref`): accuracy and ECE of the policy's implicit reward `beta * log(pi/pi_ref)` on them;
     * `reward_function` (``builtin:vader``, ``package.module:function`` or a callable ``(prompts, completions)
       -> scores``): mean reward of the samples, and with `compare_model` the win-rate score;
@@ -147,6 +149,9 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         rows = [{"prompt": p} for p in (prompts or [])]
     if not rows:
         raise EvalError("no prompts to evaluate on; give a dataset with a 'prompt' column and at least one row.")
+    if exact_numbers and not {"low", "high"} <= set(rows[0]):
+        raise EvalError(f"exact random-number scores need prompts with 'low' and 'high' columns (columns: "
+                        f"{sorted(rows[0])}); use --prompts builtin:random_numbers or add them.")
     torch.manual_seed(seed)
     policy, tok = _load_causal_lm(model) if isinstance(model, (str, os.PathLike)) else (model.eval(), None)
     if tok is None:
@@ -173,6 +178,11 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
     if "low" in rows[0] and "high" in rows[0]:
         per = [number_uniformity([first_integer(c) for c in g], r["low"], r["high"]) for g, r in zip(groups, rows)]
         report["random_numbers"] = {key: sum(p[key] for p in per) / len(per) for key in per[0]}
+        if exact_numbers:
+            from .numbers import random_number_scores
+
+            exact = random_number_scores(policy, tok, texts, [(r["low"], r["high"]) for r in rows])
+            report["random_numbers_exact"] = {key: v for key, v in exact.items() if key != "per_prompt"}
     samples = [{"prompt": texts[i // k], "completion": c} for i, c in enumerate(comps)]
     if pairs is not None and ref_model is not None:
         report["pairs"] = _pair_calibration(policy, ref_model, tok, pairs, beta)

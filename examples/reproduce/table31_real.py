@@ -1,0 +1,313 @@
+"""Thesis Table 3.1 at a scale that decides, on a real model: mDPO/mIPO against DPO/IPO on SmolLM2's random-number
+bias, scored exactly from the logits, over seeds, with bootstrap intervals and training curves.
+
+Setting (thesis 3.6.1): SmolLM2-135M-Instruct is asked "Give me a random integer between a and b." with its reply
+begun "Here is a random integer between a and b:". Training groups as in the thesis: `a` uniform in [0, 1000], gap
+b - a uniform in 5..10; chosen = 4 distinct uniform draws from [a, b], rejected = 4 of SmolLM2's own samples. mDPO
+and mIPO train on the groups, DPO and IPO on the same completions cut into 4 pairs; the same LoRA, beta, learning
+rate, NLL weight, completions per step and epochs for all four. Held-out prompts: new intervals whose widths are
+inside the training widths (5-10) and outside them (15-60).
+
+Scores (`alignkit.metrics.numbers`, also `alignkit eval --exact`): per prompt, each integer's probability from the
+logits; the normalised entropy of the in-range answers (1 = uniform) is the score the win rates compare, with the
+in-range mass beside it. Scored at 4 points of training, so the curves show whether the runs converged, and so
+methods can be compared at equal completions seen (the end) and at equal training time.
+
+Runs are cached by their settings: each finished (method, seed) writes a small JSON under
+docs/results/table31/<settings hash>/ (with its command, date and versions), which a re-run skips; the rejected
+samples are kept there too. Interrupt it and start it again to resume; add seeds with --seeds.
+
+    python examples/reproduce/table31_real.py --jobs 1                 # the runs (hours on CPUs; resumable)
+    python examples/reproduce/table31_real.py --report                 # tables from the committed results
+    python examples/reproduce/table31_real.py --quick                  # a smoke run (a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import sample_groups, setup  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "builtin:smollm2-135m-instruct"
+METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
+PAIRS = [("mDPO", "DPO"), ("mIPO", "IPO"), ("mDPO", "base"), ("DPO", "base"), ("mIPO", "base"), ("IPO", "base")]
+SETTINGS = dict(model=MODEL, train_groups=500, a_max=1000, gap=[5, 10], group_size=4, prompts_per_step=4, epochs=1,
+                beta=0.1, lr=1e-4, nll_weight=1.0, lora_r=16, eval_inside=50, eval_outside=50, outside_gap=[15, 60],
+                eval_points=4, eval_seed=12345)
+QUICK = dict(SETTINGS, train_groups=8, prompts_per_step=2, eval_inside=3, eval_outside=3, eval_points=2)
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def prompt_text(tok, a: int, b: int) -> str:
+    """The chat prompt with the assistant's reply begun, so that the answer is a number and nothing else."""
+    user = [{"role": "user", "content": f"Give me a random integer between {a} and {b}."}]
+    return tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False) + \
+        f"Here is a random integer between {a} and {b}:"
+
+
+def intervals(n: int, gap: tuple[int, int], a_max: int, seed) -> list[tuple[int, int]]:
+    rng = random.Random(f"intervals-{seed}")
+    out = []
+    for _ in range(n):
+        a = rng.randint(0, a_max)
+        out.append((a, a + rng.randint(*gap)))
+    return out
+
+
+def eval_prompts(s: dict) -> dict[str, list[tuple[int, int]]]:
+    """Held-out intervals, the same for every seed and method: widths inside and outside the training widths."""
+    return {"inside": intervals(s["eval_inside"], s["gap"], s["a_max"], f"eval-in-{s['eval_seed']}"),
+            "outside": intervals(s["eval_outside"], s["outside_gap"], s["a_max"], f"eval-out-{s['eval_seed']}")}
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "python": platform.python_version()}
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.suffix == ".gz":
+        with gzip.open(tmp, "wt") as f:
+            json.dump(obj, f)
+    else:
+        tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
+
+def load_base():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.models import resolve_model_path
+
+    path = resolve_model_path(MODEL)
+    return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def make_data(s: dict, seed: int, folder: Path) -> list[dict]:
+    """The training groups of one seed (cached: the rejected side is SmolLM2's samples, slow to redraw)."""
+    path = folder / f"data-seed{seed}.json.gz"
+    if path.exists():
+        return read_json(path)
+    _, base, tok = load_base()
+    bounds = intervals(s["train_groups"] * 2, s["gap"], s["a_max"], f"train-{seed}")
+    rng = random.Random(f"chosen-{seed}")
+    rows, k = [], s["group_size"]
+    for start in range(0, len(bounds), 64):
+        chunk = bounds[start:start + 64]
+        drawn = sample_groups(base, tok, [prompt_text(tok, a, b) for a, b in chunk], k + 2, seed=1000 + seed + start)
+        for (a, b), g in zip(chunk, drawn):
+            rejected = [c for c in g if c.strip()][:k]  # an immediate end of turn is not a completion to train on
+            if len(rejected) == k:
+                rows.append({"low": a, "high": b, "rejected": rejected,
+                             "chosen": [f" {x}" for x in rng.sample(range(a, b + 1), k)]})
+        if len(rows) >= s["train_groups"]:
+            break
+    write_json(path, rows[: s["train_groups"]])
+    return rows[: s["train_groups"]]
+
+
+def score(model, tok, held_out: dict) -> dict:
+    from alignkit.metrics.numbers import random_number_scores
+
+    out = {}
+    for part, bounds in held_out.items():
+        r = random_number_scores(model, tok, [prompt_text(tok, a, b) for a, b in bounds], bounds)
+        out[part] = {key: [p[key] for p in r["per_prompt"]] for key in ("normalized_entropy", "in_range_mass",
+                                                                          "low_is_mode")}
+    return out
+
+
+def train_and_score(s: dict, method: str, seed: int, rows: list[dict]) -> dict:
+    """One method, one seed: LoRA training with exact scores at `eval_points` points (training time excludes them)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
+
+    base_path, _, tok = load_base()
+    loss_type, k = METHODS[method]
+    data = [{"prompt": prompt_text(tok, r["low"], r["high"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in rows]
+    if k == 1:  # the same completions as single-sample pairs: the i-th chosen against the i-th rejected
+        data = [{"prompt": r["prompt"], "chosen": [c], "rejected": [j]}
+                for r in data for c, j in zip(r["chosen"], r["rejected"])]
+    batch = s["prompts_per_step"] * s["group_size"] // k  # the same completions per step for every method
+    steps = len(data) * s["epochs"] // batch
+    at = sorted({round(steps * i / s["eval_points"]) for i in range(1, s["eval_points"] + 1)})
+    held_out = eval_prompts(s)
+    curve = []
+
+    class Scores(TrainerCallback):
+        clock = 0.0
+        started = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.clock += time.perf_counter() - self.started
+            if state.global_step in at:
+                model.eval()
+                with torch.no_grad():
+                    scores = score(model, tok, held_out)
+                model.train()
+                losses = [h["loss"] for h in state.log_history if "loss" in h]
+                curve.append({"step": state.global_step, "completions": state.global_step * batch * 2 * k,
+                              "train_seconds": self.clock, "loss": losses[-1] if losses else None, **scores})
+
+    with tempfile.TemporaryDirectory() as out:
+        args = MultiSampleDPOConfig(
+            output_dir=out, loss_type=loss_type, beta=s["beta"], nll_weight=s["nll_weight"], learning_rate=s["lr"],
+            per_device_train_batch_size=batch, num_train_epochs=s["epochs"], lr_scheduler_type="constant",
+            shared_prefix=True, gradient_checkpointing=False, report_to=[], save_strategy="no",
+            logging_steps=max(steps // 10, 1), disable_tqdm=True, seed=seed)
+        trainer = MultiSampleDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(base_path), args=args, train_dataset=Dataset.from_list(data),
+            processing_class=tok, callbacks=[Scores()],
+            peft_config=LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules="all-linear",
+                                   task_type="CAUSAL_LM"))
+        trainer.train()
+    return {"steps": steps, "curve": curve, "log": [h for h in trainer.state.log_history if "loss" in h]}
+
+
+def unit_file(folder: Path, method: str, seed: int) -> Path:
+    if method == "base":
+        return folder / "base.json"
+    if method == "data":
+        return folder / f"data-seed{seed}.json.gz"
+    return folder / f"seed{seed}-{method}.json"
+
+
+def run_unit(s: dict, folder: Path, method: str, seed: int) -> None:
+    """One cached unit: `base` (the start, scored once), `data` (a seed's training groups) or a (method, seed) run."""
+    path = unit_file(folder, method, seed)
+    if path.exists():
+        return
+    if method == "data":
+        make_data(s, seed, folder)
+        return
+    t0 = time.time()
+    if method == "base":
+        import torch
+
+        _, model, tok = load_base()
+        with torch.no_grad():
+            scores = score(model, tok, eval_prompts(s))
+        result = {"curve": [{"step": 0, "completions": 0, "train_seconds": 0.0, **scores}]}
+    else:
+        result = train_and_score(s, method, seed, read_json(unit_file(folder, "data", seed)))
+    result.update(method=method, seed=seed, settings=s, wall_seconds=time.time() - t0, versions=versions(),
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), threads=_threads(),
+                  command=f"python examples/reproduce/table31_real.py --seeds {seed + 1} --methods {method}")
+    write_json(path, result)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def units(seeds: int, methods: list[str]) -> list[tuple[str, int]]:
+    """What a full run is made of, in the order it runs: the start, every seed's data, then the runs seed by seed."""
+    return [("base", 0)] + [("data", s) for s in range(seeds)] + [(m, s) for s in range(seeds) for m in methods]
+
+
+def run_all(a, s: dict, folder: Path) -> None:
+    """Every unit not yet cached, `--jobs` at a time in worker processes (a seed's runs wait for its data, so that
+    every method trains on the same samples); a bar with the time left."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "settings.json", s)
+    todo = [u for u in units(a.seeds, a.methods) if not unit_file(folder, *u).exists()]
+    bar = tqdm(total=len(todo), desc="table 3.1 runs", unit="run")
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads or 1)}
+    running: list[tuple[subprocess.Popen, tuple]] = []
+
+    def ready(u) -> bool:
+        return u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists()
+
+    while todo or running:
+        while len(running) < a.jobs and any(ready(u) for u in todo):
+            u = next(u for u in todo if ready(u))
+            todo.remove(u)
+            cmd = [sys.executable, __file__, "--unit", u[0], str(u[1]), "--threads", str(a.threads or 1)]
+            running.append((subprocess.Popen(cmd + (["--quick"] if a.quick else [])
+                                             + (["--output", a.output] if a.output else []), env=env), u))
+        while not any(p.poll() is not None for p, _ in running):
+            time.sleep(2)
+        proc, u = next((p, u) for p, u in running if p.poll() is not None)
+        running.remove((proc, u))
+        if proc.returncode:
+            for p, _ in running:
+                p.wait()
+            raise SystemExit(f"run {u} failed ({proc.returncode}); start again to resume")
+        bar.update(1)
+        bar.set_postfix_str(f"{u[0]} seed {u[1]} done")
+    bar.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 groups, 6 held-out prompts, 1 seed")
+    p.add_argument("--output", default=None, help="folder of the cached results (default docs/results/table31)")
+    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
+    p.add_argument("--unit", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = QUICK if a.quick else SETTINGS
+    root = Path(a.output) if a.output else ROOT / ("outputs/table31-quick" if a.quick else "docs/results/table31")
+    folder = root / settings_hash(s)
+    setup(a.threads or 1)
+    if a.unit:
+        run_unit(s, folder, a.unit[0], int(a.unit[1]))
+        return 0
+    if a.quick:
+        a.seeds = 1
+    if not a.report:
+        run_all(a, s, folder)
+    from table31_report import report
+
+    print(report(folder, a.methods, PAIRS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
