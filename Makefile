@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/crm_vs_trl.py
 	$(BIN)/python benchmarks/crm_bias.py
 	$(BIN)/python benchmarks/ppo_profile.py
+	$(BIN)/python benchmarks/online_engines.py
 
 # On a GPU machine: every trainer against TRL at the Qwen2-0.5B shape, one process and ZeRO-3 (benchmarks/RESULTS.md)
 bench-gpu:

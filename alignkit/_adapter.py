@@ -1,6 +1,6 @@
 """The one place where alignkit depends on private internals of TRL, transformers, accelerate, PEFT and DeepSpeed.
 
-alignkit's trainers subclass TRL's `DPOTrainer` and `RewardTrainer` (and transformers' `Trainer`). Where a
+alignkit's trainers subclass TRL's `DPOTrainer`, `RewardTrainer` and `GRPOTrainer` (and transformers' `Trainer`). Where a
 public API exists they use it; what has none is listed here, and every access goes through this module:
 
 * `OVERRIDDEN_HOOKS`: private methods the trainers override or call, with the parameters they rely on;
@@ -35,6 +35,10 @@ OVERRIDDEN_HOOKS: list[tuple[str, str, tuple[str, ...]]] = [
     ("trl.DPOTrainer", "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
     ("trl.DPOTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("trl.DPOTrainer", "compute_ref_log_probs", ("self", "model", "inputs")),
+    ("trl.GRPOTrainer", "_generate_and_score_completions", ("self", "inputs")),
+    ("trl.GRPOTrainer", "_compute_loss", ("self", "model", "inputs")),
+    ("trl.GRPOTrainer", "_get_per_token_logps_and_entropies", ("self", "model", "input_ids", "attention_mask",
+                                                                "logits_to_keep", "batch_size", "compute_entropy")),
     ("trl.RewardTrainer", "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
     ("trl.RewardTrainer", "_set_signature_columns_if_needed", ("self",)),
     ("transformers.Trainer", "_get_train_sampler", ("self",)),
@@ -65,6 +69,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                    "aux_loss_enabled", "router_aux_loss_coef", "precompute_ref_logps", "loss_types", "loss_weights",
                    "ld_alpha", "use_weighting", "label_smoothing", "beta"),
     "RewardTrainer": ("_name", "_tag_names", "_metrics", "_signature_columns"),
+    "GRPOTrainer": ("_name", "_tag_names", "_metrics", "num_generations", "num_generations_eval", "ref_model",
+                    "reward_func_names"),
 }
 
 #: what `model(..., fused_lm_head=True)` returns (TRL's fused LM head); `log_sum_sq_probs` only with WPO
@@ -141,6 +147,15 @@ def count_train_tokens(trainer, new_tokens: int) -> int:
     tensor parallelism as TRL does, and return the total (TRL's `num_tokens` metric)."""
     trainer._total_train_tokens += new_tokens // trainer._tp_size
     return trainer._total_train_tokens
+
+
+def grpo_token_logps(trainer, model, input_ids, attention_mask, logits_to_keep: int, batch_size: int | None = None,
+                     compute_entropy: bool = False):
+    """GRPOTrainer's per-token log-probs (and entropies) of the last `logits_to_keep` tokens, through its fused LM
+    head (temperature-scaled as the samples were drawn)."""
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy)
+    return logps, entropies
 
 
 def tokenizer_of(trainer):

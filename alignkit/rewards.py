@@ -1,4 +1,6 @@
-"""Reward functions for PPOTrainer (and TRL's GRPO/RLOO `reward_funcs`): `(prompts, completions) -> scores`.
+"""Reward functions for PPOTrainer and OnlineMultiSampleTrainer (and TRL's GRPO/RLOO `reward_funcs`):
+`(prompts, completions) -> scores`. The built-in ones take texts or, as TRL passes conversational completions, lists
+of messages (the last message's content is scored).
 
 Built-in ones: ``sentiment`` scores the built-in synthetic tasks, ``vader`` real English text; recipes name them `builtin:<name>`, or any importable
 callable as `package.module:function`.
@@ -15,10 +17,15 @@ from .data.synthetic import NEGATIVE, POSITIVE
 _POS, _NEG = set(POSITIVE), set(NEGATIVE)
 
 
+def _texts(completions) -> list[str]:
+    """Completions as texts: a conversational completion (a list of messages) is its last message's content."""
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
+
 def sentiment(prompts: list[str], completions: list[str], **_) -> list[float]:
     """The sentiment task's rule as a reward: praising words minus panning words in the completion."""
     out = []
-    for text in completions:
+    for text in _texts(completions):
         words = re.findall(r"[a-z]+", text.lower())
         out.append(float(sum(w in _POS for w in words) - sum(w in _NEG for w in words)))
     return out
@@ -38,7 +45,7 @@ def vader(prompts: list[str], completions: list[str], **_) -> list[float]:
             raise ValueError("builtin:vader needs the vaderSentiment package: pip install vaderSentiment "
                              "(or pip install 'alignkit[real]').") from None
         _VADER = SentimentIntensityAnalyzer()
-    return [float(_VADER.polarity_scores(text)["compound"]) for text in completions]
+    return [float(_VADER.polarity_scores(text)["compound"]) for text in _texts(completions)]
 
 
 BUILTIN_REWARDS = {"sentiment": sentiment, "vader": vader}

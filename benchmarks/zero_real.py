@@ -154,9 +154,10 @@ def build(case: str, output_dir: str, world: int = 1, stage: str | None = None, 
 
     vader = load_reward_function("builtin:vader")
     if case == "online-mipo":
-        args = alignkit.OnlineMultiSampleConfig(**common, num_generations=4, loss_type="ipo", beta=0.1,
-                                                divergence="jsd", response_length=12, num_iterations=1,
-                                                num_sample_generations=0)
+        # TRL's GRPO counts completions: the same 4 prompts per step, 4 completions each
+        args = alignkit.OnlineMultiSampleConfig(**{**common, "per_device_train_batch_size": 4 * GLOBAL_BATCH // world},
+                                                num_generations=4, loss_type="ipo", beta=0.1, divergence="jsd",
+                                                max_completion_length=12)
         trainer = alignkit.OnlineMultiSampleTrainer(model=policy, args=args, processing_class=tok,
                                                     reward_funcs=[vader], train_dataset=prompts, peft_config=lora)
         _seeded_sampling(trainer, 4)
@@ -196,11 +197,14 @@ def recipe_for(case: str, world: int, stage: str | None, max_length: int = 96) -
         recipe.update(method="mdpo", loss_type="ipo", shared_prefix=True, peft=lora,
                       dataset={"name": "recipes/real/data/random-numbers-smollm2.jsonl", "max_train_samples": 32})
     elif case in ("online-mipo", "ppo"):
-        recipe.update(method="online_mdpo" if case == "online-mipo" else "ppo", peft=lora, response_length=12,
+        recipe.update(method="online_mdpo" if case == "online-mipo" else "ppo", peft=lora,
                       reward={"function": "builtin:vader"},
                       dataset={"name": "recipes/real/data/chat-prompts.jsonl", "max_train_samples": 64})
         if case == "online-mipo":
-            recipe["num_generations"] = 4
+            recipe.update(num_generations=4, max_completion_length=12,
+                          per_device_train_batch_size=4 * GLOBAL_BATCH // world)
+        else:
+            recipe["response_length"] = 12
     elif case == "crm-minilm":
         recipe.update(method="crm", model={"name_or_path": "builtin:minilm-l6", "dtype": "float32"}, max_length=128,
                       dataset={"name": "builtin:sycophancy", "builtin_kwargs": {"num_samples": 64}})
@@ -220,19 +224,21 @@ def plan_estimate(case: str, world: int, stage: str | None, max_length: int = 96
 
 
 def _seeded_sampling(trainer, group: int) -> None:
-    """Sample each completion alone (no padding), from a generator seeded by its prompt's tokens and its index in
-    the group: the same groups in one process and on 2 ranks."""
+    """Sample each completion alone (no padding), from a generator seeded by its prompt's tokens and its place in its
+    group (its place in the whole generation batch, which runs over the processes in order): the same groups in one
+    process and on 2 ranks, wherever TRL puts a group's completions."""
     import torch
 
-    policy = trainer.policy
+    policy = trainer.accelerator.unwrap_model(trainer.model)
     generate = policy.generate
-    pad = trainer.tokenizer.pad_token_id
+    pad = trainer.processing_class.pad_token_id
 
     def seeded_generate(input_ids, attention_mask, generation_config, **kwargs):
-        tails = []
+        tails, rank = [], trainer.accelerator.process_index
         for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             prompt = ids[mask.bool()]
-            torch.manual_seed(sum((k + 1) * t for k, t in enumerate(prompt.tolist())) * 16 + i % group)
+            place = (rank * input_ids.size(0) + i) % group
+            torch.manual_seed(sum((k + 1) * t for k, t in enumerate(prompt.tolist())) * 16 + place)
             out = generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
                            generation_config=generation_config, **kwargs)[0, len(prompt):]
             tails.append(torch.nn.functional.pad(out, (0, generation_config.max_new_tokens - len(out)), value=pad))

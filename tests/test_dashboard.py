@@ -16,7 +16,8 @@ EXPECTED = {
     "crm": ["^(train|eval)/reward_by_bin/.*", "train/mmd/penalty", "eval/mmd/spearman_reward_bin", "train/mmd/reward_std"],
     "ppo": ["train/objective/scores", "^(train|eval)/divergence/.*", "^train/time/.*", "train/policy/clipfrac_avg",
             "train/val/clipfrac_avg"],
-    "online_mdpo": ["train/reward/group_std", "^train/rewards/.*/mean$", "train/group/kept_prompts",
+    "online_mdpo": ["train/reward", "^train/rewards/.*/mean$", "train/group/kept_prompts", "train/group/reward_gap",
+                    "train/entropy",
                     "train/group/chosen_size", "^(train|eval)/divergence/.*"],
 }
 PERF = ["train/perf/tokens_per_second", "train/perf/mfu", "train/perf/peak_memory_gb"]

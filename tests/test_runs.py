@@ -281,7 +281,7 @@ def test_online_groups_that_skip_every_prompt_train_nothing_and_say_so(tmp_path,
         "method: online_mdpo\nmodel: {name_or_path: builtin:tiny-llama, dtype: float32}\n"
         "dataset: {name: builtin:sentiment, builtin_kwargs: {num_samples: 32}}\n"
         "reward: {function: builtin:sentiment}\nnum_generations: 2\nper_device_train_batch_size: 4\n"
-        "response_length: 4\nmax_steps: 2\nmin_reward_spread: 1000.0\nreport_to: none\nsave_strategy: 'no'\n"
+        "max_completion_length: 4\nmax_steps: 2\nmin_reward_spread: 1000.0\nreport_to: none\nsave_strategy: 'no'\n"
         f"output_dir: {out}\n")
     assert main(["train", str(tmp_path / "r.yaml")]) == 1
     line = [e for e in capsys.readouterr().err.splitlines() if e.startswith("alignkit: error:")]

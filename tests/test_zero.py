@@ -150,13 +150,13 @@ def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, port, ppo_reference
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "lora" / "final" / "value_model")
 
 
-# ---- online mDPO / mIPO (alignkit.OnlineMultiSampleTrainer) under ZeRO-2/3: tests/scripts/online_ddp.py -------------
+# ---- online mDPO / mIPO (alignkit.OnlineMultiSampleTrainer, on TRL's GRPOTrainer) under ZeRO-2/3: tests/scripts/online_ddp.py
 
 @pytest.fixture(scope="module")
 def online_single(tmp_path_factory):
-    """tests/scripts/online_ddp.py in one process: 8 prompts per iteration, one micro-batch."""
+    """tests/scripts/online_ddp.py in one process: 3 prompts x 4 completions per step, one micro-batch."""
     out = tmp_path_factory.mktemp("online_single")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(out), "8"],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(out), "12"],
                           capture_output=True, text=True, timeout=300, cwd=out,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -165,23 +165,16 @@ def online_single(tmp_path_factory):
 
 @pytest.mark.parametrize("stage,port", [("zero2", 29547), ("zero3", 29548)])
 def test_online_groups_under_zero_train_as_one_process(stage, port, online_single, tmp_path):
-    """2 processes under ZeRO, 2 prompts per micro-batch and gradient_accumulation_steps 2 (the engine accumulates
-    and steps), against 1 process with the same 8 prompts per iteration: sampling is a deterministic function of the
-    prompt and the sample's index in its group, so both see the same groups (one prompt skipped); each prompt's group
-    is sampled, scored and trained on by one rank. SGD, so that rounding stays rounding (see test_online.py).
-    Measured: the weights within 1.2e-7 of one process under ZeRO-2 and ZeRO-3 (they moved by up to 0.016); leaving
-    the engine's division by its accumulation steps in place (the loss not scaled back) is off by 2.5e-3."""
-    _launch([str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(tmp_path), "4", stage], tmp_path, port)
+    """2 processes under ZeRO, 3 completions per micro-batch and gradient_accumulation_steps 2 (TRL generates for
+    both micro-batches at once, shuffles and splits them; the engine accumulates and steps), against 1 process with
+    the same 3 prompts x 4 completions per step. Sampling is a deterministic function of the prompt and the
+    completion's place in its group, so both see the same groups; the middle prompt's group lies on both ranks, and a
+    prompt of step 2 is skipped. SGD, so that rounding stays rounding (see test_online.py). Measured: the weights
+    within 1.2e-7 of one process under ZeRO-2 and ZeRO-3 (they moved by up to 0.016)."""
+    _launch([str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(tmp_path), "6", stage], tmp_path, port)
     one = json.loads((online_single / "rank0.json").read_text())
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["deepspeed"] and r["engine"] == "DeepSpeedEngine" for r in runs)
-    assert runs[0]["kept"] == one["kept"] and runs[0]["skipped"] == one["skipped"] and sum(one["skipped"]) >= 1
-    both = sorted(map(tuple, runs[0]["prompts"] + runs[1]["prompts"]))
-    assert both == sorted(map(tuple, one["prompts"]))  # the same prompts, each group on one rank
-    for r in runs:
-        p = r["prompts"]
-        assert all(p[i] == p[i - i % 4] for i in range(len(p)))
-    # the logged figures (loss: the sum of the ranks' shares of the global mean) and train_loss
     assert len(runs[0]["metrics"]) == len(one["metrics"]) == 2
     for ours, ref in zip(runs[0]["metrics"], one["metrics"]):
         assert ours == pytest.approx(ref, rel=1e-5, abs=1e-6)

@@ -13,7 +13,7 @@ from .checks import Checked
 from .plan import Plan
 from .recipe import ON_POLICY_METHODS, REWARD_MODEL_METHODS, Recipe, RecipeError, trainer_class
 
-__all__ = ["build_trainer", "load_models", "reward_and_reference_models", "WANDB_SUMMARIES"]
+__all__ = ["build_trainer", "load_models", "reward_and_reference_models", "reward_source", "WANDB_SUMMARIES"]
 
 def load_models(recipe: Recipe):
     """The policy (or, for reward-model methods, the reward model being trained) and the reference (or None)."""
@@ -44,33 +44,36 @@ def load_models(recipe: Recipe):
     return model, ref
 
 
-def reward_and_reference_models(recipe: Recipe, policy, ref, peft_config) -> dict:
-    """PPO's reward source, value model and reference (a copy of the policy unless PEFT or given); online mDPO's
-    reward source and reference (it has no value model)."""
-    import copy
-
+def _sequence_classifier(key: str, name: str, dtype):
     from transformers import AutoModelForSequenceClassification
 
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{key}: could not load {name!r}: {first_line(exc)}") from None
+
+
+def reward_source(recipe: Recipe, dtype):
+    """The recipe's reward: a function (`reward.function`) or a sequence-classification model (`reward.model`)."""
     from ..rewards import load_reward_function
 
     r = recipe.reward
-    dtype = policy.dtype
-
-    def seq_cls(key, name):
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1,
-                                                                      dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise RecipeError(f"{key}: could not load {name!r}: {first_line(exc)}") from None
-
     try:
-        reward = load_reward_function(r.function) if r.function else seq_cls("reward.model", r.model)
+        return load_reward_function(r.function) if r.function else _sequence_classifier("reward.model", r.model, dtype)
     except ValueError as exc:
         raise RecipeError(f"reward.function: {exc}") from None
-    models = {"reward_model": reward}
+
+
+def reward_and_reference_models(recipe: Recipe, policy, ref, peft_config) -> dict:
+    """PPO's reward source, value model and reference (a copy of the policy unless PEFT or given)."""
+    import copy
+
+    r = recipe.reward
+    models = {"reward_model": reward_source(recipe, policy.dtype)}
     if recipe.method == "ppo":
         value_key = "reward.value_model" if r.value_model else "reward.model" if r.model else "model.name_or_path"
-        models["value_model"] = seq_cls(value_key, r.value_model or r.model or recipe.model.name_or_path)
+        models["value_model"] = _sequence_classifier(value_key, r.value_model or r.model or recipe.model.name_or_path,
+                                                     policy.dtype)
     if ref is None and peft_config is None:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -95,7 +98,9 @@ def build_trainer(plan: Plan, checked: Checked, wandb_dir: str | None = None):
     model, ref = load_models(recipe)
     kwargs = dict(model=model, args=config, train_dataset=checked.train_dataset, eval_dataset=checked.eval_dataset,
                   processing_class=checked.tokenizer, peft_config=plan.peft_config)
-    if recipe.method in ON_POLICY_METHODS:
+    if recipe.method == "online_mdpo":  # TRL's GRPO: reward_funcs, and the reference from the policy's checkpoint
+        kwargs["reward_funcs"] = [reward_source(recipe, model.dtype)]
+    elif recipe.method in ON_POLICY_METHODS:
         kwargs.update(reward_and_reference_models(recipe, model, ref, plan.peft_config))
     elif recipe.method not in REWARD_MODEL_METHODS:
         kwargs["ref_model"] = ref

@@ -148,6 +148,9 @@ def check_models(recipe: Recipe) -> None:
             if recipe.method in REWARD_MODEL_METHODS:
                 raise ModelError(f"model.ref_name_or_path: method {recipe.method!r} trains a reward model and uses no "
                                  "reference model; remove it.")
+            if recipe.method == "online_mdpo":
+                raise ModelError("model.ref_name_or_path: online_mdpo runs on TRL's GRPOTrainer, which loads the "
+                                 "reference from the policy's own checkpoint (model.name_or_path); remove it.")
             check_model_source(m.ref_name_or_path, "model.ref_name_or_path", need_tokenizer=False)
         r = recipe.reward
         heads = []

@@ -215,8 +215,9 @@ def _sequences(recipe, config, tokenizer) -> tuple[int, int, str]:
         prompt = max(_ids(tokenizer, r["prompt"]) for r in rows)
         limit = getattr(config, "max_prompt_length", None)
         prompt = min(prompt, limit) if limit else prompt
-        return (config.num_generations if method == "online_mdpo" else 1), prompt + config.response_length, \
-            f"{where}' prompts + response_length"
+        if method == "online_mdpo":  # TRL's GRPO: per_device_train_batch_size already counts completions
+            return 1, prompt + config.max_completion_length, f"{where}' prompts + max_completion_length"
+        return 1, prompt + config.response_length, f"{where}' prompts + response_length"
     limit = getattr(config, "max_length", None)
     if method == "mdpo":
         per_row, longest = 0, 0

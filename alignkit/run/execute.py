@@ -170,12 +170,12 @@ def _finish_wandb_run() -> None:
 
 def _summarise(recipe: Recipe, config, trainer, out: Path, wandb_dir: str | None) -> None:
     history = trainer.state.log_history
-    scores = [e for e in history if "objective/scores" in e]
+    score = "reward" if recipe.method == "online_mdpo" else "objective/scores"  # TRL GRPO's name; PPO's
+    div = f"divergence/{getattr(config, 'divergence', None)}"
+    scores = [e for e in history if score in e and div in e]
     if len(scores) >= 2:
-        div = f"divergence/{config.divergence}"
-        info(f"mean score {scores[0]['objective/scores']:.3f} (iteration {scores[0]['step']}) -> "
-              f"{scores[-1]['objective/scores']:.3f} (iteration {scores[-1]['step']}); {config.divergence} "
-              f"estimate {scores[0][div]:.3f} -> {scores[-1][div]:.3f}")
+        info(f"mean score {scores[0][score]:.3f} (step {scores[0]['step']}) -> {scores[-1][score]:.3f} "
+             f"(step {scores[-1]['step']}); {config.divergence} estimate {scores[0][div]:.3f} -> {scores[-1][div]:.3f}")
     key = "eval_accuracy" if recipe.method in REWARD_MODEL_METHODS else "eval_rewards/accuracies"
     evals = [e for e in history if key in e]
     if len(evals) >= 2:

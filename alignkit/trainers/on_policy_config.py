@@ -18,8 +18,8 @@ __all__ = ["OnPolicyConfig", "PPOConfig"]
 @dataclass
 class OnPolicyConfig(PerfArguments, TrainingArguments):
     r"""The fields every on-policy alignkit trainer shares (TRL's former `OnPolicyConfig`): where the models come
-    from, how responses are sampled and scored, and the f-divergence of the constraint. [`PPOConfig`] and
-    `OnlineMultiSampleConfig` add their own optimisation fields.
+    from, how responses are sampled and scored, and the f-divergence of the constraint. [`PPOConfig`] adds PPO's
+    optimisation fields. (Online mDPO / mIPO runs on TRL's GRPOTrainer and uses TRL's `GRPOConfig` instead.)
 
     alignkit fields:
         divergence (`str`, defaults to `"reverse_kl"`), alpha (`float`, *optional*): the f-divergence of the

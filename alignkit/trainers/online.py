@@ -1,412 +1,304 @@
-"""Online mDPO / mIPO: group preference optimisation on the policy's own samples (docs/methods.md section 2).
+"""Online mDPO / mIPO on TRL's GRPO engine (docs/groups.md, "Online mDPO / mIPO").
 
-Each iteration samples `num_generations` completions per prompt from the current policy, scores them (a
-sequence-classification reward model, e.g. a `CausalRewardTrainer` output, or TRL-style reward functions with
-`reward_weights`), splits each prompt's group into a chosen and a rejected sub-group by reward
-(`alignkit.losses.split_groups_by_reward`), and optimises the mDPO / mIPO loss of `alignkit.losses` against the
-frozen reference for `num_iterations` updates on the same generations.
+TRL's `GRPOTrainer` already samples `num_generations` completions per prompt (with transformers or vLLM, colocated or
+as a server), scores them with reward functions and reward models (`reward_funcs`, `reward_weights`), computes the
+reference log-probs, and runs on several processes and under DeepSpeed. `OnlineMultiSampleTrainer` keeps all of that
+and replaces only what makes the method mDPO / mIPO:
 
-Why it is built on our `PPOTrainer` and not on TRL's `GRPOTrainer`: the loss needs the sequence log-probs of the
-policy *and the reference* for each completion, a loss per prompt (not per token) and a split of every group by
-reward before the loss; GRPOTrainer's loss and its per-token advantage flow are not hooks one can replace without
-overriding most of `_generate_and_score_completions` and `compute_loss`. `PPOTrainer` already owns what is shared
-(prompt batches per rank, sampling under DeepSpeed ZeRO-3, the policy/reference log-probs of each sample, reward
-model / reward function scoring, the divergence estimates, evaluation, sample tables, checkpoints and resume, its
-own `train` loop on top of `transformers.Trainer`), so `OnlineMultiSampleTrainer` subclasses it without a value
-model and replaces one iteration (`_training_iteration`) and its metrics. A prompt's generations are sampled,
-scored and trained on by the process that holds the prompt: groups never split across ranks (DDP and DeepSpeed
-ZeRO-2/3 alike; under ZeRO-3 the reference and reward models are sharded as PPOTrainer shards them).
+1. **The split and the group loss** (`_generate_and_score_completions`, after TRL's): each prompt's group is split by
+   reward into a chosen and a rejected sub-group (`alignkit.losses.split_groups_by_reward`), and the mDPO / mIPO
+   loss of `alignkit.losses.group_preference_loss` is computed on the sequence log-ratios `log pi - log pi_ref` of
+   the whole generation batch (gathered over processes, since TRL may place a prompt's completions on several).
+   Its derivative with respect to each completion's sequence log-prob, `c_i = dL / d log pi(y_i)`, goes where GRPO
+   keeps its advantages.
+2. **The loss** (`_compute_loss`): `sum_i c_i log pi_theta(y_i)` over each micro-batch. Its gradient at the
+   parameters that sampled the batch is exactly the gradient of the group loss, because the coefficients were
+   computed at those parameters and every micro-batch of a generation batch belongs to the same optimizer step
+   (`steps_per_generation == gradient_accumulation_steps`, `num_iterations == 1`; both are checked). The value
+   reported as the loss is the group loss itself.
 
-Conventions:
-* The loss uses the policy's and the reference's own log-probs (temperature-1 logits), as mDPO on a dataset does:
-  with fixed completions and one completion per side it is `MultiSampleDPOTrainer`'s loss. `temperature` and
-  `top_p` only shape sampling; the divergence estimates (`divergence/*`) are unbiased for samples from the policy
-  itself, i.e. at `temperature: 1` and `top_p: 1` (the defaults).
-* `per_device_train_batch_size` counts prompts (groups), as in `MultiSampleDPOConfig`; an iteration samples for
-  `per_device_train_batch_size * gradient_accumulation_steps` prompts per process, and each update is one optimizer
-  step on all of them: the mean of the per-prompt losses over the kept prompts of every process.
-* Generations are reused without importance weights: mDPO / mIPO are off-policy losses (they hold on any sample of
-  completions), so `num_iterations > 1` only makes the samples less fresh.
+GRPO's reward scaling is turned off (`scale_rewards: none`), so TRL's advantages are each reward minus its group's
+mean: the split by advantage is the split by reward (the same order, the same spread for `min_reward_spread`).
+
+Conventions: `per_device_train_batch_size` counts completions, as in TRL's GRPO (a prompt brings `num_generations`
+of them); `beta` is mDPO's beta / mIPO's tau, the strength of the pull towards the reference (GRPO's KL coefficient
+has the same role); `loss_type` is `sigmoid` (mDPO) or `ipo` (mIPO). The log-probs are TRL's, i.e. of the
+distribution that sampled (logits divided by `temperature`); at `temperature: 1`, the default, they are the
+policy's own, as `MultiSampleDPOTrainer` uses them.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from trl import GRPOConfig, GRPOTrainer
 
-from ..divergences import DEFAULT_MAX_EXPONENT
-from ..losses import GROUPINGS, group_mean, group_preference_loss, masked_mean, split_groups_by_reward
-from ._common import PREFERENCE_RULES, check_ranges
-from .on_policy_config import OnPolicyConfig
-from .ppo import PPOTrainer
-from .rollout import divergence_estimates, now, response_logprobs
+from .. import _adapter
+from ..divergences import DEFAULT_MAX_EXPONENT, get_divergence
+from ..losses import GROUPINGS, group_mean, group_preference_loss, split_groups_by_reward
+from ._card import write_model_card
+from ._common import PREFERENCE_RULES, TRAINING_RULES, check_ranges, default_precision_for_this_machine
+from .rollout import divergence_estimates
 
 __all__ = ["OnlineMultiSampleConfig", "OnlineMultiSampleTrainer"]
 
 
+#: ranges of the online fields (check_ranges): the field, its test, what it must be, a hint
+ONLINE_RULES = {
+    "temperature": (lambda v: v > 0, "> 0", "sampling divides the logits by it; e.g. 1.0"),
+    "min_reward_spread": (lambda v: v >= 0, ">= 0", "0 skips only prompts whose completions all score the same"),
+}
+
+
 @dataclass
-class OnlineMultiSampleConfig(OnPolicyConfig):
-    r"""Configuration for [`OnlineMultiSampleTrainer`]: sampling and scoring as [`OnPolicyConfig`] (`response_length`
-    new tokens at most, `temperature`, `stop_token`, `length_penalty`, `missing_eos_penalty`, `divergence`/`alpha`,
-    ...), plus the groups and the mDPO / mIPO loss (docs/methods.md section 2).
+class OnlineMultiSampleConfig(GRPOConfig):
+    r"""Configuration for [`OnlineMultiSampleTrainer`]: every field of TRL's `GRPOConfig` (sampling, vLLM, reward
+    weights, batch sizes, ...), plus the groups and the mDPO / mIPO loss (docs/methods.md section 2).
 
     Parameters:
-        num_generations (`int`, defaults to `4`): completions sampled per prompt (>= 2).
         grouping (`str`, defaults to `"top_bottom"`): `top_bottom` takes the `num_chosen` best and the
-            `num_rejected` worst completions of a prompt; `above_below_mean` takes those above and below the
-            prompt's mean reward. Prompts whose rewards do not spread (`max - min <= min_reward_spread`) are
-            skipped and counted (`group/skipped_prompts`).
-        num_chosen, num_rejected (`int`, default `1`): sub-group sizes of `top_bottom`.
-        min_reward_spread (`float`, defaults to `0.0`).
-        loss_type (`str`, defaults to `"sigmoid"`): `sigmoid` (mDPO) or `ipo` (mIPO).
-        beta (`float`, defaults to `0.1`), unbiased (`bool`, defaults to `True`), nll_weight (`float`, defaults to
-            `0.0`), max_link_exponent: as in `MultiSampleDPOConfig`.
-        num_iterations (`int`, defaults to `1`): updates on each batch of generations.
-        top_p (`float`, defaults to `1.0`): nucleus sampling.
-        reward_weights (`list[float]`, *optional*): one weight per reward source (TRL's `reward_weights`); the
-            score is their weighted sum. Unset: every weight 1.
+            `num_rejected` worst completions of a prompt; `above_below_mean` those above and below its mean reward.
+            Prompts whose rewards spread by no more than `min_reward_spread` are skipped (`group/skipped_prompts`).
+        num_chosen, num_rejected (`int`, default `1`), min_reward_spread (`float`, defaults to `0.0`).
+        loss_type (`str`, defaults to `"sigmoid"`): `sigmoid` (mDPO) or `ipo` (mIPO); replaces GRPO's loss types.
+        beta (`float`, defaults to `0.1`): mDPO's beta / mIPO's tau (replaces GRPO's KL coefficient; > 0).
+        unbiased (`bool`, defaults to `True`), nll_weight (`float`, defaults to `0.0`), max_link_exponent,
+            divergence (`str`, defaults to `"reverse_kl"`), alpha: as in `MultiSampleDPOConfig`.
     """
 
-    #: an unset learning_rate becomes TRL's GRPO default
-    _default_learning_rate = 1e-6
-
-    exp_name: str = field(default="online_mdpo", metadata={"help": "Experiment name: the run name when unset."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    stop_token: str | None = field(default="eos", metadata={"help": "'eos' to stop completions at the EOS token."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens of this mass."})
-    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt (>= 2)."})
     grouping: str = field(default="top_bottom", metadata={"help": "top_bottom or above_below_mean."})
     num_chosen: int = field(default=1, metadata={"help": "top_bottom: the best completions taken as chosen."})
     num_rejected: int = field(default=1, metadata={"help": "top_bottom: the worst completions taken as rejected."})
     min_reward_spread: float = field(default=0.0, metadata={
         "help": "Skip a prompt whose rewards spread by no more than this (max - min)."})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (mDPO) or ipo (mIPO)."})
-    beta: float = field(default=0.1, metadata={"help": "mDPO's beta / mIPO's tau."})
+    beta: float = field(default=0.1, metadata={"help": "mDPO's beta / mIPO's tau (> 0)."})
     unbiased: bool = field(default=True, metadata={"help": "mIPO: use the unbiased (variance-corrected) estimator."})
     nll_weight: float = field(default=0.0, metadata={"help": "Weight of the NLL of the chosen group."})
     max_link_exponent: float | None = field(default=DEFAULT_MAX_EXPONENT, metadata={
         "help": "Links with an exponential part are continued linearly above this exponent (as FDPOConfig)."})
-    num_iterations: int = field(default=1, metadata={"help": "Updates on each batch of generations."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward source."})
+    divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
+    alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
+    scale_rewards: str = field(default="none", metadata={"help": "Must stay 'none' (the split uses raw rewards)."})
 
     def __post_init__(self):
-        check_ranges(self, PREFERENCE_RULES)
-        super().__post_init__()
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2, got {self.num_generations}: a prompt's group needs a "
-                             "chosen and a rejected completion; e.g. num_generations: 4.")
+        check_ranges(self, TRAINING_RULES, PREFERENCE_RULES, ONLINE_RULES)
+        default_precision_for_this_machine(self)
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"loss_type must be 'sigmoid' (mDPO) or 'ipo' (mIPO), got {self.loss_type!r}; GRPO's "
+                             "loss types do not apply here (the loss is the group loss).")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}: it is mDPO's beta / mIPO's tau.")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}.")
-        if self.grouping == "top_bottom":
-            if self.num_chosen < 1 or self.num_rejected < 1:
-                raise ValueError(f"num_chosen and num_rejected must be >= 1, got {self.num_chosen} and "
-                                 f"{self.num_rejected}: each prompt needs a chosen and a rejected completion.")
-            if self.num_chosen + self.num_rejected > self.num_generations:
-                raise ValueError(f"num_chosen + num_rejected ({self.num_chosen} + {self.num_rejected}) must be <= "
-                                 f"num_generations ({self.num_generations}): a completion cannot be both chosen and "
-                                 "rejected. Lower num_chosen/num_rejected or raise num_generations.")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"loss_type must be 'sigmoid' (mDPO) or 'ipo' (mIPO), got {self.loss_type!r}.")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; 1 samples from the whole distribution.")
+        if self.num_chosen < 1 or self.num_rejected < 1:
+            raise ValueError(f"num_chosen and num_rejected must be >= 1, got {self.num_chosen} and "
+                             f"{self.num_rejected}: each prompt needs a chosen and a rejected completion.")
         if self.min_reward_spread < 0:
             raise ValueError(f"min_reward_spread must be >= 0, got {self.min_reward_spread}.")
-        if self.reward_weights is not None:
-            self.reward_weights = [float(w) for w in self.reward_weights]
+        if self.num_iterations != 1:
+            raise ValueError(f"num_iterations: {self.num_iterations}: the group loss's gradient is exact on the "
+                             "parameters that sampled the batch, so each batch of generations serves one optimizer "
+                             "step; remove num_iterations (or set it to 1).")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("multi_objective_aggregation must be 'sum_then_normalize': the groups are split by the "
+                             "weighted sum of the rewards.")
+        if self.scale_rewards not in ("none", False):
+            raise ValueError(f"scale_rewards: {self.scale_rewards!r}: the groups are split by the rewards themselves "
+                             "(min_reward_spread is in reward units); remove it.")
+        self.divergence = get_divergence(self.divergence, self.alpha).name
+        g = self.num_generations
+        if g is not None and g < 2:
+            raise ValueError(f"num_generations must be >= 2, got {g}: a prompt's group needs a chosen and a rejected "
+                             "completion; e.g. num_generations: 4.")
+        if self.grouping == "top_bottom" and g is not None and self.num_chosen + self.num_rejected > g:
+            raise ValueError(f"num_chosen + num_rejected ({self.num_chosen} + {self.num_rejected}) must be <= "
+                             f"num_generations ({g}): a completion cannot be both chosen and rejected.")
+        super().__post_init__()
+        if self.steps_per_generation != self.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation ({self.steps_per_generation}) must equal "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): a batch of "
+                             "generations is one optimizer step here. Leave both generation_batch_size and "
+                             "steps_per_generation unset.")
 
 
-class OnlineMultiSampleTrainer(PPOTrainer):
-    """On-policy mDPO / mIPO: groups of the policy's own samples, split by reward (see the module docstring).
+def as_trl_reward(source):
+    """A reward source as TRL's GRPOTrainer calls it (keywords: `prompts`, `completions`, `completion_ids`, ...). A
+    function `(prompts, completions)` without `**kwargs` (alignkit's convention, e.g. PPO's reward functions) is
+    wrapped, keeping its name (the `rewards/<name>/*` metrics), and given texts: a conversational completion's last
+    message, a conversational prompt's messages joined by newlines. Models, paths and functions that take `**kwargs`
+    (TRL's convention, and `alignkit.rewards`' built-ins, which read both forms) pass unchanged."""
+    if not callable(source) or isinstance(source, torch.nn.Module):
+        return source
+    try:
+        params = inspect.signature(source).parameters.values()
+    except (TypeError, ValueError):
+        return source
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return source
+
+    def text(x):
+        return "\n".join(m["content"] for m in x) if isinstance(x, list) else x
+
+    @functools.wraps(source)
+    def reward(prompts=None, completions=None, **_):
+        last = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return source([text(p) for p in prompts], last)
+
+    return reward
+
+
+class OnlineMultiSampleTrainer(GRPOTrainer):
+    """On-policy mDPO / mIPO with TRL's GRPO engine (see the module docstring).
 
     Example:
         ```python
         from alignkit import OnlineMultiSampleConfig, OnlineMultiSampleTrainer
-        from alignkit.rewards import sentiment
 
-        args = OnlineMultiSampleConfig(output_dir="online", loss_type="ipo", num_generations=4, divergence="jsd")
-        trainer = OnlineMultiSampleTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
-                                           reward_funcs=[sentiment], train_dataset=prompts)
+        def brevity(completions, **kwargs):
+            return [-len(c) for c in completions]
+
+        args = OnlineMultiSampleConfig(output_dir="online", loss_type="ipo", num_generations=4,
+                                     per_device_train_batch_size=8)
+        trainer = OnlineMultiSampleTrainer(model="builtin:tiny-llama", reward_funcs=[brevity], args=args,
+                                         train_dataset=prompts)
         trainer.train()
         ```
-
-    `reward_model` is a sequence-classification model with one output (e.g. a `CausalRewardTrainer` output) or a
-    callable `(prompts, completions) -> list[float]`; `reward_funcs` (TRL's GRPO convention) is one or a list of
-    such sources, summed with `reward_weights`. Give one of the two (or `reward_model_path` in the config).
-    `train_dataset` has a `prompt` column (text or conversational) or tokenized `input_ids`.
     """
 
-    config_class = OnlineMultiSampleConfig
-    _config_with_article = "an OnlineMultiSampleConfig"
-    _default_run_suffix = "online-mDPO"
-    _tag_names = ["trl", "alignkit", "mdpo", "online"]
+    _tag_names = ["trl", "alignkit", "mdpo", "online", "grpo"]
     _name = "Online multi-sample DPO"
-    # no value model: the group loss needs none (PPOTrainer's wrapper becomes PolicyOnly)
-    _uses_value_model = False
-    _batch_description = ("iteration's prompts (per_device_train_batch_size x gradient_accumulation_steps x "
-                          "processes)")
 
-    def __init__(self, args: OnlineMultiSampleConfig | None = None, processing_class=None, model=None,
-                 ref_model=None, reward_model=None, train_dataset=None, reward_funcs=None, data_collator=None,
-                 eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None):
-        if reward_model is not None and reward_funcs is not None:
-            raise ValueError("pass the reward as `reward_model` or as `reward_funcs`, not both (reward_funcs takes a "
-                             "list: put the reward model in it).")
-        super().__init__(args=args, processing_class=processing_class, model=model, ref_model=ref_model,
-                         reward_model=reward_funcs if reward_funcs is not None else reward_model,
-                         train_dataset=train_dataset, value_model=None, data_collator=data_collator,
-                         eval_dataset=eval_dataset, optimizers=optimizers, callbacks=callbacks,
-                         peft_config=peft_config)
-        self.reward_funcs = self.reward_model  # the list of sources
-        weights = self.args.reward_weights
-        if weights is None:
-            weights = [1.0] * len(self.reward_funcs)
-        elif len(weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward "
-                             "sources; give one weight per reward model / function (or leave it unset).")
-        self.reward_weights = weights
-        self._source_scores = [[] for _ in self.reward_funcs]  # per source, the scores of the current rollout
-        # frozen, as PPOTrainer does with its one reward model: sharded under ZeRO-3, else a copy on the device
-        self.reward_funcs = [self._prepare_frozen(m) if isinstance(m, nn.Module) else m for m in self.reward_funcs]
-        # PPOTrainer samples with top_p 1; here top_p is an option
-        self.generation_config.top_p = self.args.top_p
-
-    # Replaces PPOTrainer's single reward model: TRL's `reward_funcs` convention, one source or a list of them.
-    def _check_reward_source(self, reward):
-        sources = list(reward) if isinstance(reward, (list, tuple)) else ([] if reward is None else [reward])
+    def __init__(self, model, reward_funcs=None, args: OnlineMultiSampleConfig | None = None, **kwargs):
+        if args is None:
+            raise ValueError("pass args=OnlineMultiSampleConfig(...): its defaults differ from GRPO's (beta, loss_type).")
+        sources = [reward_funcs] if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)) \
+            else list(reward_funcs or [])
         if not sources:
-            raise ValueError("OnlineMultiSampleTrainer needs a reward source: pass reward_model= (a "
-                             "sequence-classification model with one output, e.g. a CausalRewardTrainer output, or "
-                             "a callable (prompts, completions) -> list[float]), reward_funcs= [one or more of them], "
-                             "or set reward_model_path in the config.")
-        return [super(OnlineMultiSampleTrainer, self)._check_reward_source(s) for s in sources]
+            raise ValueError("OnlineMultiSampleTrainer needs a reward source: pass reward_funcs= (a reward function "
+                             "(completions, **kwargs) -> list[float], a sequence-classification reward model or its "
+                             "path, or a list of them, as TRL's GRPOTrainer takes them).")
+        if not isinstance(args, OnlineMultiSampleConfig):
+            raise TypeError(f"args must be a OnlineMultiSampleConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            from ..models import is_builtin, resolve_model_path
 
-    # Replaces PPOTrainer's one reward: the weighted sum of the sources; each source's own (unweighted) scores
-    # are kept for its `rewards/<name>/mean` and `/std` metrics (TRL GRPO's names).
-    def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
-        total = None
-        for k, (weight, source) in enumerate(zip(self.reward_weights, self.reward_funcs)):
-            raw = self._score_with(source, ids, mask, context_len, response_mask)
-            self._source_scores[k].append(raw)
-            total = weight * raw if total is None else total + weight * raw
-        return total
+            model = resolve_model_path(model) if is_builtin(model) else model
+        super().__init__(model=model, reward_funcs=[as_trl_reward(r) for r in sources], args=args, **kwargs)
+        _adapter.require(self)
+        self.divergence = get_divergence(args.divergence, args.alpha)
+        self.prompts_trained_on = 0
 
-    @property
-    def reward_func_names(self) -> list[str]:
-        """One name per reward source, as TRL's GRPOTrainer names them: a model's checkpoint folder name, a
-        function's `__name__`; repeated names get `_2`, `_3`, ..."""
-        names = []
-        for source in self.reward_funcs:
-            if isinstance(source, nn.Module):
-                name = os.path.basename(str(getattr(source.config, "name_or_path", "") or "").rstrip("/"))
-                name = name or type(source).__name__
-            else:
-                name = getattr(source, "__name__", None) or type(source).__name__
-            k, base = 2, name
-            while name in names:
-                name, k = f"{base}_{k}", k + 1
-            names.append(name)
-        return names
-
-    # Replaces PPOTrainer's temperature-scaled log-probs: mDPO / mIPO are defined on the policy's own log-probs
-    # (as MultiSampleDPOTrainer computes them), whatever temperature sampled the completions.
-    def _token_logprobs(self, model, ids, mask, context_len):
-        return response_logprobs(model, ids, mask, context_len, None)
-
-    def _updates_per_iteration(self) -> int:
-        return self.args.num_iterations
-
-    # ---- one iteration ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _group_rollout(self, batch) -> dict:
-        """`num_generations` samples per prompt (prompt p's are rows p*G .. p*G + G - 1), their scores, the
-        log-probs of policy and reference, and the chosen / rejected split of each prompt's group."""
-        args, g = self.args, self.args.num_generations
-        num_prompts = batch["input_ids"].size(0)
-        self._source_scores = [[] for _ in self.reward_funcs]
-        r = self._generate_and_score({k: v.repeat_interleave(g, dim=0) for k, v in batch.items()}, values=False)
-        rmask = r["response_mask"].float()
-        lengths = rmask.sum(1)
-        scores = self._penalised_scores(r["scores"], lengths, r["has_stop"])
-        if not torch.isfinite(scores).all():
-            raise ValueError("the reward gave a non-finite score (NaN or inf) to a sampled completion; check the "
-                             "reward model / functions.")
-        groups = split_groups_by_reward(scores.view(num_prompts, g), args.grouping, args.num_chosen,
-                                        args.num_rejected, args.min_reward_spread)
-        return {"ids": r["ids"], "mask": r["mask"], "response_mask": rmask, "context_len": r["context_len"],
-                "ref_logp": r["ref_logp"], "logr": (r["logp"] - r["ref_logp"]) * rmask, "entropy": r["entropy"],
-                "lengths": lengths, "has_stop": r["has_stop"].float(), "scores": scores, "groups": groups,
-                "num_prompts": num_prompts, "source_scores": [torch.cat(c) for c in self._source_scores]}
-
-    def _group_loss(self, ro, rows: torch.Tensor, num_rows_total: float, chosen_tokens_total: float):
-        """The loss of the prompts `rows` of a rollout: the sum of their per-prompt mDPO / mIPO losses over
-        `num_rows_total` (the kept prompts of the whole update, so that the micro-batches add up to the mean), plus
-        `nll_weight` times their chosen tokens' NLL over `chosen_tokens_total`. Skipped prompts add nothing."""
-        args, g, groups = self.args, self.args.num_generations, ro["groups"]
-        rows = rows[groups.kept[rows]]
-        ids, mask, rmask_all, c = ro["ids"], ro["mask"], ro["response_mask"], ro["context_len"]
-        if rows.numel() == 0:
-            # nothing kept here, but another process may have kept prompts: a forward with zero weight keeps
-            # DDP's gradient all-reduce in step
-            idx = torch.zeros(1, dtype=torch.long, device=ids.device)
-            logp, _ = self.model(ids[idx], mask[idx], c, None)
-            return (logp * 0).sum(), None
-        c_row, c_gen = groups.chosen[rows].nonzero(as_tuple=True)
-        r_row, r_gen = groups.rejected[rows].nonzero(as_tuple=True)
-        c_idx, r_idx = rows[c_row] * g + c_gen, rows[r_row] * g + r_gen
-        idx = torch.cat([c_idx, r_idx])
-        # [chosen; rejected], as MultiSampleDPOTrainer lays a batch out; through the (DDP-)wrapped module
-        logp, _ = self.model(ids[idx], mask[idx], c, None)
-        rmask = rmask_all[idx]
-        logratios = (logp * rmask).sum(1) - (ro["ref_logp"][idx] * rmask).sum(1)
-        lengths = rmask.sum(1)
-        n_c = c_idx.numel()
-        out = group_preference_loss(logratios[:n_c], logratios[n_c:], c_row, r_row, rows.numel(), self.divergence,
-                                    args.loss_type, args.beta, unbiased=args.unbiased, chosen_lengths=lengths[:n_c],
-                                    rejected_lengths=lengths[n_c:], max_exponent=args.max_link_exponent)
-        loss = out.per_row.sum() / num_rows_total
-        if args.nll_weight:
-            loss = loss - args.nll_weight * (logp[:n_c] * rmask[:n_c]).sum() / max(chosen_tokens_total, 1.0)
-        with torch.no_grad():
-            k = rows.numel()
-            stats = {
-                "per_row": out.per_row.detach(),
-                "chosen_logratio": group_mean(logratios[:n_c].detach(), c_row, k),
-                "rejected_logratio": group_mean(logratios[n_c:].detach(), r_row, k),
-                "chosen_link": group_mean(out.scores.chosen.detach(), c_row, k),
-                "rejected_link": group_mean(out.scores.rejected.detach(), r_row, k),
-                "correction": (out.chosen.var / out.chosen.count + out.rejected.var / out.rejected.count).detach(),
-                "num_clamped": out.scores.num_clamped.reshape(1).float(),
-            }
-        return loss, stats
-
-    def _update_counts(self, ro) -> tuple[float, float]:
-        """Kept prompts and chosen completion tokens of a rollout, summed over processes: what one update's loss is
-        normalised by (`_group_loss`)."""
-        groups = ro["groups"]
-        chosen_tokens = (ro["response_mask"].sum(1) * groups.chosen.flatten().float()).sum()
-        counts = torch.stack([groups.kept.sum().float(), chosen_tokens])
-        if self.args.world_size > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        rows_total, tokens_total = counts.tolist()
-        return rows_total, tokens_total
-
-    # Replaces PPOTrainer's iteration (rollout with values, GAE, clipped updates): group rollout, then
-    # `num_iterations` optimizer steps, each on every prompt of the rollout.
-    def _training_iteration(self, batch):
-        args = self.args
-        ro = self._group_rollout(batch)
-        groups, n_prompts = ro["groups"], ro["num_prompts"]
-        used = (groups.chosen | groups.rejected).flatten()
-        rows_total, tokens_total = self._update_counts(ro)
-        self.prompts_trained_on = getattr(self, "prompts_trained_on", 0) + int(rows_total)
-        self._perf_count(ro["mask"][used].sum(1), repeats=args.num_iterations)
-        t_opt = now()
-        losses, stats = [], []
-        bs = args.per_device_train_batch_size
-        for _ in range(args.num_iterations):
-            if rows_total > 0:  # every process agrees (global count): with nothing kept anywhere, no step
-                total = 0.0
-                starts = range(0, n_prompts, bs)  # one micro-batch per `bs` prompts
-                for k_micro, start in enumerate(starts):
-                    rows = torch.arange(start, min(start + bs, n_prompts), device=ro["ids"].device)
-                    loss, s = self._group_loss(ro, rows, rows_total, tokens_total)
-                    # the loss is already this micro-batch's share of the global mean: DDP's (and ZeRO's)
-                    # averaging over processes is undone
-                    self._micro_batch_backward(loss * args.world_size, len(starts), last=k_micro == len(starts) - 1)
-                    total += loss.detach().item()
-                    if s is not None:
-                        stats.append(s)
-                losses.append(total)
-            self.lr_scheduler.step()
-        self._timings["optimisation"] = now() - t_opt
-        # each process's loss is its share of the global mean: the iteration's loss is their sum (every process
-        # runs this reduction, whatever it kept)
-        loss_value = torch.tensor([sum(losses) / len(losses) if losses else 0.0], device=ro["ids"].device)
-        if args.world_size > 1:
-            loss_value = self.accelerator.reduce(loss_value, reduction="sum")
-        loss_value = loss_value.item()
-        return loss_value, lambda: self._iteration_metrics(ro, loss_value, stats)
-
-    @torch.no_grad()
-    def _iteration_metrics(self, ro, loss_value, stats) -> dict[str, float]:
-        gather = self.accelerator.gather_for_metrics
-        device = ro["ids"].device
-        groups, g = ro["groups"], self.args.num_generations
-        scores = gather(ro["scores"])
-        per_prompt = ro["scores"].view(-1, g)
-        kept = groups.kept
-        n_c, n_r = groups.chosen.sum(1).float(), groups.rejected.sum(1).float()
-        chosen_scores = (per_prompt * groups.chosen).sum(1) / n_c.clamp(min=1)
-        rejected_scores = (per_prompt * groups.rejected).sum(1) / n_r.clamp(min=1)
-        rmask = ro["response_mask"]
-        # Per kept prompt (sub-group sizes and rewards) and per kept prompt and update (the loss statistics): the
-        # number of rows differs from process to process, so each is summed locally and the sums are added over
-        # processes in one collective that every process runs, whatever it kept.
-        beta = self.args.beta
-        per_kept = torch.stack([n_c, n_r, chosen_scores, rejected_scores], 1)[kept]
-        if stats:
-            cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
-            margins = beta * (cat["chosen_link"] - cat["rejected_link"])
-            per_update = torch.stack([beta * cat["chosen_link"], beta * cat["rejected_link"], margins,
-                                      (margins > 0).float(), cat["chosen_logratio"], cat["rejected_logratio"],
-                                      cat["correction"]], 1).float()
-            clamped = cat["num_clamped"].sum()
+    # ---- 1. the split and the group loss, after TRL's sampling and scoring ----------------------------------------
+    # Replaces GRPO's advantages with each completion's coefficient dL/dlog pi(y) of the group loss (module docstring).
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        cmask = out["completion_mask"] * out["tool_mask"] if "tool_mask" in out else out["completion_mask"]
+        width = out["completion_ids"].size(1)
+        if out.get("old_per_token_logps") is not None:  # TRL computed them already: the same forward
+            logp = out["old_per_token_logps"]
         else:
-            per_update, clamped = torch.zeros(0, 7, device=device), torch.zeros((), device=device)
-        sums = torch.cat([per_kept.sum(0), per_kept.new_tensor([per_kept.size(0)]), per_update.sum(0).to(device),
-                          per_kept.new_tensor([per_update.size(0)]), clamped.reshape(1).float().to(device)])
-        if self.args.world_size > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        sums = sums.tolist()
-        metrics = {
-            "objective/scores": scores.mean().item(),
-            "reward/mean": scores.mean().item(),
-            "reward/std": scores.std().item() if scores.numel() > 1 else 0.0,
-            "reward/group_std": gather(per_prompt.std(1)).mean().item(),
-            "group/skipped_prompts": gather((~kept).sum().float().reshape(1)).sum().item(),
-            "group/kept_prompts": sums[4],
-            "objective/entropy": gather(masked_mean(ro["entropy"], rmask).reshape(1)).mean().item(),
-            "val/num_eos_tokens": gather(ro["has_stop"].sum().reshape(1)).sum().item(),
-            "response/length": gather(ro["lengths"]).mean().item(),
-            "loss": loss_value,
-            "lr": self.lr_scheduler.get_last_lr()[0],
-            "episode": self.state.global_step * ro["ids"].size(0) * self.args.world_size,
-        }
-        if sums[4]:
-            for k, key in enumerate(("group/chosen_size", "group/rejected_size", "reward/chosen_mean",
-                                     "reward/rejected_mean")):
-                metrics[key] = sums[k] / sums[4]
-        for name, source_scores in zip(self.reward_func_names, ro["source_scores"]):
-            every = gather(source_scores)
-            metrics[f"rewards/{name}/mean"] = every.mean().item()
-            metrics[f"rewards/{name}/std"] = every.std().item() if every.numel() > 1 else 0.0
-        metrics.update({f"time/{k}": v for k, v in self._timings.items()})
-        # the unbiased estimate of every divergence of the family from the reference, from this rollout's samples
-        for name, est in divergence_estimates(ro["logr"], rmask).items():
-            metrics[f"divergence/{name}"] = gather(est).mean().item()
-        if sums[12]:
-            for k, key in enumerate(("implicit_rewards/chosen", "implicit_rewards/rejected", "implicit_rewards/margins",
-                                     "implicit_rewards/accuracies", "logratios/chosen", "logratios/rejected",
-                                     "mipo/variance_correction")):
-                metrics[key] = sums[5 + k] / sums[12]
-            metrics["link/num_clamped"] = sums[13]
-        return metrics
+            batch = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            with torch.no_grad():
+                logp, _ = _adapter.grpo_token_logps(self, self.model, ids, mask, width, batch_size=batch)
+        ref = out["ref_per_token_logps"]
+        logr_tokens = (logp - ref) * cmask
+        local = torch.stack([(logp * cmask).sum(1), (ref * cmask).sum(1), cmask.sum(1).to(logp.dtype),
+                             out["advantages"].to(logp.dtype)], 1)
+        every = self.accelerator.gather(local)  # the whole generation batch, process by process, in order
+        g = self.num_generations if mode == "train" else self.num_generations_eval
+        coef, loss, stats = self._group_objective(every, g)
+        n = local.size(0)
+        start = self.accelerator.process_index * n
+        out["advantages"] = coef[start:start + n].to(logp.dtype)
+        out["group_loss"] = loss.detach()
+        if mode == "train":
+            self.prompts_trained_on += int(stats["group/kept_prompts"])
+        store = _adapter.metrics(self, mode)
+        for key, value in stats.items():
+            store[key].append(value)
+        for name, est in divergence_estimates(logr_tokens, cmask).items():
+            store[f"divergence/{name}"].append(self.accelerator.gather(est).mean().item())
+        return out
+
+    def _group_objective(self, every: torch.Tensor, g: int):
+        """From [policy seq log-prob, reference seq log-prob, length, reward - group mean] of every completion: the
+        coefficient of each completion, the group loss (mean over kept prompts, plus the chosen NLL) and metrics."""
+        args = self.args
+        seq = every[:, 0].detach().clone().requires_grad_(True)
+        ref, lengths, centred = every[:, 1], every[:, 2], every[:, 3]
+        groups = split_groups_by_reward(centred.view(-1, g).float(), args.grouping, args.num_chosen,
+                                        args.num_rejected, args.min_reward_spread)
+        kept = groups.kept.nonzero(as_tuple=True)[0]
+        stats = {"group/kept_prompts": float(kept.numel()),
+                 "group/skipped_prompts": float(groups.kept.numel() - kept.numel())}
+        if kept.numel() == 0:
+            return torch.zeros_like(seq), seq.new_zeros(()), stats
+        c_row, c_gen = groups.chosen[kept].nonzero(as_tuple=True)
+        r_row, r_gen = groups.rejected[kept].nonzero(as_tuple=True)
+        c_idx, r_idx = kept[c_row] * g + c_gen, kept[r_row] * g + r_gen
+        logr = seq - ref
+        k = kept.numel()
+        res = group_preference_loss(logr[c_idx], logr[r_idx], c_row, r_row, k, self.divergence, args.loss_type,
+                                    args.beta, unbiased=args.unbiased, chosen_lengths=lengths[c_idx],
+                                    rejected_lengths=lengths[r_idx], max_exponent=args.max_link_exponent)
+        loss = res.per_row.sum() / k
+        if args.nll_weight:
+            loss = loss - args.nll_weight * seq[c_idx].sum() / lengths[c_idx].sum().clamp(min=1.0)
+        (coef,) = torch.autograd.grad(loss, seq)
+        with torch.no_grad():
+            chosen_link = group_mean(res.scores.chosen.detach(), c_row, k)
+            rejected_link = group_mean(res.scores.rejected.detach(), r_row, k)
+            margins = args.beta * (chosen_link - rejected_link)
+            stats.update({
+                "group/chosen_size": c_idx.numel() / k, "group/rejected_size": r_idx.numel() / k,
+                "group/reward_gap": (group_mean(centred[c_idx], c_row, k) - group_mean(centred[r_idx], r_row, k))
+                .mean().item(),
+                "implicit_rewards/chosen": (args.beta * chosen_link).mean().item(),
+                "implicit_rewards/rejected": (args.beta * rejected_link).mean().item(),
+                "implicit_rewards/margins": margins.mean().item(),
+                "implicit_rewards/accuracies": (margins > 0).float().mean().item(),
+                "logratios/chosen": group_mean(logr[c_idx].detach(), c_row, k).mean().item(),
+                "logratios/rejected": group_mean(logr[r_idx].detach(), r_row, k).mean().item(),
+                "mipo/variance_correction": (res.chosen.var / res.chosen.count
+                                             + res.rejected.var / res.rejected.count).mean().item(),
+                "link/num_clamped": float(res.scores.num_clamped),
+            })
+        return coef.detach(), loss.detach(), stats
+
+    # ---- 2. the loss ---------------------------------------------------------------------------------------------
+    # Replaces GRPO's clipped per-token objective: sum_i c_i log pi(y_i), whose gradient is the group loss's; the
+    # value returned is the group loss (this micro-batch's share of it).
+    def _compute_loss(self, model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        cmask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        logp, entropy = _adapter.grpo_token_logps(self, model, ids, mask, inputs["completion_ids"].size(1),
+                                                  compute_entropy=True)
+        surrogate = (inputs["advantages"] * (logp * cmask).sum(1)).sum() * self.accelerator.num_processes
+        mode = "train" if self.model.training else "eval"
+        share = inputs["group_loss"] / (self.current_gradient_accumulation_steps if mode == "train" else 1)
+        totals = self.accelerator.reduce(torch.stack([(entropy.detach() * cmask).sum(), cmask.sum().float()]),
+                                         reduction="sum")
+        _adapter.metrics(self, mode)["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return surrogate - surrogate.detach() + share.to(surrogate.dtype)
+
+    # Replaces TRL's card: the one writer in _card.py
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        write_model_card(self, model_name, dataset_name, [*tags, f"divergence:{self.divergence.name}"])
 
     def card_details(self) -> list[str]:
-        """The method's settings, one line each, for the model card (written by PPOTrainer's create_model_card)."""
         a = self.args
-        alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
-        rewards = ", ".join(type(r).__name__ if isinstance(r, nn.Module) else getattr(r, "__name__", "a function")
-                            for r in self.reward_funcs)
         sizes = f"{a.num_chosen} chosen / {a.num_rejected} rejected" if a.grouping == "top_bottom" else \
             "above / below the mean reward"
-        return [f"method: online {'mIPO' if a.loss_type == 'ipo' else 'mDPO'} (`{type(self).__name__}`)",
-                f"divergence: `{self.divergence.name}`{alpha}, beta {a.beta}",
-                f"groups: {a.num_generations} samples per prompt, {sizes}", f"reward: {rewards}",
-                f"iterations: {self.state.global_step}"]
-
+        return [f"method: online {'mIPO' if a.loss_type == 'ipo' else 'mDPO'} on TRL's GRPO (`{type(self).__name__}`)",
+                f"divergence: `{self.divergence.name}`, beta {a.beta}",
+                f"groups: {a.num_generations} samples per prompt, {sizes}",
+                f"reward: {', '.join(self.reward_func_names)}"]

@@ -38,7 +38,7 @@ from ._common import ConfigResolverMixin
 from ._perf import PerfMetricsMixin
 from ._samples import write_sample_table
 from .on_policy_config import OnPolicyConfig, PPOConfig
-from .rollout import (ESTIMATED_DIVERGENCES, TIMED_PARTS, PolicyAndValue, PolicyOnly, RewardFunc, Rollout,
+from .rollout import (ESTIMATED_DIVERGENCES, TIMED_PARTS, PolicyAndValue, RewardFunc, Rollout,
                       divergence_estimates)
 from .update import Update
 
@@ -87,7 +87,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
         who = type(self).__name__
         if args is not None and isinstance(args, OnPolicyConfig):
             model, ref_model, reward_model, value_model = self._load_from_paths(
-                args, model, ref_model, reward_model, value_model, peft_config, self._uses_value_model)
+                args, model, ref_model, reward_model, value_model, peft_config)
         if model is None:
             raise ValueError(f"{who} needs the policy as `model` (or `sft_model_path` in the config).")
         args = self._resolve_args(model, args)
@@ -98,7 +98,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
             raise ValueError("the tokenizer has no pad token; set one, e.g. `tokenizer.pad_token = "
                              "tokenizer.eos_token`, before building the trainer.")
         reward_model = self._check_reward_source(reward_model)
-        if value_model is None and self._uses_value_model:
+        if value_model is None:
             raise ValueError("PPOTrainer needs a `value_model` (e.g. AutoModelForSequenceClassification with "
                              "num_labels=1, often initialised from the reward model).")
         if train_dataset is None:
@@ -132,9 +132,10 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
                                        (args.local_batch_size * args.world_size))
         per_iter = args.local_batch_size * args.world_size
         if len(train_dataset) < per_iter:
-            raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one {self._batch_description}; "
-                             "lower one of them or add prompts.")
-        wrapper = PolicyAndValue(model, value_model) if self._uses_value_model else PolicyOnly(model)
+            raise ValueError(f"the dataset has {len(train_dataset)} prompts, fewer than one PPO batch "
+                             "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches x "
+                             "processes); lower one of them or add prompts.")
+        wrapper = PolicyAndValue(model, value_model)
         _adapter.require()
         super().__init__(model=wrapper, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, optimizers=optimizers, callbacks=callbacks,
@@ -150,12 +151,6 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
             do_sample=True, pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_token_id if self.stop_token_id is not None else None)
 
-    #: PPO trains a value model next to the policy; subclasses without one set this False (the wrapper is then
-    #: `PolicyOnly`, and nothing is saved in `value_model/`)
-    _uses_value_model = True
-    #: what one iteration's prompts are, for the "too few prompts" error
-    _batch_description = ("PPO batch (per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches "
-                          "x processes)")
 
     def _enable_gradient_checkpointing(self, args, policy, value_model) -> None:
         """`gradient_checkpointing: true` on the models this trainer updates (the policy, and PPO's value model).
@@ -209,7 +204,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
         return bool(self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
     @staticmethod
-    def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config, uses_value_model=True):
+    def _load_from_paths(args, model, ref_model, reward_model, value_model, peft_config):
         """TRL's former `sft_model_path` / `reward_model_path`: the models they name are loaded where none is
         passed (reference: a second copy of the policy unless PEFT; value model: initialised from the reward
         model, as TRL's PPO examples did). A path and a model for the same role is an error."""
@@ -225,7 +220,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
                 ref_model = AutoModelForCausalLM.from_pretrained(args.sft_model_path)
         if args.reward_model_path:
             reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
-            if value_model is None and uses_value_model:
+            if value_model is None:
                 value_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, num_labels=1)
         return model, ref_model, reward_model, value_model
 
@@ -480,10 +475,7 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
     def _saved_modules(self, folder: str) -> list[tuple[str, str]]:
         """(attribute of the wrapper, folder) of each module a checkpoint holds: the policy in `folder`, the value
         model (when there is one) in `folder/value_model`."""
-        parts = [("policy", folder)]
-        if self._uses_value_model:
-            parts.append(("value_model", os.path.join(folder, "value_model")))
-        return parts
+        return [("policy", folder), ("value_model", os.path.join(folder, "value_model"))]
 
     def _load_checkpoint_weights(self, checkpoint: str):
         from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from .. import _adapter
 from ..divergences import get_divergence
 from ..losses import gae_advantages, masked_whiten
 
-__all__ = ["Rollout", "PolicyOnly", "PolicyAndValue", "response_logprobs", "response_values", "divergence_estimates",
+__all__ = ["Rollout", "PolicyAndValue", "response_logprobs", "response_values", "divergence_estimates",
            "ESTIMATED_DIVERGENCES", "TIMED_PARTS", "now", "RewardFunc"]
 
 RewardFunc = Callable[[list[str], list[str]], list[float]]
@@ -48,23 +48,6 @@ def response_values(value_model, ids, mask, context_len: int):
                       use_cache=False).last_hidden_state
     head = value_model.score if hasattr(value_model, "score") else value_model.classifier
     return head(hidden).squeeze(-1)[:, context_len - 1:-1].float()
-
-
-class PolicyOnly(nn.Module):
-    """The policy alone, with the attribute layout of `PolicyAndValue` (`.policy`), for on-policy trainers without a
-    value model: the training forward goes through the (DDP-)wrapped module. Returns the response tokens' log-probs
-    and entropies under `temperature`."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    def forward(self, input_ids, attention_mask, context_len: int, temperature: float | None):
-        return response_logprobs(self.policy, input_ids, attention_mask, context_len, temperature)
 
 
 class PolicyAndValue(nn.Module):
@@ -106,7 +89,7 @@ def now() -> float:
 
 
 class Rollout:
-    """The rollout half of `PPOTrainer` (and of the online group trainer, which overrides the scoring)."""
+    """The rollout half of `PPOTrainer`."""
 
     # ---- rollout ---------------------------------------------------------------------------------
     def _ref_context(self):

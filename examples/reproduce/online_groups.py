@@ -8,9 +8,8 @@ Not a thesis figure: the thesis' three methods in one loop (`OnlineMultiSampleTr
 neutral start of examples/reproduce/fdpo_frontier.py; also the reference). Every method generates 32 completions
 of at most 24 tokens per round, for the same number of rounds:
 
-* online mIPO and online mDPO (`OnlineMultiSampleTrainer`, reverse KL, beta 0.1): 8 prompts x 4 samples, the best
-  and the worst of each prompt as chosen / rejected, one update per round; "online mIPO x4": 4 updates on each
-  round's generations (`num_iterations` 4), as many optimizer steps as PPO takes;
+* online mIPO and online mDPO (`OnlineMultiSampleTrainer`, on TRL's GRPO engine; reverse KL, beta 0.1): 8 prompts
+  x 4 samples, the best and the worst of each prompt as chosen / rejected, one update per round;
 * our `PPOTrainer`: 32 prompts x 1 sample, a value model from the start, 4 PPO epochs per round, `kl_coef` 0.05;
 * TRL's `GRPOTrainer` (TRL's defaults otherwise: `beta` 0, i.e. no reference in the loss; `loss_type` dapo):
   8 prompts x 4 samples, one update per round.
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
-METHODS = ("online mIPO", "online mDPO", "PPO", "TRL GRPO", "online mIPO x4")
+METHODS = ("online mIPO", "online mDPO", "PPO", "TRL GRPO")
 #: --quick trains these
 QUICK_METHODS = METHODS[:4]
 #: completions per round, and samples per prompt for the group methods
@@ -83,12 +82,14 @@ def train(method: str, start: str, out: Path, rounds: int, lr: float, seed: int 
     policy = AutoModelForCausalLM.from_pretrained(start)
     common = _common_args(run, rounds, lr, seed, points)
     if method.startswith("online"):
-        args = OnlineMultiSampleConfig(**common, per_device_train_batch_size=COMPLETIONS // GROUP,
-                                       num_generations=GROUP, loss_type="ipo" if "mIPO" in method else "sigmoid",
-                                       beta=0.1, response_length=RESPONSE_LENGTH, stop_token="eos",
-                                       num_iterations=4 if method.endswith("x4") else 1)
-        OnlineMultiSampleTrainer(args=args, processing_class=tok, model=policy, ref_model=copy.deepcopy(policy),
-                                 reward_funcs=[reward], train_dataset=prompts).train()
+        # on TRL's GRPO engine: per_device_train_batch_size counts completions (8 prompts x 4), and the reference is
+        # loaded from the policy's folder (`start`)
+        args = OnlineMultiSampleConfig(**common, per_device_train_batch_size=COMPLETIONS, num_generations=GROUP,
+                                       loss_type="ipo" if "mIPO" in method else "sigmoid", beta=0.1,
+                                       max_completion_length=RESPONSE_LENGTH, use_cpu=True)
+        extra = {"reward_processing_classes": tok} if isinstance(reward, torch.nn.Module) else {}
+        OnlineMultiSampleTrainer(model=policy, args=args, processing_class=tok, reward_funcs=[reward],
+                                 train_dataset=prompts, **extra).train()
     elif method == "PPO":
         args = PPOConfig(**common, per_device_train_batch_size=COMPLETIONS, num_ppo_epochs=4, kl_coef=0.05,
                          response_length=RESPONSE_LENGTH, stop_token="eos")
@@ -144,7 +145,7 @@ def plot(rows: list[dict], out: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     styles = {"online mIPO": ("o", "#C44E52"), "online mDPO": ("D", "#DD8452"), "PPO": ("s", "#4C72B0"),
-              "TRL GRPO": ("^", "#55A868"), "online mIPO x4": ("v", "#8172B3")}
+              "TRL GRPO": ("^", "#55A868")}
     for method, (marker, color) in styles.items():
         pts = [r for r in rows if r["method"] == method]
         if pts:
