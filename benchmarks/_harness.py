@@ -113,7 +113,7 @@ def saved_activation_mb(trainer, batch) -> float:
 
 
 def comparison_main(script: str, doc: str, label: str, choices: list[str], time_worker, memory_worker, title,
-                    target: float) -> None:
+                    target: float, extra=None) -> None:
     """The driver shared by the ours-vs-TRL benchmarks: parse the common options, run (in fresh processes)
     one timing worker per choice and `--rounds` memory workers per (trainer, choice), print the table.
 
@@ -134,6 +134,7 @@ def comparison_main(script: str, doc: str, label: str, choices: list[str], time_
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--trainer", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument(f"--{label}", help=argparse.SUPPRESS)
+    passed = extra(p) if extra else []  # a benchmark's own options, passed on to its workers
     opts = p.parse_args()
     if opts.worker:
         result = time_worker(opts) if opts.worker == "time" else memory_worker(opts)
@@ -143,6 +144,10 @@ def comparison_main(script: str, doc: str, label: str, choices: list[str], time_
     common = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch-size", str(opts.batch_size),
               "--threads", str(opts.threads), "--memory-steps", str(opts.memory_steps)]
     common += (["--model", opts.model] if opts.model else []) + (["--bf16"] if opts.bf16 else [])
+    for name in passed:
+        value = getattr(opts, name)
+        flag = "--" + name.replace("_", "-")
+        common += ([flag] if value is True else []) if isinstance(value, bool) else [flag, str(value)]
     rows = []
     for choice in getattr(opts, f"{label}s"):
         print(f"timing {choice} ...", file=sys.stderr, flush=True)

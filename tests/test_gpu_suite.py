@@ -16,11 +16,14 @@ def test_the_suite_runs_every_row_and_writes_its_section(tmp_path):
                          str(tmp_path / "work")])
     rows = result["results"]
     assert list(rows) == ["fdpo:reverse_kl", "trl-dpo:reverse_kl", "fdpo:jsd", "trl-dpo:jsd", "mipo-k4",
-                          "mipo-k4:shared_prefix", "crm", "trl-reward", "ppo"]
+                          "mipo-k4:shared_prefix", "crm", "trl-reward", "fdpo-long:1", "trl-dpo-long:1",
+                          "fdpo-long:4", "trl-dpo-long:4", "fdpo-long:16", "trl-dpo-long:16", "crm-long:4",
+                          "trl-reward-long:4", "ppo"]
     assert all(r["ms_per_step"] > 0 and r["tokens_per_second"] > 0 for r in rows.values())
     assert [what for what, _, _ in result["ratios"]] == [
         "fdpo:reverse_kl / trl-dpo:reverse_kl", "fdpo:jsd / trl-dpo:jsd", "crm / trl-reward",
-        "mipo-k4:shared_prefix / mipo-k4"]
+        "fdpo-long:1 / trl-dpo-long:1", "fdpo-long:4 / trl-dpo-long:4", "fdpo-long:16 / trl-dpo-long:16",
+        "crm-long:4 / trl-reward-long:4", "mipo-k4:shared_prefix / mipo-k4"]
     text = out.read_text()
     assert "### an older section" in text and "### CPU, one process" in text and "| crm / trl-reward |" in text
     # a second run replaces its own section and keeps the others

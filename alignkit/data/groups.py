@@ -21,6 +21,9 @@ __all__ = [
     "groups_from_pairs",
     "groups_from_scored",
     "DataCollatorForGroupPreference",
+    "DataCollatorForSharedPrefixGroups",
+    "DataCollatorForSharedPrefixPairs",
+    "DataCollatorForSharedPrefixRewardPairs",
 ]
 
 
@@ -174,14 +177,15 @@ class DataCollatorForSharedPrefixGroups:
 
     Besides the model inputs it returns, per completion (chosen then rejected, row by row as
     :class:`DataCollatorForGroupPreference`), its row (``completion_row``) and its token positions in
-    the packed row (``completion_positions``, ``completion_token_mask``).
+    the packed row (``completion_positions``, ``completion_token_mask``); and ``unpacked_tokens``, the
+    tokens the unshared layout would hold (each completion with its own prompt).
     """
 
     pad_token_id: int
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows_ids, rows_pos, rows_seg, rows_cmask = [], [], [], []
+        rows_ids, rows_pos, rows_seg, rows_cmask, unpacked = [], [], [], [], []
         comps = {"chosen": [], "rejected": []}  # (row, positions)
         for r, ex in enumerate(examples):
             prompt = ex["prompt_ids"]
@@ -199,6 +203,7 @@ class DataCollatorForSharedPrefixGroups:
                     seg += [s] * (len(comp) + 1)
                     cmask += [0] + [1] * len(comp)
                     comps[side].append((r, list(range(start + 1, start + 1 + len(comp)))))
+                    unpacked.append(len(prompt) + len(comp))
                     s += 1
             rows_ids.append(ids)
             rows_pos.append(pos)
@@ -238,8 +243,81 @@ class DataCollatorForSharedPrefixGroups:
             "completion_positions": positions,
             "completion_token_mask": token_mask,
             "packed_lengths": torch.tensor([len(x) for x in rows_ids], dtype=torch.long),
+            # what the unshared layout would hold: each completion with its own copy of the prompt (the
+            # `num_tokens` metric counts these, so that it means the same with and without shared_prefix)
+            "unpacked_tokens": torch.tensor(sum(unpacked), dtype=torch.long),
         }
         if "ref_chosen_logps" in examples[0]:
             out["ref_chosen_logps"] = torch.tensor([v for ex in examples for v in ex["ref_chosen_logps"]])
             out["ref_rejected_logps"] = torch.tensor([v for ex in examples for v in ex["ref_rejected_logps"]])
+        return out
+
+
+@dataclass
+class DataCollatorForSharedPrefixPairs:
+    """`DataCollatorForSharedPrefixGroups` for TRL's pair rows (`FDPOConfig(shared_prefix=True)`): a pair is a group
+    of one chosen and one rejected completion, so each prompt is computed once for both. The packed batch unpacks
+    to TRL's [chosen; rejected] layout (and carries precomputed reference log-probs as TRL's collator does)."""
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        groups = []
+        for ex in examples:
+            row = {"prompt_ids": ex["prompt_ids"], "chosen_ids": [ex["chosen_ids"]],
+                   "rejected_ids": [ex["rejected_ids"]]}
+            if "ref_chosen_logps" in ex:
+                row["ref_chosen_logps"] = [ex["ref_chosen_logps"]]
+                row["ref_rejected_logps"] = [ex["ref_rejected_logps"]]
+            groups.append(row)
+        return DataCollatorForSharedPrefixGroups(self.pad_token_id, self.max_length)(groups)
+
+
+@dataclass
+class DataCollatorForSharedPrefixRewardPairs:
+    """Reward-model pairs (TRL's `chosen_ids` / `rejected_ids`, each the whole prompt + completion) packed so that
+    the tokens the two sequences share at their start are computed once (`CausalRewardConfig(shared_prefix=True)`).
+
+    Row layout: the common prefix, the rest of the chosen sequence, the rest of the rejected one. A 4D attention mask
+    lets each rest see the prefix and itself only; positions continue the prefix's in both rests, so every token
+    has the context and position it has alone (causal models only). `chosen_end` / `rejected_end` give where each
+    sequence's reward is read: its last token that is not padding, as a sequence-classification model reads it.
+    `unpacked_tokens` counts the tokens of the unshared layout (TRL's `num_tokens`); `margin` passes through."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, ends = [], {"chosen": [], "rejected": []}
+        for ex in examples:
+            c, j = list(ex["chosen_ids"]), list(ex["rejected_ids"])
+            p = 0
+            while p < min(len(c), len(j)) and c[p] == j[p]:
+                p += 1
+            ids = c + j[p:]
+            pos = list(range(len(c))) + list(range(p, len(j)))
+            seg = [-1] * p + [0] * (len(c) - p) + [1] * (len(j) - p)
+            for side, seq, offset in (("chosen", c, 0), ("rejected", j, len(c) - p)):
+                last = max((i for i, t in enumerate(seq) if t != self.pad_token_id), default=0)
+                ends[side].append(last if last < p else last + offset)
+            rows.append((ids, pos, seg))
+        length = max(len(r[0]) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((n, length), dtype=torch.long)
+        seg = torch.full((n, length), -2, dtype=torch.long)  # -2 padding, -1 shared, 0 chosen, 1 rejected
+        for r, (ids, pos, sg) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            position_ids[r, :len(ids)] = torch.tensor(pos)
+            seg[r, :len(ids)] = torch.tensor(sg)
+        q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & (k != -2) & (q != -2) & ((k == -1) | (k == q))
+        allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself (no empty softmax)
+        out = {"input_ids": input_ids, "attention_mask": allowed.unsqueeze(1), "position_ids": position_ids,
+               "chosen_end": torch.tensor(ends["chosen"]), "rejected_end": torch.tensor(ends["rejected"]),
+               "unpacked_tokens": torch.tensor(sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples)),
+               "packed_lengths": torch.tensor([len(r[0]) for r in rows])}
+        if "margin" in examples[0]:
+            out["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
         return out

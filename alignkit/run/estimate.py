@@ -232,6 +232,13 @@ def _sequences(recipe, config, tokenizer) -> tuple[int, int, str]:
         if getattr(config, "shared_prefix", False):
             return 1, longest, f"{where}, each group packed into one row (shared_prefix)"
         return per_row, min(longest, limit) if limit else longest, where
+    if getattr(config, "shared_prefix", False):  # a pair in one packed row: the prompt once, then both completions
+        longest = 0
+        for r in rows:
+            prompt = _ids(tokenizer, r.get("prompt"))
+            longest = max(longest, sum(min(_ids(tokenizer, r.get("prompt"), r[side]), limit or 10**9) - prompt
+                                       for side in ("chosen", "rejected")) + prompt)
+        return 1, longest, f"{where}, each pair packed into one row (shared_prefix)"
     longest = max(_ids(tokenizer, r.get("prompt"), r[side]) for r in rows for side in ("chosen", "rejected"))
     return 2, min(longest, limit) if limit else longest, where
 

@@ -45,12 +45,19 @@ class CausalRewardConfig(PerfArguments, CausalPenaltyArguments, RewardConfig):
         eval_sample_pairs (`int`, defaults to `8`): at each evaluation, the first eval pairs are written with their
             rewards and attribute bins to `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the table
             `samples/eval_step_<N>`. `0` writes none.
+        shared_prefix (`bool`, defaults to `False`): compute the tokens a pair's two sequences share at their start
+            (the prompt) once instead of twice: the pair is packed in one row with a 4D attention mask (docs/causal.md,
+            "Long prompts"). The loss, gradients and metrics equal the unshared run's (to float rounding). Causal-LM
+            backbones only (Llama, Qwen, SmolLM2, ...), with a `score` head and `sdpa` or `eager` attention: an encoder
+            such as MiniLM attends in both directions, so its prompt tokens see the completion and cannot be shared.
     """
 
     mmd_coef: float = field(default=1.0, metadata={"help": "Weight of the MMD penalty (0: plain RewardTrainer)."})
     mmd_on: str = field(default="reward", metadata={"help": "reward or hidden."})
     eval_sample_pairs: int = field(default=8, metadata={"help": "Eval pairs written with their rewards and bins at "
                                                                   "each evaluation (0: none)."})
+    shared_prefix: bool = field(default=False, metadata={"help": "Compute a pair's common prefix once (causal-LM "
+                                                                 "backbones)."})
 
     def __post_init__(self):
         check_ranges(self, TRAINING_RULES, REWARD_RULES, CAUSAL_RULES)
@@ -82,9 +89,34 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
         _adapter.require()
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *pargs, **kwargs)
         _adapter.require(self)
+        if args.shared_prefix:
+            self._check_shared_prefix()
+            if data_collator is None:
+                from ..data.groups import DataCollatorForSharedPrefixRewardPairs
+
+                tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+                self.data_collator = DataCollatorForSharedPrefixRewardPairs(pad_token_id=tok.pad_token_id)
         self.data_collator = CollatorWithBins(self.data_collator)
         if self.model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output; this model has num_labels={self.model.config.num_labels}.")
+
+    def _check_shared_prefix(self) -> None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kind = base.config.model_type
+        if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise ValueError(f"shared_prefix: this reward model is a {kind} encoder, which attends in both directions: "
+                             "its prompt tokens see the completion, so two completions cannot share them. It needs a "
+                             "causal-LM backbone (Llama, Qwen, SmolLM2, ...); drop shared_prefix for this model.")
+        if not isinstance(getattr(base, "score", None), torch.nn.Module):
+            raise ValueError(f"shared_prefix reads the reward from the `score` head at each sequence's last token; "
+                             f"{type(base).__name__} has none. Drop shared_prefix for this model.")
+        impl = _adapter.attn_implementation(base)
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager' (custom 4D masks); the model "
+                             f"uses {impl!r}. Load it with attn_implementation='sdpa' or drop shared_prefix.")
 
     # Extends RewardTrainer._prepare_dataset: the attribute bins are computed from the raw completions
     # (before TRL adds EOS and tokenizes) and carried as two extra columns.
@@ -104,6 +136,13 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
     # mmd_coef 0 the loss is TRL's, untouched; the attribute metrics are still recorded (for comparisons).
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bins = inputs.pop("z_bins", None)
+        if self.args.shared_prefix:
+            # TRL's loss and metrics, on the rewards of the packed pairs: RewardTrainer.compute_loss calls
+            # `model(**inputs)` and sums `attention_mask` for its token count, so it gets the packed forward and the
+            # unshared layout's count
+            packed = model = _PackedRewards(self, model, inputs)
+            inputs = {"attention_mask": inputs["unpacked_tokens"].reshape(1),
+                      **({"margin": inputs["margin"]} if "margin" in inputs else {})}
         if bins is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         penalised = self.args.mmd_coef > 0
@@ -114,7 +153,9 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
         bins = bins.to(rewards.device)
         mode = "train" if self.model.training else "eval"
         if penalised:
-            if self.args.mmd_on == "hidden":
+            if self.args.mmd_on == "hidden" and self.args.shared_prefix:
+                values = packed.scored_hidden
+            elif self.args.mmd_on == "hidden":
                 last = inputs["attention_mask"].sum(1) - 1
                 values = outputs.hidden_states[-1][torch.arange(last.size(0), device=last.device), last]
             else:
@@ -186,7 +227,10 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            rewards = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            if self.args.shared_prefix:
+                rewards = _PackedRewards(self, self.model, batch)().logits[:, 0]
+            else:
+                rewards = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         finally:
             self.model.train(was_training)
         n = len(rows)
@@ -216,3 +260,41 @@ class CausalRewardTrainer(PerfMetricsMixin, ConfigResolverMixin, RewardTrainer):
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
         self.attribute_bins.save(self, output_dir)
+
+
+class _PackedRewards:
+    """What RewardTrainer.compute_loss calls as `model(**inputs)` for a shared-prefix batch
+    (DataCollatorForSharedPrefixRewardPairs): one forward of the packed rows through the (DDP- / DeepSpeed-)wrapped
+    model, the `score` head's output read at each sequence's last token. The head's per-token output is taken by a
+    forward hook, inside the model's own forward (the pooled output, read at the packed row's last token, is not
+    used). Returns the `logits` [chosen; rejected] as a model output, and keeps the head's input there in
+    `scored_hidden` (for `mmd_on: hidden`)."""
+
+    def __init__(self, trainer, model, batch):
+        self.trainer, self.model, self.batch = trainer, model, batch
+
+    def __call__(self, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        b, trainer = self.batch, self.trainer
+        base = trainer.accelerator.unwrap_model(trainer.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        seen = {}
+
+        def keep(module, args, output):
+            seen["hidden"], seen["scores"] = args[0], output
+
+        handle = base.score.register_forward_hook(keep)
+        mask = b["attention_mask"]
+        if _adapter.attn_implementation(base) == "eager":
+            dtype = next(base.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        try:
+            self.model(input_ids=b["input_ids"], attention_mask=mask, position_ids=b["position_ids"], use_cache=False)
+        finally:
+            handle.remove()
+        n = b["chosen_end"].size(0)
+        rows = torch.arange(n, device=b["input_ids"].device).repeat(2)
+        ends = torch.cat([b["chosen_end"], b["rejected_end"]]).to(rows.device)
+        self.scored_hidden = seen["hidden"][rows, ends]
+        return SequenceClassifierOutput(logits=seen["scores"][rows, ends])

@@ -12,7 +12,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from .._util import AlignkitWarning
-from ..divergences import DEFAULT_MAX_EXPONENT, UnsupportedDivergenceError, get_divergence
+from ..divergences import DEFAULT_MAX_EXPONENT, get_divergence
+from . import _packed
 from ._card import write_model_card
 from ._causal import AttributeBins, CausalPenaltyArguments, CollatorWithBins
 from ._common import (CAUSAL_RULES, PREFERENCE_RULES, TRAINING_RULES, ConfigResolverMixin, check_ranges,
@@ -23,6 +24,7 @@ from ..losses import (LOGRATIO_LOSS_TYPES, SCORE_DIFFERENCE_LOSS_TYPES, fdpo_sco
 from .. import _adapter
 
 __all__ = ["FDPOConfig", "FDPOTrainer"]
+
 
 _TRL_VERSION = _adapter.TRL_VERSION
 
@@ -52,6 +54,13 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
             `per_device_eval_batch_size` eval prompts (at most 8; up to 64 new tokens, within `max_length`),
             written with its implicit reward to `output_dir/samples/eval_step_<N>.jsonl` and, with W&B on, as the
             table `samples/eval_step_<N>`. Sampling leaves the random state of the run untouched.
+        shared_prefix (`bool`, defaults to `False`):
+            Compute each prompt once per pair instead of twice (docs/fdpo.md, "Long prompts: shared_prefix"): the
+            row is packed as the prompt, then the chosen and the rejected completion, with a 4D attention mask that
+            lets each completion see the prompt and itself only, and positions that restart after the prompt. The
+            loss, gradients and metrics equal the unshared run's (to float rounding). Needs `sdpa` or `eager`
+            attention (custom 4D masks), `truncation_mode: keep_start` when `max_length` is set, and a model
+            without a router (aux) loss.
         mmd_coef (`float`, defaults to `0.0`):
             Causal DPO (thesis 4.8): with `mmd_coef > 0`, the binned MMD^2 penalty of the causal reward model
             is applied to the implicit rewards `beta * (f'(u) - f'(1))` of the batch, making them independent
@@ -86,6 +95,8 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
         metadata={"help": "At each evaluation, sample the policy on a few eval prompts and write the samples with "
                           "their implicit rewards (samples/*.jsonl, and a W&B table)."},
     )
+    shared_prefix: bool = field(
+        default=False, metadata={"help": "Compute each prompt once per pair (group): packed rows, 4D attention mask."})
 
     def __post_init__(self):
         check_ranges(self, TRAINING_RULES, PREFERENCE_RULES, CAUSAL_RULES)
@@ -94,6 +105,7 @@ class FDPOConfig(PerfArguments, CausalPenaltyArguments, DPOConfig):
         self._resolve_divergence()
         self._check_loss_types()
         self._check_causal_fields()
+        _packed.check_config(self)
 
     def _resolve_divergence(self):
         """`divergence`/`alpha`, TRL's `f_divergence_type`/`f_alpha_divergence_coef` translated into them, and
@@ -208,13 +220,39 @@ class FDPOTrainer(PerfMetricsMixin, ConfigResolverMixin, DPOTrainer):
         self.divergence = get_divergence(args.divergence, args.alpha)
         #: the resolved recipe (set by `alignkit train`), written into the model card
         self.alignkit_recipe: str | None = None
+        if args.shared_prefix and kwargs.get("data_collator", pargs[0] if pargs else None) is None:
+            collator = self._shared_prefix_collator(model, args, kwargs.get(
+                "processing_class", pargs[3] if len(pargs) > 3 else None))
+            if pargs:
+                pargs = (collator, *pargs[1:])
+            else:
+                kwargs["data_collator"] = collator
         _adapter.require()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         _adapter.require(self)
+        if args.shared_prefix:
+            _packed.check_model(self)
         self._pref_logits: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self._warned_nonfinite = False
         if AttributeBins.enabled(self.args):
             self.data_collator = CollatorWithBins(self.data_collator)
+
+    @staticmethod
+    def _shared_prefix_collator(model, args, processing_class):
+        """The packed collator of `shared_prefix` for TRL's pair rows (subclasses with other rows replace it)."""
+        from ..data.groups import DataCollatorForSharedPrefixPairs
+
+        return DataCollatorForSharedPrefixPairs(pad_token_id=_packed.pad_token_id(model, processing_class),
+                                                max_length=args.max_length)
+
+    # With shared_prefix, TRL's reference precompute (`precompute_ref_log_probs`) sees packed batches: they are
+    # computed through the packed path (the pair's prompt once), as in training.
+    def compute_ref_log_probs(self, model, inputs):
+        if not self.args.shared_prefix:
+            return super().compute_ref_log_probs(model, inputs)
+        logps = self._shared_prefix_reference(inputs)
+        n = inputs["chosen_row_index"].numel()
+        return logps[:n], logps[n:]
 
     @classmethod
     def _check_precompute_is_possible(cls, args, train_dataset):
@@ -278,14 +316,19 @@ class FDPOTrainer(PerfMetricsMixin, ConfigResolverMixin, DPOTrainer):
             return loss, outputs
         return loss
 
-    #: batch keys that are not model inputs (TRL's collator and reference precompute add them)
-    _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "z_bins"})
+    #: batch keys that are not model inputs (TRL's collator and reference precompute add them; the packed
+    #: collators of shared_prefix add the rest)
+    _non_model_keys = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "z_bins",
+                                 "chosen_row_index", "rejected_row_index", "completion_row", "completion_positions",
+                                 "completion_token_mask", "packed_lengths", "unpacked_tokens"})
 
     def _forward_logps(self, model, inputs) -> dict[str, Any]:
         """Policy forward (fused LM head) and reference log-probs, summed over completion tokens.
 
         Returns the per-sequence values of a batch laid out as [chosen; rejected], with `is_chosen` marking
         the chosen sequences (subclasses lay out groups the same way, with sides of different sizes)."""
+        if self.args.shared_prefix:
+            return self._packed_forward_logps(model, inputs)
         model_kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -319,6 +362,13 @@ class FDPOTrainer(PerfMetricsMixin, ConfigResolverMixin, DPOTrainer):
             "lengths": completion_mask.sum(dim=1).to(logps.dtype),
             "num_input_tokens": inputs["attention_mask"].sum(),
         }
+
+    def _packed_forward_logps(self, model, inputs) -> dict[str, Any]:
+        """`_forward_logps` of a packed (shared_prefix) batch; see `_packed.forward_logps`."""
+        return _packed.forward_logps(self, model, inputs)
+
+    def _shared_prefix_reference(self, inputs) -> torch.Tensor:
+        return _packed.reference_logps(self, inputs)
 
     def _num_chosen_sequences(self, inputs, num_sequences: int) -> int:
         return num_sequences // 2  # TRL's layout: [chosen pairs; rejected pairs]

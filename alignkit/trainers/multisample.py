@@ -39,11 +39,8 @@ class MultiSampleDPOConfig(FDPOConfig):
             Weight of the mean per-token negative log-likelihood of the chosen group (the thesis adds it for
             stability on the random-number task).
         shared_prefix (`bool`, defaults to `False`):
-            Process each prompt once per group instead of once per completion: each row is packed as the
-            prompt followed by one segment per completion, with a 4D attention mask that lets a segment see
-            the prompt and itself only. Same loss and gradients as the unshared layout (to float
-            rounding); pays off when prompts are long next to completions. Needs an attention
-            implementation that takes a custom 4D mask (`sdpa` or `eager`, not flash-attention).
+            As in `FDPOConfig`, for groups: each prompt is processed once per group instead of once per
+            completion (one segment per completion after the prompt).
         completion_sub_batch_size (`int`, *optional*):
             Run the policy over at most this many completions at a time, recomputing each sub-batch's
             activations in the backward pass (activation checkpointing). Bounds activation memory by one
@@ -54,8 +51,6 @@ class MultiSampleDPOConfig(FDPOConfig):
     nll_weight: float = field(default=0.0, metadata={"help": "Weight of the NLL of the chosen group."})
     completion_sub_batch_size: int | None = field(
         default=None, metadata={"help": "Completions per policy sub-batch (memory bound; same gradients)."})
-    shared_prefix: bool = field(
-        default=False, metadata={"help": "Compute each prompt once per group (packed rows, 4D attention mask)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,8 +83,6 @@ class MultiSampleDPOConfig(FDPOConfig):
         if self.mmd_coef > 0:
             raise ValueError("mmd_coef (Causal DPO) is not available for groups yet; use FDPOTrainer on pairs, or set "
                              "mmd_coef: 0.")
-        if self.shared_prefix and self.padding_free:
-            raise ValueError("shared_prefix packs rows itself; set padding_free: false.")
 
 
 class MultiSampleDPOTrainer(FDPOTrainer):
@@ -129,9 +122,6 @@ class MultiSampleDPOTrainer(FDPOTrainer):
                 year    = 2024,
             }"""),
     }
-    _non_model_keys = FDPOTrainer._non_model_keys | {"chosen_row_index", "rejected_row_index", "completion_row",
-                                                     "completion_positions", "completion_token_mask",
-                                                     "packed_lengths"}
 
     def __init__(self, model, ref_model=None, args: MultiSampleDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *pargs, **kwargs):
@@ -152,14 +142,9 @@ class MultiSampleDPOTrainer(FDPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *pargs, **kwargs)
-        if self.aux_loss_enabled and (args.shared_prefix or args.completion_sub_batch_size):
-            raise ValueError("shared_prefix and completion_sub_batch_size do not compute a Mixture-of-Experts model's "
-                             "router (aux) loss; drop them for this model, or set router_aux_loss_coef: 0.")
-        if args.shared_prefix:
-            impl = _adapter.attn_implementation(self.accelerator.unwrap_model(self.model))
-            if impl not in ("sdpa", "eager"):
-                raise ValueError(f"shared_prefix needs attn_implementation 'sdpa' or 'eager' (custom 4D masks); the "
-                                 f"model uses {impl!r}. Load it with attn_implementation='sdpa' or drop shared_prefix.")
+        if self.aux_loss_enabled and args.completion_sub_batch_size:
+            raise ValueError("completion_sub_batch_size does not compute a Mixture-of-Experts model's router (aux) "
+                             "loss; drop it for this model, or set router_aux_loss_coef: 0.")
 
     # ------------------------------------------------------------------------------------------
     # Replaces DPOTrainer._prepare_dataset: TRL tokenizes one chosen and one rejected string per row;
@@ -231,64 +216,6 @@ class MultiSampleDPOTrainer(FDPOTrainer):
             return self._shared_prefix_reference(inputs)
         kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         return self._reference_logps(kwargs, inputs["completion_mask"])
-
-    def _forward_logps(self, model, inputs):
-        if not self.args.shared_prefix:
-            return super()._forward_logps(model, inputs)
-        # Packed layout (see DataCollatorForSharedPrefixGroups): one forward per row, then each
-        # completion's tokens are gathered back into a [completions, tokens] layout so the loss and the
-        # metrics are those of the unshared path.
-        outputs = self._packed_forward(model, inputs, self.model_outputs)
-        per_token_logps, unpacked = self._unpack(inputs, outputs)
-        mask = inputs["completion_token_mask"]
-        logps = per_token_logps.sum(dim=1)
-        if self.precompute_ref_logps:
-            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.dtype)
-        else:
-            ref_logps = self._shared_prefix_reference(inputs)
-        return {
-            "outputs": unpacked,
-            "model_kwargs": {},
-            "per_token_logps": per_token_logps,
-            "shift_mask": mask,
-            "logps": logps,
-            "ref_logps": ref_logps,
-            "is_chosen": torch.arange(logps.size(0), device=logps.device) < self._num_chosen_sequences(inputs, 0),
-            "lengths": mask.sum(dim=1).to(logps.dtype),
-            "num_input_tokens": inputs["packed_lengths"].sum(),
-        }
-
-    model_outputs = _adapter.FUSED_HEAD_FIELDS
-
-    def _packed_forward(self, model, inputs, fields):
-        mask = inputs["attention_mask"]
-        if _adapter.attn_implementation(self.accelerator.unwrap_model(self.model)) == "eager":
-            dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        out = _adapter.fused_forward(model, dict(input_ids=inputs["input_ids"], attention_mask=mask,
-                                             position_ids=inputs["position_ids"], use_cache=False), labels)
-        return {f: getattr(out, f) for f in fields}
-
-    @staticmethod
-    def _unpack(inputs, packed):
-        """[rows, L-1] per-token fields (aligned with the next-token labels) -> [completions, tokens]."""
-        rows, pos, mask = inputs["completion_row"], inputs["completion_positions"], inputs["completion_token_mask"]
-        idx = (pos - 1).clamp(min=0)  # the prediction of the token at position t is output t - 1
-
-        def take(x, fill=0):
-            return x[rows.unsqueeze(1), idx].masked_fill(mask == 0, fill)
-
-        log_probs = take(packed["log_probs"])
-        rest = {k: take(v, False if v.dtype == torch.bool else 0) for k, v in packed.items()
-                if k != "log_probs" and v is not None}
-        return log_probs, SimpleNamespace(log_probs=log_probs, aux_loss=None, **rest)
-
-    def _shared_prefix_reference(self, inputs) -> torch.Tensor:
-        model = self.ref_model if self.ref_model is not None else self.model
-        with _adapter.reference_context(self):
-            packed = self._packed_forward(model, inputs, ("log_probs",))
-        return self._unpack(inputs, packed)[0].sum(dim=1)
 
     def _num_chosen_sequences(self, inputs, num_sequences: int) -> int:
         return inputs["chosen_row_index"].numel()  # [chosen completions; rejected completions]

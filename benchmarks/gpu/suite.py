@@ -7,6 +7,9 @@ tokenizer here, no download), in bf16:
 * `FDPOTrainer` under each divergence against TRL's `DPOTrainer` running the same divergence;
 * mIPO (`MultiSampleDPOTrainer`, unbiased, k = 4 per side) with and without `shared_prefix`;
 * `CausalRewardTrainer` (MMD on the reward over length bins) against TRL's `RewardTrainer`;
+* long prompts: `FDPOTrainer` with `shared_prefix` against TRL's `DPOTrainer` at prompt:completion 1:1, 4:1 and 16:1
+  (completions of `--long-completion-len`), and `CausalRewardTrainer` with `shared_prefix` against TRL's
+  `RewardTrainer` at 4:1;
 * our `PPOTrainer` (reward: a function, so the figure is the policy's and value model's work).
 
 Every row trains `--warmup` + `--steps` optimizer steps through `Trainer.train`; a callback times the measured
@@ -143,7 +146,15 @@ def datasets_for(tok, opts):
                                 "rejected": [list(x) for x in zip(*side[4:8])]})
     reward = Dataset.from_dict({"chosen": [p + c for p, c in zip(prompts, side[0])],
                                 "rejected": [p + r for p, r in zip(prompts, side[1])]})
-    return {"pairs": pairs, "groups": groups, "reward": reward, "prompts": Dataset.from_dict({"prompt": prompts})}
+    out = {"pairs": pairs, "groups": groups, "reward": reward, "prompts": Dataset.from_dict({"prompt": prompts})}
+    for r in LONG_RATIOS:  # long prompts (shared_prefix against TRL): prompt = r x completion
+        c = opts.long_completion_len
+        long_prompts = texts(words, n, r * c, 10 + r)
+        chosen, rejected = texts(words, n, c, 11), texts(words, n, c, 12)
+        out[f"pairs-long:{r}"] = Dataset.from_dict({"prompt": long_prompts, "chosen": chosen, "rejected": rejected})
+        out[f"reward-long:{r}"] = Dataset.from_dict({"chosen": [p + x for p, x in zip(long_prompts, chosen)],
+                                                     "rejected": [p + x for p, x in zip(long_prompts, rejected)]})
+    return out
 
 
 # ---- measurement ---------------------------------------------------------------------------------------------
@@ -194,11 +205,18 @@ def common_args(opts, out: str) -> dict:
     return args
 
 
+#: prompt:completion ratios of the long-prompt rows (FDPOTrainer / CausalRewardTrainer with shared_prefix against TRL)
+LONG_RATIOS = (1, 4, 16)
+
+
 def rows_to_run(opts) -> list[str]:
     rows = []
     for d in opts.divergences:
         rows += [f"fdpo:{d}", f"trl-dpo:{d}"]
-    return rows + ["mipo-k4", "mipo-k4:shared_prefix", "crm", "trl-reward", "ppo"]
+    rows += ["mipo-k4", "mipo-k4:shared_prefix", "crm", "trl-reward"]
+    for r in LONG_RATIOS:
+        rows += [f"fdpo-long:{r}", f"trl-dpo-long:{r}"]
+    return rows + ["crm-long:4", "trl-reward-long:4", "ppo"]
 
 
 def build_trainer(row: str, path: str, tok, data, opts):
@@ -221,6 +239,29 @@ def build_trainer(row: str, path: str, tok, data, opts):
             trainer = DPOTrainer(path, args=DPOConfig(**base, **theirs, max_length=seq + 8),
                                  train_dataset=data["pairs"], processing_class=tok)
         return trainer, 2 * opts.batch * (seq + 1)
+    if kind in ("fdpo-long", "trl-dpo-long", "crm-long", "trl-reward-long"):
+        r = int(variant)
+        long_seq = (r + 1) * opts.long_completion_len
+        if kind in ("fdpo-long", "trl-dpo-long"):
+            pairs = data[f"pairs-long:{r}"]
+            if kind == "fdpo-long":
+                trainer = FDPOTrainer(path, args=FDPOConfig(**base, shared_prefix=True, max_length=long_seq + 8),
+                                      train_dataset=pairs, processing_class=tok)
+            else:
+                trainer = DPOTrainer(path, args=DPOConfig(**base, max_length=long_seq + 8), train_dataset=pairs,
+                                     processing_class=tok)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            model.config.pad_token_id = tok.pad_token_id
+            pairs = data[f"reward-long:{r}"]
+            if kind == "crm-long":
+                args = CausalRewardConfig(**base, mmd_coef=0.0, attributes=[], shared_prefix=True,
+                                          max_length=long_seq + 8)
+                trainer = CausalRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok)
+            else:
+                trainer = RewardTrainer(model=model, args=RewardConfig(**base, max_length=long_seq + 8),
+                                        train_dataset=pairs, processing_class=tok)
+        return trainer, 2 * opts.batch * (long_seq + 1)  # the logical work, the same for both: MFU compares
     if kind == "mipo-k4":
         args = MultiSampleDPOConfig(**base, loss_type="ipo", unbiased=True, shared_prefix=variant == "shared_prefix",
                                     max_length=seq + 8)
@@ -277,7 +318,8 @@ def ratios(results: dict[str, dict]) -> list[tuple[str, float, float | None]]:
     """(what, time ratio ours/TRL, MFU ratio ours/TRL) for every pair measured."""
     out = []
     for row, r in results.items():
-        theirs = {"fdpo": "trl-dpo", "crm": "trl-reward"}.get(row.split(":")[0])
+        theirs = {"fdpo": "trl-dpo", "crm": "trl-reward", "fdpo-long": "trl-dpo-long",
+                  "crm-long": "trl-reward-long"}.get(row.split(":")[0])
         if theirs:
             other = results.get(row.replace(row.split(":")[0], theirs, 1))
             if other:
@@ -334,6 +376,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--completion-len", type=int, default=None)
+    p.add_argument("--long-completion-len", type=int, default=None,
+                   help="completion length of the long-prompt rows (their prompts are 1, 4 and 16 times longer)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -345,8 +389,8 @@ def main(argv=None) -> dict:
                         "the rows left out are listed in the section")
     opts = p.parse_args(argv)
     # sequence 1024 (512 + 512) at the 0.5B shape, as issue 18 asks; the tiny form only has to run
-    defaults = (dict(batch=2, prompt_len=8, completion_len=6, steps=2, warmup=1) if opts.tiny
-                else dict(batch=4, prompt_len=512, completion_len=511, steps=10, warmup=3))
+    defaults = (dict(batch=2, prompt_len=8, completion_len=6, long_completion_len=4, steps=2, warmup=1) if opts.tiny
+                else dict(batch=4, prompt_len=512, completion_len=511, long_completion_len=128, steps=10, warmup=3))
     for k, v in defaults.items():
         if getattr(opts, k) is None:
             setattr(opts, k, v)
