@@ -105,3 +105,17 @@ def offline_wandb(tmp_path, monkeypatch):
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def perturbed_model(path, perturb: float = 0.02):
+    """The causal LM in `path`, float32, every weight moved by `perturb` x N(0, 1) (a fixed draw): a policy that
+    differs from its reference (loaded unperturbed from the same folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn(p.shape, generator=g))
+    return model

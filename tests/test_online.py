@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer, OnlineMultiSampleConfig, OnlineMultiSampleTrainer
 from alignkit.losses import split_groups_by_reward
-from tests.conftest import base_args
+from tests.conftest import base_args, perturbed_model
 from tests.test_ppo import _count_target
 
 
@@ -79,12 +79,7 @@ def test_bad_config(kwargs, match, tmp_path):
 
 
 def _perturbed(path, perturb):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(perturb * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed_model(path, perturb)
 
 
 # mIPO at beta 1, as in tests/test_online.py: at beta 0.1 the loss is about 25, where float32's spacing is 1.9e-6.

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from alignkit import FDPOConfig, FDPOTrainer
-from tests.conftest import base_args
+from tests.conftest import base_args, perturbed_model
 
 #: the loss: measured at most 2.4e-7 (float32; the two layouts sum the same terms in another order)
 ATOL = 1e-6
@@ -34,12 +34,7 @@ def _pairs(n=8):
 
 
 def _model(path, perturb=0.02):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(perturb * torch.randn(p.shape, generator=g))
-    return model
+    return perturbed_model(path, perturb)
 
 
 def _step(path, tokenizer, tmp_path, shared, data=None, model=None, peft_config=None, **kw):

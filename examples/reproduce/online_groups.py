@@ -27,11 +27,11 @@ sample), against the reference's.
     python examples/reproduce/online_groups.py --threads 1   # full form: 40 rounds, 2 seeds for part 2, ~6 min
     python examples/reproduce/online_groups.py --quick       # CI-sized (tests/test_reproduce.py)
 
-Status (full form, 369 s on 2 shared cores; docs/results.md, "Online groups"): at equal completions our PPO has the
-best reward-vs-KL frontier (1.3-2.0 of reward at 1.7-4.3 nats; online mIPO 0.2-0.8 at 3.6-5.2); online mIPO stays
-near the reference (0.98 at 3.4 nats after 1280 completions); TRL's GRPO (beta 0) and online mIPO with 4 updates a
-round game the rule (lists of praising words, 150-200 nats). On sycophancy, online mIPO on the vanilla reward
-model flatters in 0.99 of samples, on the causal one in 0.39 (seeds 0 / 1: 0.11 / 0.68; reference 0.50).
+Status (full form, 226 s on 2 shared cores; docs/results.md, "Online groups"): at equal completions our PPO reaches
+the most reward (2.8 after 1280 completions); online mDPO stays near the reference (1.1 at 2.9 nats), online mIPO
+drifts (1.7 at 65 nats); one seed, and an earlier run on the former engine ranked mIPO and mDPO the other way. On
+sycophancy, online mIPO on the vanilla reward model flatters in 0.98 of samples, on the causal one in 0.44 (seeds
+0 / 1: 0.003 / 0.87; reference 0.50).
 """
 
 from __future__ import annotations
