@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import importlib
 import re
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 from ._util import first_line
 from .data.synthetic import NEGATIVE, POSITIVE
+
+if TYPE_CHECKING:
+    import torch
+
+#: one source of reward: a sequence-classification model with one output (a reward model), or a function
+#: `(prompts, completions) -> scores`. PPOTrainer takes one or a list of them (`reward_model`, weighted by
+#: `reward_weights`); OnlineMultiSampleTrainer takes TRL GRPO's `reward_funcs`, which also accepts a model's path.
+RewardSource = Union["torch.nn.Module", Callable[[Sequence[str], Sequence[str]], Sequence[float]]]
 
 _POS, _NEG = set(POSITIVE), set(NEGATIVE)
 

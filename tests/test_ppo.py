@@ -164,6 +164,22 @@ def test_resume_continues_like_an_uninterrupted_run(tiny_model_path, tokenizer, 
         assert at(resumed, 4)[key] == pytest.approx(at(full, 4)[key], rel=1e-4, abs=1e-5), key
 
 
+def test_reward_sources_a_model_and_a_function_weighted(tiny_model_path, tokenizer, prompts, tmp_path):
+    """`reward_model` takes a list of reward sources (alignkit.rewards.RewardSource): the score is their sum
+    weighted by `reward_weights`, and each source's own scores are logged under TRL GRPO's names."""
+    rm = _token_reward_model(tiny_model_path, tokenizer)
+    trainer = _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=[rm, _count_target],
+                       reward_weights=[1.0, 0.5], max_steps=2)
+    trainer.train()
+    names = trainer.reward_func_names
+    assert names[1] == "_count_target" and len(trainer.reward_funcs) == 2
+    for e in (e for e in trainer.state.log_history if "objective/scores" in e):
+        assert e["objective/scores"] == pytest.approx(e[f"rewards/{names[0]}/mean"]
+                                                      + 0.5 * e["rewards/_count_target/mean"], abs=1e-5)
+    with pytest.raises(ValueError, match="reward_weights has 1 weights for 2 reward sources"):
+        _trainer(tiny_model_path, tokenizer, prompts, tmp_path, reward=[rm, _count_target], reward_weights=[1.0])
+
+
 def test_bad_inputs(tiny_model_path, tokenizer, prompts, tmp_path):
     two = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=2)
     with pytest.raises(ValueError, match="one output"):

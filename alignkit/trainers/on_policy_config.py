@@ -26,6 +26,8 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
             constraint, as in `FDPOConfig`.
         length_penalty (`float`, defaults to `0.0`): subtracted from the score per response token (the
             thesis' length-penalty baseline).
+        reward_weights (`list[float]`, *optional*): with several reward sources (`reward_model=[...]`), one weight
+            each, as TRL's `GRPOConfig` has it; the score is their weighted sum. Unset: every weight 1.
         top_k (`int`, defaults to `0`): sample from the `top_k` most likely tokens, as in TRL's `GRPOConfig`; 0
             (TRL's former PPO) samples from all of them, 1 is greedy: the rollouts then do not depend on how the
             prompts are split over processes.
@@ -65,6 +67,8 @@ class OnPolicyConfig(PerfArguments, TrainingArguments):
     divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, jsd or alpha."})
     alpha: float | None = field(default=None, metadata={"help": "alpha in (0, 1) for divergence=alpha."})
     length_penalty: float = field(default=0.0, metadata={"help": "Score penalty per response token."})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per reward source (TRL GRPO's name); the score is their weighted sum. Unset: every 1."})
 
     def __post_init__(self):
         if self.load_best_model_at_end:

@@ -59,7 +59,9 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
         ```
 
     `reward_model` is a sequence-classification model with one output (e.g. a `CausalRewardTrainer`
-    output), or a callable `(prompts, completions) -> list[float]` on decoded text. `train_dataset` has
+    output), or a callable `(prompts, completions) -> list[float]` on decoded text, or a list of them
+    (`alignkit.rewards.RewardSource`): the score is then their sum weighted by `reward_weights`, and each source's
+    own scores are logged as `rewards/<name>/{mean,std}` (TRL GRPO's names). `train_dataset` has
     a `prompt` column (text or conversational) or already tokenized `input_ids`.
 
     `eval_dataset` (prompts, or a dict of them) is evaluated by `evaluate()`: every `eval_steps` with
@@ -97,7 +99,11 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
         if tok.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one, e.g. `tokenizer.pad_token = "
                              "tokenizer.eos_token`, before building the trainer.")
-        reward_model = self._check_reward_source(reward_model)
+        sources = self._check_reward_sources(reward_model)
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(sources)} reward sources; give one "
+                             "weight per reward model / function (or leave it unset).")
         if value_model is None:
             raise ValueError("PPOTrainer needs a `value_model` (e.g. AutoModelForSequenceClassification with "
                              "num_labels=1, often initialised from the reward model).")
@@ -116,7 +122,9 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
                              "with its adapter disabled).")
         if ref_model is model:
             raise ValueError("`model` and `ref_model` must not be the same object; pass a copy (or use PEFT).")
-        self.policy, self.ref_model, self.reward_model, self.value_model = model, ref_model, reward_model, value_model
+        self.policy, self.ref_model, self.value_model = model, ref_model, value_model
+        #: the reward sources and their weights: the score is the weighted sum
+        self.reward_funcs, self.reward_weights = sources, [float(w) for w in weights]
         self.divergence = get_divergence(args.divergence, args.alpha)
         self.stop_token_id = args.stop_token_id if args.stop_token_id is not None else (
             tok.eos_token_id if args.stop_token == "eos" else None)
@@ -142,10 +150,9 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
                          data_collator=data_collator or self._collate)
         self._timings = dict.fromkeys(TIMED_PARTS, 0.0)
         self._frozen_engines = []  # under ZeRO-3: the DeepSpeed engines that shard the reference and reward model
-        for name in ("ref_model", "reward_model"):
-            m = getattr(self, name)
-            if isinstance(m, nn.Module):
-                setattr(self, name, self._prepare_frozen(m))
+        if isinstance(self.ref_model, nn.Module):
+            self.ref_model = self._prepare_frozen(self.ref_model)
+        self.reward_funcs = [self._prepare_frozen(m) if isinstance(m, nn.Module) else m for m in self.reward_funcs]
         self.generation_config = GenerationConfig(
             max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=args.top_k, top_p=1.0,
             do_sample=True, pad_token_id=tok.pad_token_id,
@@ -174,18 +181,22 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
         if self.is_peft_model:
             policy.enable_input_require_grads()
 
-    def _check_reward_source(self, reward_model):
-        """The reward model (a sequence-classification model with one output) or function, checked."""
-        if reward_model is None:
+    def _check_reward_sources(self, reward_model) -> list:
+        """The reward sources (`alignkit.rewards.RewardSource`: sequence-classification models with one output, or
+        functions), one or a list, checked; and `reward_weights` against them."""
+        sources = list(reward_model) if isinstance(reward_model, (list, tuple)) else \
+            ([] if reward_model is None else [reward_model])
+        if not sources:
             raise ValueError(f"{type(self).__name__} needs a `reward_model` (a sequence-classification model or a "
-                             "callable (prompts, completions) -> scores).")
-        if isinstance(reward_model, nn.Module):
-            n = getattr(reward_model.config, "num_labels", 1)
-            if n != 1:
-                raise ValueError(f"the reward model must have one output (a scalar score); it has num_labels={n}.")
-        elif not callable(reward_model):
-            raise TypeError(f"reward_model must be a model or a callable, got {type(reward_model).__name__}.")
-        return reward_model
+                             "callable (prompts, completions) -> scores, or a list of them).")
+        for source in sources:
+            if isinstance(source, nn.Module):
+                n = getattr(source.config, "num_labels", 1)
+                if n != 1:
+                    raise ValueError(f"the reward model must have one output (a scalar score); it has num_labels={n}.")
+            elif not callable(source):
+                raise TypeError(f"reward_model must be a model or a callable, got {type(source).__name__}.")
+        return sources
 
     def _prepare_frozen(self, m: nn.Module) -> nn.Module:
         """A model that scores but never trains (reference, reward model), in eval mode without gradients: under
@@ -198,6 +209,28 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
             self._frozen_engines.append(engine)
             return engine.module
         return m.to(self.accelerator.device)
+
+    @property
+    def reward_model(self):
+        """The reward source, when there is one (TRL's former PPOTrainer attribute); `reward_funcs` holds them all."""
+        return self.reward_funcs[0] if len(self.reward_funcs) == 1 else self.reward_funcs
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        """One name per reward source, as TRL's GRPOTrainer names them: a model's checkpoint folder name, a
+        function's `__name__`; repeated names get `_2`, `_3`, ..."""
+        names = []
+        for source in self.reward_funcs:
+            if isinstance(source, nn.Module):
+                name = os.path.basename(str(getattr(source.config, "name_or_path", "") or "").rstrip("/"))
+                name = name or type(source).__name__
+            else:
+                name = getattr(source, "__name__", None) or type(source).__name__
+            k, base = 2, name
+            while name in names:
+                name, k = f"{base}_{k}", k + 1
+            names.append(name)
+        return names
 
     @property
     def _is_zero3(self) -> bool:
@@ -502,8 +535,8 @@ class PPOTrainer(Rollout, Update, PerfMetricsMixin, ConfigResolverMixin, Trainer
     def card_details(self) -> list[str]:
         """The method's settings, one line each, for the model card."""
         alpha = f", alpha={self.divergence.alpha:g}" if self.divergence.name == "alpha" else ""
-        reward = type(self.reward_model).__name__ if isinstance(self.reward_model, nn.Module) else \
-            getattr(self.reward_model, "__name__", "a reward function")
+        reward = ", ".join(f"{name} (x{w:g})" if len(self.reward_weights) > 1 else name
+                           for name, w in zip(self.reward_func_names, self.reward_weights))
         return [f"method: PPO (`{type(self).__name__}`)",
                 f"divergence: `{self.divergence.name}`{alpha}, penalty in the {self.args.divergence_penalty}, "
                 f"kl_coef {self.args.kl_coef}", f"reward: {reward}", f"iterations: {self.state.global_step}"]

@@ -136,7 +136,14 @@ class Rollout:
         return response_values(value_model, ids, mask, context_len)
 
     def _scores(self, ids, mask, context_len, response_mask) -> torch.Tensor:
-        return self._score_with(self.reward_model, ids, mask, context_len, response_mask)
+        """The weighted sum of the reward sources' scores; each source's own (unweighted) scores are kept for its
+        `rewards/<name>/mean` and `/std` metrics (TRL GRPO's names)."""
+        total = None
+        for k, (weight, source) in enumerate(zip(self.reward_weights, self.reward_funcs)):
+            raw = self._score_with(source, ids, mask, context_len, response_mask)
+            self._source_scores[k].append(raw)
+            total = weight * raw if total is None else total + weight * raw
+        return total
 
     def _score_with(self, reward, ids, mask, context_len, response_mask) -> torch.Tensor:
         """The scores of one reward source: a sequence-classification model, or a function on decoded text."""
@@ -167,6 +174,7 @@ class Rollout:
         device = self.accelerator.device
         prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         context_len = prompt_ids.size(1)
+        self._source_scores = [[] for _ in self.reward_funcs]  # filled by _scores, chunk by chunk
         t0 = now()
         model.eval()
         with self._policy_for_generation(model) as (policy, extra):
@@ -206,7 +214,8 @@ class Rollout:
             self._timings["scoring"] += now() - t1
         r = {k: torch.cat(v) for k, v in chunks.items() if v}
         model.train()  # the old log-probs and values above were computed with dropout off
-        r.update(ids=ids, mask=mask, response_mask=response_mask, context_len=context_len, has_stop=has_stop)
+        r.update(ids=ids, mask=mask, response_mask=response_mask, context_len=context_len, has_stop=has_stop,
+                 source_scores=[torch.cat(c) for c in self._source_scores])
         return r
 
     def _penalised_scores(self, scores, lengths, has_stop) -> torch.Tensor:
@@ -243,4 +252,4 @@ class Rollout:
                 "logp": r["logp"], "ref_logp": r["ref_logp"], "values": values, "advantages": advantages,
                 "returns": returns, "scores": scores, "raw_scores": r["scores"], "penalty": penalty,
                 "logr": logr, "entropy": r["entropy"], "lengths": lengths, "has_stop": has_stop.float(),
-                "rewards": rewards}
+                "rewards": rewards, "source_scores": r["source_scores"]}

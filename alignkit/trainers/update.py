@@ -108,6 +108,11 @@ class Update:
         }
         # seconds of this iteration: sampling, no-grad forwards (policy, reference, value), reward, updates
         metrics.update({f"time/{k}": v for k, v in self._timings.items()})
+        # each reward source's own (unweighted) scores, as TRL's GRPOTrainer logs them
+        for name, scores in zip(self.reward_func_names, ro["source_scores"]):
+            every = gather(scores)
+            metrics[f"rewards/{name}/mean"] = every.mean().item()
+            metrics[f"rewards/{name}/std"] = every.std().item() if every.numel() > 1 else 0.0
         # the unbiased estimate of every divergence of the family, from the same samples
         for name, est in divergence_estimates(ro["logr"], rmask).items():
             metrics[f"divergence/{name}"] = gather(est).mean().item()
