@@ -11,7 +11,8 @@ inside the training widths (5-10) and outside them (15-60).
 Scores (`alignkit.metrics.numbers`, also `alignkit eval --exact`): per prompt, each integer's probability from the
 logits; the normalised entropy of the in-range answers (1 = uniform) is the score the win rates compare, with the
 in-range mass beside it. Scored at 4 points of training, so the curves show whether the runs converged, and so
-methods can be compared at equal completions seen (the end) and at equal training time.
+methods can be compared at equal completions seen (the end) and at equal training time (the process's CPU time
+spent in training steps, one torch thread: other work on the machine does not count).
 
 Runs are cached by their settings: each finished (method, seed) writes a small JSON under
 docs/results/table31/<settings hash>/ (with its command, date and versions), which a re-run skips; the rejected
@@ -174,11 +175,13 @@ def train_and_score(s: dict, method: str, seed: int, rows: list[dict]) -> dict:
         clock = 0.0
         started = None
 
+        # the process's CPU time, not the wall clock: with one torch thread it is the training's compute, and other
+        # work on the machine (or a paused process) does not add to it
         def on_step_begin(self, args, state, control, **kw):
-            self.started = time.perf_counter()
+            self.started = time.process_time()
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            self.clock += time.perf_counter() - self.started
+            self.clock += time.process_time() - self.started
             if state.global_step in at:
                 model.eval()
                 with torch.no_grad():
@@ -241,9 +244,17 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+#: the group methods train about 3x faster than the pair methods (one prompt per group): they run first
+ORDER = ("mDPO", "mIPO", "DPO", "IPO")
+
+
 def units(seeds: int, methods: list[str]) -> list[tuple[str, int]]:
-    """What a full run is made of, in the order it runs: the start, every seed's data, then the runs seed by seed."""
-    return [("base", 0)] + [("data", s) for s in range(seeds)] + [(m, s) for s in range(seeds) for m in methods]
+    """What a full run is made of, in the order it runs: the start, every seed's data, the group methods seed by
+    seed, then the pair methods seed by seed."""
+    methods = sorted(methods, key=ORDER.index)
+    group, pair = [m for m in methods if m.startswith("m")], [m for m in methods if not m.startswith("m")]
+    return [("base", 0)] + [("data", s) for s in range(seeds)] + \
+        [(m, s) for s in range(seeds) for m in group] + [(m, s) for s in range(seeds) for m in pair]
 
 
 def run_all(a, s: dict, folder: Path) -> None:
