@@ -130,10 +130,13 @@ def test_minilm_backbone_trains_a_causal_reward_model_and_scores_in_eval(tmp_pat
     assert tok.eos_token == tok.sep_token == "[SEP]" and tok.pad_token == "[PAD]"
     out = tmp_path / "crm"
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "crm-sycophancy.yaml")
-    assert main(["train", recipe, "--set", "model.name_or_path=builtin:minilm-l6", "--set",
-                 f"output_dir={out}", "--set", "max_steps=2", "--set", "per_device_train_batch_size=8", "--set",
-                 "eval_strategy=no", "--set", "eval_on_start=false", "--set", "dataset.builtin_kwargs={num_samples: 32}"]
-                ) == 0
+    argv = ["train", recipe, "--set", "model.name_or_path=builtin:minilm-l6", "--set", f"output_dir={out}", "--set",
+            "max_steps=2", "--set", "per_device_train_batch_size=8", "--set", "eval_strategy=no", "--set",
+            "eval_on_start=false", "--set", "dataset.builtin_kwargs={num_samples: 32}"]
+    # the recipe computes each prompt once per pair (shared_prefix), which an encoder cannot: refused in one line
+    assert main(argv) == 2
+    assert "shared_prefix" in capsys.readouterr().err
+    assert main([*argv, "--set", "shared_prefix=false"]) == 0
     rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert type(rm).__name__ == "BertForSequenceClassification" and rm.config.num_labels == 1
     report = tmp_path / "eval"

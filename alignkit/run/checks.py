@@ -183,8 +183,21 @@ def check_models(recipe: Recipe) -> None:
         raise RecipeError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise RecipeError(f"could not read the model config: {first_line(exc)}") from None
+    if recipe.method in REWARD_MODEL_METHODS:
+        _check_shared_prefix_backbone(recipe, config)
     if recipe.peft is not None:
         _check_lora_targets(recipe, config)
+
+
+def _check_shared_prefix_backbone(recipe: Recipe, config) -> None:
+    """`shared_prefix` needs a causal backbone: an encoder's prompt tokens see the completion (checked on the config,
+    before any weights load; the trainer checks the model again)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if recipe.training.get("shared_prefix") and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise RecipeError(f"shared_prefix: {recipe.model.name_or_path} is a {config.model_type} encoder, which attends "
+                          "in both directions, so a pair's two sequences cannot share their prompt; set shared_prefix: "
+                          "false (--set shared_prefix=false) for this model.")
 
 
 def _check_lora_targets(recipe: Recipe, config) -> None:
