@@ -164,6 +164,17 @@ class DataCollatorForGroupPreference:
         return out
 
 
+def _segment_attention(seg: torch.Tensor) -> torch.Tensor:
+    """The [rows, L, L] boolean mask of packed rows whose tokens carry segment ids (-2 padding, -1 the shared
+    prefix, k >= 0 segment k): causal, and a token sees the shared prefix and its own segment only. Padding attends to
+    itself, so that no softmax row is empty."""
+    length = seg.size(1)
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (k != -2) & (q != -2) & ((k == -1) | (k == q))
+    return allowed | torch.eye(length, dtype=torch.bool)
+
+
 @dataclass
 class DataCollatorForSharedPrefixGroups:
     """Pack each row so its prompt is computed once for the whole group (`shared_prefix=True`).
@@ -221,10 +232,7 @@ class DataCollatorForSharedPrefixGroups:
             position_ids[r, :n] = torch.tensor(rows_pos[r])
             seg[r, :n] = torch.tensor(rows_seg[r])
             completion_mask[r, :n] = torch.tensor(rows_cmask[r])
-        q, k = seg.unsqueeze(2), seg.unsqueeze(1)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & (k != -2) & (q != -2) & ((k == -1) | (k == q))
-        allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+        allowed = _segment_attention(seg)
         all_comps = comps["chosen"] + comps["rejected"]
         cmax = max(len(p) for _, p in all_comps)
         positions = torch.zeros((len(all_comps), cmax), dtype=torch.long)
@@ -310,10 +318,7 @@ class DataCollatorForSharedPrefixRewardPairs:
             input_ids[r, :len(ids)] = torch.tensor(ids)
             position_ids[r, :len(ids)] = torch.tensor(pos)
             seg[r, :len(ids)] = torch.tensor(sg)
-        q, k = seg.unsqueeze(2), seg.unsqueeze(1)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & (k != -2) & (q != -2) & ((k == -1) | (k == q))
-        allowed |= torch.eye(length, dtype=torch.bool)  # padding attends to itself (no empty softmax)
+        allowed = _segment_attention(seg)
         out = {"input_ids": input_ids, "attention_mask": allowed.unsqueeze(1), "position_ids": position_ids,
                "chosen_end": torch.tensor(ends["chosen"]), "rejected_end": torch.tensor(ends["rejected"]),
                "unpacked_tokens": torch.tensor(sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples)),

@@ -12,7 +12,7 @@ import torch
 
 from .. import _adapter
 
-__all__ = ["check_config", "check_model", "pad_token_id", "forward", "unpack", "reference_logps", "forward_logps"]
+__all__ = ["check_config", "check_model", "model_mask", "pad_token_id", "forward", "unpack", "reference_logps", "forward_logps"]
 
 
 def check_config(args) -> None:
@@ -54,13 +54,18 @@ def pad_token_id(model, processing_class) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+def model_mask(base, mask: torch.Tensor) -> torch.Tensor:
+    """A packed batch's boolean 4D mask as `base` takes it: as it is for sdpa, additive (0 / the dtype's minimum) for
+    eager attention."""
+    if _adapter.attn_implementation(base) != "eager":
+        return mask
+    dtype = next(base.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def forward(trainer, model, inputs, fields) -> dict[str, torch.Tensor]:
     """The fused-LM-head fields of a packed batch, per row and token."""
-    mask = inputs["attention_mask"]
-    base = trainer.accelerator.unwrap_model(trainer.model)
-    if _adapter.attn_implementation(base) == "eager":  # an additive mask; sdpa takes the boolean one
-        dtype = next(base.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = model_mask(trainer.accelerator.unwrap_model(trainer.model), inputs["attention_mask"])
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
     out = _adapter.fused_forward(model, dict(input_ids=inputs["input_ids"], attention_mask=mask,
                                              position_ids=inputs["position_ids"], use_cache=False), labels)

@@ -17,6 +17,7 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from .. import _adapter
+from . import _packed
 from ._card import write_model_card
 from ._causal import AttributeBins, BinBalancedSampler, CausalPenaltyArguments, CollatorWithBins
 from ..losses import spearman as _spearman
@@ -285,10 +286,7 @@ class _PackedRewards:
             seen["hidden"], seen["scores"] = args[0], output
 
         handle = base.score.register_forward_hook(keep)
-        mask = b["attention_mask"]
-        if _adapter.attn_implementation(base) == "eager":
-            dtype = next(base.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = _packed.model_mask(base, b["attention_mask"])
         try:
             self.model(input_ids=b["input_ids"], attention_mask=mask, position_ids=b["position_ids"], use_cache=False)
         finally:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import sample_groups, setup  # noqa: E402
+from random_numbers_real import prompt_text  # noqa: E402  (the same prompt as the earlier reproduction)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "builtin:smollm2-135m-instruct"
@@ -53,13 +54,6 @@ QUICK = dict(SETTINGS, train_groups=8, prompts_per_step=2, eval_inside=3, eval_o
 
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def prompt_text(tok, a: int, b: int) -> str:
-    """The chat prompt with the assistant's reply begun, so that the answer is a number and nothing else."""
-    user = [{"role": "user", "content": f"Give me a random integer between {a} and {b}."}]
-    return tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False) + \
-        f"Here is a random integer between {a} and {b}:"
 
 
 def intervals(n: int, gap: tuple[int, int], a_max: int, seed) -> list[tuple[int, int]]:
