@@ -139,7 +139,7 @@ def test_online_groups(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-@pytest.mark.parametrize("name", ["random_numbers_real", "table31_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
+@pytest.mark.parametrize("name", ["random_numbers_real", "table31_real", "label_noise_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
                                   "crm_demographic"])
 def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
     """Their full forms take 20-60 min on SmolLM2 (causal_dpo: 6 min, 3 seeds, docs/results.md); CI only checks that
@@ -171,6 +171,29 @@ def test_table31_report_bootstrap_and_verdicts():
     assert t.verdict(0.4, 0.6, 0.8, 3, True).startswith("inconclusive") and "still moving" in t.verdict(
         0.4, 0.6, 0.8, 3, True)
     assert t.verdict(0.6, 0.9, 0.8, 2, False).startswith("too few seeds")
+
+
+def test_label_noise_real_labels_by_source_or_by_vader_and_measures_the_overlap():
+    """Source labels keep the sources' order; VADER labels order each pair (pair methods) or each group by its mean,
+    a tie keeping the source's order; the overlap counts wrong, tied and right labels for pairs and group means."""
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import label_noise_real as ln
+
+    rows = [{"prompt": "p", "chosen": ["c0", "c1", "c2"], "rejected": ["r0", "r1", "r2"],
+             "chosen_vader": [0.5, 0.0, 0.2], "rejected_vader": [0.1, 0.3, 0.2]}]
+    pairs = ln.labelled(rows, "vader", 1)
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [(["c0"], ["r0"]), (["r1"], ["c1"]), (["c2"], ["r2"])]
+    assert [r["chosen"] for r in ln.labelled(rows, "source", 1)] == [["c0"], ["c1"], ["c2"]]
+    assert ln.labelled(rows, "vader", 3)[0]["chosen"] == ["c0", "c1", "c2"]  # means 0.233 > 0.2
+    flipped = [dict(rows[0], rejected_vader=[0.1, 0.9, 0.2])]  # means 0.233 < 0.4: the groups swap
+    assert ln.labelled(flipped, "vader", 3)[0]["chosen"] == ["r0", "r1", "r2"]
+    assert ln.labelled(flipped, "source", 3)[0]["chosen"] == ["c0", "c1", "c2"]
+    o = ln.overlap(rows)
+    assert o["pairs"] == {"wrong": 1 / 3, "tie": 1 / 3, "right": 1 / 3, "n": 3}
+    assert o["groups of 2"] == {"wrong": 0.0, "tie": 0.0, "right": 1.0, "n": 1}  # the first two: 0.25 against 0.2
+    assert o["groups of 3"]["right"] == 1.0
 
 
 def test_frontier_interpolates_reward_at_matched_divergence():

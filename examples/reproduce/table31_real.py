@@ -26,34 +26,23 @@ samples are kept there too. Interrupt it and start it again to resume; add seeds
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import sample_groups, setup  # noqa: E402
+from _runs import (METHODS, MODEL, load_base, read_json, run_units, settings_hash, stamp,  # noqa: E402
+                   tokenizer, train_and_score, write_json)
 from random_numbers_real import prompt_text  # noqa: E402  (the same prompt as the earlier reproduction)
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "builtin:smollm2-135m-instruct"
-METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
 PAIRS = [("mDPO", "DPO"), ("mIPO", "IPO"), ("mDPO", "base"), ("DPO", "base"), ("mIPO", "base"), ("IPO", "base")]
 SETTINGS = dict(model=MODEL, train_groups=500, a_max=1000, gap=[5, 10], group_size=4, prompts_per_step=4, epochs=1,
                 beta=0.1, lr=1e-4, nll_weight=1.0, lora_r=16, eval_inside=50, eval_outside=50, outside_gap=[15, 60],
                 eval_points=4, eval_seed=12345)
 QUICK = dict(SETTINGS, train_groups=8, prompts_per_step=2, eval_inside=3, eval_outside=3, eval_points=2)
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def intervals(n: int, gap: tuple[int, int], a_max: int, seed) -> list[tuple[int, int]]:
@@ -69,42 +58,6 @@ def eval_prompts(s: dict) -> dict[str, list[tuple[int, int]]]:
     """Held-out intervals, the same for every seed and method: widths inside and outside the training widths."""
     return {"inside": intervals(s["eval_inside"], s["gap"], s["a_max"], f"eval-in-{s['eval_seed']}"),
             "outside": intervals(s["eval_outside"], s["outside_gap"], s["a_max"], f"eval-out-{s['eval_seed']}")}
-
-
-def versions() -> dict:
-    import torch
-    import transformers
-    import trl
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "python": platform.python_version()}
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    if path.suffix == ".gz":
-        with gzip.open(tmp, "wt") as f:
-            json.dump(obj, f)
-    else:
-        tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path):
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt") as f:
-            return json.load(f)
-    return json.loads(path.read_text())
-
-
-def load_base():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignkit.models import resolve_model_path
-
-    path = resolve_model_path(MODEL)
-    return path, AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def make_data(s: dict, seed: int, folder: Path) -> list[dict]:
@@ -141,63 +94,13 @@ def score(model, tok, held_out: dict) -> dict:
     return out
 
 
-def train_and_score(s: dict, method: str, seed: int, rows: list[dict]) -> dict:
+def train_run(s: dict, method: str, seed: int, rows: list[dict]) -> dict:
     """One method, one seed: LoRA training with exact scores at `eval_points` points (training time excludes them)."""
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-
-    from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
-
-    base_path, _, tok = load_base()
-    loss_type, k = METHODS[method]
+    _, tok = tokenizer()
     data = [{"prompt": prompt_text(tok, r["low"], r["high"]), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]
-    if k == 1:  # the same completions as single-sample pairs: the i-th chosen against the i-th rejected
-        data = [{"prompt": r["prompt"], "chosen": [c], "rejected": [j]}
-                for r in data for c, j in zip(r["chosen"], r["rejected"])]
-    batch = s["prompts_per_step"] * s["group_size"] // k  # the same completions per step for every method
-    steps = len(data) * s["epochs"] // batch
-    at = sorted({round(steps * i / s["eval_points"]) for i in range(1, s["eval_points"] + 1)})
     held_out = eval_prompts(s)
-    curve = []
-
-    class Scores(TrainerCallback):
-        clock = 0.0
-        started = None
-
-        # the process's CPU time, not the wall clock: with one torch thread it is the training's compute, and other
-        # work on the machine (or a paused process) does not add to it
-        def on_step_begin(self, args, state, control, **kw):
-            self.started = time.process_time()
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            self.clock += time.process_time() - self.started
-            if state.global_step in at:
-                model.eval()
-                with torch.no_grad():
-                    scores = score(model, tok, held_out)
-                model.train()
-                losses = [h["loss"] for h in state.log_history if "loss" in h]
-                curve.append({"step": state.global_step, "completions": state.global_step * batch * 2 * k,
-                              "train_seconds": self.clock, "loss": losses[-1] if losses else None, **scores})
-
-    with tempfile.TemporaryDirectory() as out:
-        args = MultiSampleDPOConfig(
-            output_dir=out, loss_type=loss_type, beta=s["beta"], nll_weight=s["nll_weight"], learning_rate=s["lr"],
-            per_device_train_batch_size=batch, num_train_epochs=s["epochs"], lr_scheduler_type="constant",
-            shared_prefix=True, gradient_checkpointing=False, report_to=[], save_strategy="no",
-            logging_steps=max(steps // 10, 1), disable_tqdm=True, seed=seed)
-        trainer = MultiSampleDPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(base_path), args=args, train_dataset=Dataset.from_list(data),
-            processing_class=tok, callbacks=[Scores()],
-            peft_config=LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules="all-linear",
-                                   task_type="CAUSAL_LM"))
-        trainer.train()
-    return {"steps": steps, "curve": curve, "log": [h for h in trainer.state.log_history if "loss" in h]}
+    return train_and_score(s, method, seed, data, lambda model, tok: score(model, tok, held_out))
 
 
 def unit_file(folder: Path, method: str, seed: int) -> Path:
@@ -225,17 +128,10 @@ def run_unit(s: dict, folder: Path, method: str, seed: int) -> None:
             scores = score(model, tok, eval_prompts(s))
         result = {"curve": [{"step": 0, "completions": 0, "train_seconds": 0.0, **scores}]}
     else:
-        result = train_and_score(s, method, seed, read_json(unit_file(folder, "data", seed)))
-    result.update(method=method, seed=seed, settings=s, wall_seconds=time.time() - t0, versions=versions(),
-                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), threads=_threads(),
-                  command=f"python examples/reproduce/table31_real.py --seeds {seed + 1} --methods {method}")
-    write_json(path, result)
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+        result = train_run(s, method, seed, read_json(unit_file(folder, "data", seed)))
+    result.update(method=method, seed=seed, settings=s)
+    write_json(path, stamp(result, f"python examples/reproduce/table31_real.py --seeds {seed + 1} --methods {method}",
+                           t0))
 
 
 #: the group methods train about 3x faster than the pair methods (one prompt per group): they run first
@@ -254,36 +150,12 @@ def units(seeds: int, methods: list[str]) -> list[tuple[str, int]]:
 def run_all(a, s: dict, folder: Path) -> None:
     """Every unit not yet cached, `--jobs` at a time in worker processes (a seed's runs wait for its data, so that
     every method trains on the same samples); a bar with the time left."""
-    from tqdm.auto import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "settings.json", s)
     todo = [u for u in units(a.seeds, a.methods) if not unit_file(folder, *u).exists()]
-    bar = tqdm(total=len(todo), desc="table 3.1 runs", unit="run")
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads or 1)}
-    running: list[tuple[subprocess.Popen, tuple]] = []
-
-    def ready(u) -> bool:
-        return u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists()
-
-    while todo or running:
-        while len(running) < a.jobs and any(ready(u) for u in todo):
-            u = next(u for u in todo if ready(u))
-            todo.remove(u)
-            cmd = [sys.executable, __file__, "--unit", u[0], str(u[1]), "--threads", str(a.threads or 1)]
-            running.append((subprocess.Popen(cmd + (["--quick"] if a.quick else [])
-                                             + (["--output", a.output] if a.output else []), env=env), u))
-        while not any(p.poll() is not None for p, _ in running):
-            time.sleep(2)
-        proc, u = next((p, u) for p, u in running if p.poll() is not None)
-        running.remove((proc, u))
-        if proc.returncode:
-            for p, _ in running:
-                p.wait()
-            raise SystemExit(f"run {u} failed ({proc.returncode}); start again to resume")
-        bar.update(1)
-        bar.set_postfix_str(f"{u[0]} seed {u[1]} done")
-    bar.close()
+    extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
+    run_units(__file__, todo, lambda u: u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists(),
+              a.jobs, a.threads, extra, "table 3.1 runs")
 
 
 def main(argv=None) -> int:

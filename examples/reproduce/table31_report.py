@@ -4,13 +4,15 @@ win rates at equal completions and at equal training time, curves, and a verdict
 from __future__ import annotations
 
 import json
-import random
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import bootstrap, fmt, point, verdict, win  # noqa: E402,F401  (bootstrap, verdict: tests use them here)
 
 THESIS = {("mIPO", "IPO"): 0.95, ("mDPO", "DPO"): 0.80, ("mIPO", "base"): 0.99, ("IPO", "base"): 0.98,
           ("mDPO", "base"): 0.99, ("DPO", "base"): 0.99}
-RESAMPLES = 2000
 
 
 def load(folder: Path) -> dict:
@@ -22,43 +24,6 @@ def load(folder: Path) -> dict:
     return runs
 
 
-def win(x: float, y: float) -> float:
-    return 1.0 if x > y else 0.5 if x == y else 0.0
-
-
-def bootstrap(per_seed: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile interval, resampling seeds and then prompts within each drawn seed."""
-    rng = random.Random(seed)
-    mean = statistics.mean(v for s in per_seed for v in s)
-    stats = []
-    for _ in range(RESAMPLES):
-        vals = []
-        for s in (rng.choice(per_seed) for _ in per_seed):
-            vals += [s[rng.randrange(len(s))] for _ in s]
-        stats.append(statistics.mean(vals))
-    stats.sort()
-    return mean, stats[int(0.025 * RESAMPLES)], stats[int(0.975 * RESAMPLES) - 1]
-
-
-def point(run: dict, at_seconds: float | None = None) -> dict:
-    """The last scored point, or the one whose training time is nearest `at_seconds`."""
-    if at_seconds is None:
-        return run["curve"][-1]
-    return min(run["curve"], key=lambda c: abs(c["train_seconds"] - at_seconds))
-
-
-def verdict(lo: float, hi: float, thesis: float, seeds: int, moving: bool) -> str:
-    if seeds < 3:
-        return f"too few seeds yet ({seeds} of 3)"
-    if lo > 0.5:
-        out = "reproduced" if thesis > 0.5 else "not reproduced"
-    elif hi < 0.5:
-        out = "not reproduced (the reverse holds)"
-    else:
-        out = "inconclusive at this scale (the interval holds 0.5)"
-    return out + ("; the runs were still moving at the end" if moving else "")
-
-
 #: a change of mean normalised entropy between the last two scored points above this counts as "still moving"
 MOVING = 0.02
 
@@ -68,10 +33,6 @@ def still_moving(run: dict, part: str) -> float:
     if len(c) < 2:
         return 0.0
     return statistics.mean(c[-1][part]["normalized_entropy"]) - statistics.mean(c[-2][part]["normalized_entropy"])
-
-
-def fmt(m, lo, hi) -> str:
-    return f"{m:.2f} ({lo:.2f}, {hi:.2f})"
 
 
 def report(folder: Path, methods: list[str], pairs: list[tuple[str, str]]) -> str:

@@ -1,0 +1,217 @@
+"""What the cached real-model reproductions share (table31_real.py, label_noise_real.py): results cached by their
+settings, one small JSON per finished run with its command, date and versions; worker processes `--jobs` at a time
+with one progress bar; LoRA preference training of SmolLM2 on groups or pairs, scored along the way; bootstrap
+intervals and verdicts for the reports."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+MODEL = "builtin:smollm2-135m-instruct"
+#: loss type and samples per side of each method; groups of one are exactly TRL's DPO and IPO
+METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
+RESAMPLES = 2000
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "python": platform.python_version()}
+
+
+def write_json(path: Path, obj) -> None:
+    """Written whole or not at all (a temporary file, then a rename), so an interrupted run leaves no half result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.suffix == ".gz":
+        with gzip.open(tmp, "wt") as f:
+            json.dump(obj, f)
+    else:
+        tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
+
+def stamp(result: dict, command: str, started: float) -> dict:
+    """A run's provenance: its command, date, wall time, torch threads and package versions."""
+    import torch
+
+    result.update(wall_seconds=time.time() - started, versions=versions(), threads=torch.get_num_threads(),
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command)
+    return result
+
+
+def load_base():
+    """SmolLM2's folder, the model in eval mode and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    path, tok = tokenizer()
+    return path, AutoModelForCausalLM.from_pretrained(path).eval(), tok
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from alignkit.models import resolve_model_path
+
+    path = resolve_model_path(MODEL)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def train_and_score(s: dict, method: str, seed: int, data: list[dict], score: Callable) -> dict:
+    """LoRA training of SmolLM2 with `method` (METHODS) on `data` (prompt, chosen and rejected lists of
+    `s["group_size"]`; pair methods train on them cut into pairs, the i-th chosen against the i-th rejected), the
+    same completions per step for every method; `score(model, tok)` at `s["eval_points"]` points of training.
+
+    Training time is the process's CPU time in training steps, not the wall clock: with one torch thread it is the
+    training's compute, and other work on the machine (or a paused process) does not add to it."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
+
+    base_path, tok = tokenizer()
+    loss_type, k = METHODS[method]
+    if k == 1:
+        data = [{"prompt": r["prompt"], "chosen": [c], "rejected": [j]}
+                for r in data for c, j in zip(r["chosen"], r["rejected"])]
+    batch = s["prompts_per_step"] * s["group_size"] // k  # the same completions per step for every method
+    steps = len(data) * s["epochs"] // batch
+    at = sorted({round(steps * i / s["eval_points"]) for i in range(1, s["eval_points"] + 1)})
+    curve = []
+
+    class Scores(TrainerCallback):
+        clock = 0.0
+        started = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.started = time.process_time()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.clock += time.process_time() - self.started
+            if state.global_step in at:
+                model.eval()
+                with torch.no_grad():
+                    scores = score(model, tok)
+                model.train()
+                losses = [h["loss"] for h in state.log_history if "loss" in h]
+                curve.append({"step": state.global_step, "completions": state.global_step * batch * 2 * k,
+                              "train_seconds": self.clock, "loss": losses[-1] if losses else None, **scores})
+
+    with tempfile.TemporaryDirectory() as out:
+        args = MultiSampleDPOConfig(
+            output_dir=out, loss_type=loss_type, beta=s["beta"], nll_weight=s["nll_weight"], learning_rate=s["lr"],
+            per_device_train_batch_size=batch, num_train_epochs=s["epochs"], lr_scheduler_type="constant",
+            shared_prefix=True, gradient_checkpointing=False, report_to=[], save_strategy="no",
+            logging_steps=max(steps // 10, 1), disable_tqdm=True, seed=seed)
+        trainer = MultiSampleDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(base_path), args=args, train_dataset=Dataset.from_list(data),
+            processing_class=tok, callbacks=[Scores()],
+            peft_config=LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules="all-linear",
+                                   task_type="CAUSAL_LM"))
+        trainer.train()
+    return {"steps": steps, "curve": curve, "log": [h for h in trainer.state.log_history if "loss" in h]}
+
+
+def run_units(script: str, todo: list[tuple[str, int]], ready: Callable[[tuple[str, int]], bool], jobs: int,
+              threads: int | None, extra: list[str], desc: str) -> None:
+    """Run `script --unit NAME SEED` for every unit in `todo`, `jobs` at a time in worker processes, a unit only once
+    `ready(unit)` (e.g. its seed's data exists); one bar with the time left. A failed unit stops the rest after the
+    running ones finish: start again to resume."""
+    from tqdm.auto import tqdm
+
+    todo = list(todo)
+    bar = tqdm(total=len(todo), desc=desc, unit="run")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    while todo or running:
+        while len(running) < jobs and any(ready(u) for u in todo):
+            u = next(u for u in todo if ready(u))
+            todo.remove(u)
+            cmd = [sys.executable, script, "--unit", u[0], str(u[1]), "--threads", str(threads or 1)] + extra
+            running.append((subprocess.Popen(cmd, env=env), u))
+        if not running:
+            raise SystemExit(f"nothing can start: {todo} wait for a unit that is not planned")
+        while not any(p.poll() is not None for p, _ in running):
+            time.sleep(2)
+        proc, u = next((p, u) for p, u in running if p.poll() is not None)
+        running.remove((proc, u))
+        if proc.returncode:
+            for p, _ in running:
+                p.wait()
+            raise SystemExit(f"run {u} failed ({proc.returncode}); start again to resume")
+        bar.update(1)
+        bar.set_postfix_str(f"{u[0]} seed {u[1]} done")
+    bar.close()
+
+
+def bootstrap(per_seed: list[list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile interval, resampling seeds and then prompts within each drawn seed."""
+    rng = random.Random(seed)
+    mean = statistics.mean(v for s in per_seed for v in s)
+    stats = []
+    for _ in range(RESAMPLES):
+        vals = []
+        for s in (rng.choice(per_seed) for _ in per_seed):
+            vals += [s[rng.randrange(len(s))] for _ in s]
+        stats.append(statistics.mean(vals))
+    stats.sort()
+    return mean, stats[int(0.025 * RESAMPLES)], stats[int(0.975 * RESAMPLES) - 1]
+
+
+def win(x: float, y: float) -> float:
+    return 1.0 if x > y else 0.5 if x == y else 0.0
+
+
+def verdict(lo: float, hi: float, thesis: float, seeds: int, moving: bool) -> str:
+    """A win rate's verdict from its 95% interval: decided only with 3 seeds, and only where the interval excludes
+    0.5."""
+    if seeds < 3:
+        return f"too few seeds yet ({seeds} of 3)"
+    if lo > 0.5:
+        out = "reproduced" if thesis > 0.5 else "not reproduced"
+    elif hi < 0.5:
+        out = "not reproduced (the reverse holds)"
+    else:
+        out = "inconclusive at this scale (the interval holds 0.5)"
+    return out + ("; the runs were still moving at the end" if moving else "")
+
+
+def fmt(m, lo, hi) -> str:
+    return f"{m:.2f} ({lo:.2f}, {hi:.2f})"
+
+
+def point(run: dict, at_seconds: float | None = None) -> dict:
+    """The last scored point, or the one whose training time is nearest `at_seconds`."""
+    if at_seconds is None:
+        return run["curve"][-1]
+    return min(run["curve"], key=lambda c: abs(c["train_seconds"] - at_seconds))

@@ -1,0 +1,306 @@
+"""Thesis 3.6.4 on a real model, with label noise as the thesis makes it: the chosen group is sampled from a better
+model, the rejected group from a worse one, and single samples of the two overlap in quality (Remark 1).
+
+Setting: SmolLM2-135M-Instruct answers real English chat prompts (chatterbot-corpus). The quality of a reply is its
+VADER sentiment (`builtin:vader`), the property the training should raise. Two sources write `group_size` replies
+to every training prompt:
+
+* the **better source** is SmolLM2 told by a system prompt to be cheerful (`SETTINGS["better_system"]`);
+* the **worse source** is SmolLM2 as it is (the policy's own start).
+
+The better source is better on average, but many single replies of the worse one score higher than their better
+counterpart: those pairs are mislabelled when the label is the source, as in the thesis (70B chosen, 8B rejected).
+The script measures that overlap on the training data, for single pairs and for group means of 2 to 4.
+
+Two labellings of the same replies, as in thesis Figure 3.11:
+
+* **source** (the thesis' default, noisy): chosen = the better source's group or reply;
+* **vader** (the thesis' GPT-4o labels, clean): the group (mDPO, mIPO) or the pair (DPO, IPO) ordered by its VADER
+  mean.
+
+DPO and IPO train on the same replies cut into pairs, mDPO and mIPO on the groups; the same LoRA, beta, learning
+rate, NLL weight, completions per step and epochs for all (the policy's prompt has no system prompt). Held out:
+chat prompts that neither training nor the earlier real-model pairs use, `eval_k` samples each, scored by VADER at
+`eval_points` points of training. Win rates compare the per-prompt mean VADER, at equal completions and at equal
+training time (CPU seconds of training steps, one torch thread), with 95% bootstrap intervals over seeds and
+prompts; the random-swap form of the noise is the other row in docs/results.md (random_numbers_real.py).
+
+Runs are cached by their settings (docs/results/label_noise/<settings hash>/, one JSON per finished run with its
+command, date and versions; the training replies too): interrupt and start again to resume; add seeds with --seeds.
+
+    python examples/reproduce/label_noise_real.py --jobs 2              # the runs (hours on CPUs; resumable)
+    python examples/reproduce/label_noise_real.py --report              # tables from the committed results
+    python examples/reproduce/label_noise_real.py --quick               # a smoke run (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import sample_groups, setup  # noqa: E402
+from _runs import (METHODS, MODEL, bootstrap, fmt, load_base, point, read_json, run_units,  # noqa: E402
+                   settings_hash, stamp, tokenizer, train_and_score, verdict, win, write_json)
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "recipes" / "real" / "data"
+LABELS = ("source", "vader")
+SETTINGS = dict(model=MODEL, train_prompts=160, group_size=4, max_new_tokens=24, prompts_per_step=4, epochs=1,
+                better_system="You are a cheerful, upbeat assistant. Answer warmly and positively.",
+                beta=0.1, lr=1e-4, nll_weight=1.0, lora_r=16, eval_prompts=40, eval_k=8, eval_points=3,
+                eval_seed=12345)
+QUICK = dict(SETTINGS, train_prompts=8, prompts_per_step=2, eval_prompts=4, eval_k=4, eval_points=2)
+#: what the thesis reports (Figures 3.9-3.11, no single number): groups win under source labels, not under clean ones
+THESIS = {"source": 0.6, "vader": 0.5}
+
+
+def chat_prompts(s: dict) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(training prompts, held-out prompts): held-out ones spread over the chat prompts, none of them in the earlier
+    real-model pairs (recipes/real/data/cheerful-smollm2.jsonl); the training ones drawn from the rest."""
+    rows = [json.loads(x) for x in (DATA / "chat-prompts.jsonl").read_text().splitlines() if x.strip()]
+    used = {json.loads(x)["prompt"][0]["content"] for x in
+            (DATA / "cheerful-smollm2.jsonl").read_text().splitlines() if x.strip()}
+    free = [r["prompt"] for r in rows if r["prompt"][0]["content"] not in used]
+    held_out = free[:: max(len(free) // s["eval_prompts"], 1)][: s["eval_prompts"]]
+    rest = [p for p in rows if p["prompt"] not in held_out]
+    train = random.Random("train-prompts").sample([r["prompt"] for r in rest], s["train_prompts"])
+    return train, held_out
+
+
+def text(tok, prompt: list[dict], system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + prompt
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def vader(texts: list[str]) -> list[float]:
+    from alignkit.rewards import vader as score
+
+    return score([""] * len(texts), texts)
+
+
+def replies(model, tok, prompts: list[list[dict]], k: int, seed: int, max_new_tokens: int,
+            system: str | None = None) -> list[list[str]]:
+    """`k` non-empty sampled replies per prompt (an immediate end of turn is no reply to compare)."""
+    drawn = sample_groups(model, tok, [text(tok, p, system) for p in prompts], k + 1, seed=seed,
+                          max_new_tokens=max_new_tokens)
+    out = []
+    for g in drawn:
+        kept = [c for c in g if c.strip()][:k]
+        out.append(kept + [g[0]] * (k - len(kept)))  # all but never short (measured: none of 3 x 160 prompts)
+    return out
+
+
+def make_data(s: dict, seed: int, folder: Path) -> list[dict]:
+    """A seed's training replies: `group_size` from each source per prompt, with their VADER scores (cached)."""
+    path = folder / f"data-seed{seed}.json.gz"
+    if path.exists():
+        return read_json(path)
+    _, model, tok = load_base()
+    train, _ = chat_prompts(s)
+    k, n = s["group_size"], s["max_new_tokens"]
+    better = replies(model, tok, train, k, 2000 + seed, n, s["better_system"])
+    worse = replies(model, tok, train, k, 3000 + seed, n)
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_vader": vader(c), "rejected_vader": vader(r)}
+            for p, c, r in zip(train, better, worse)]
+    write_json(path, rows)
+    return rows
+
+
+def labelled(rows: list[dict], labels: str, k: int) -> list[dict]:
+    """The training data under a labelling: `source` as drawn; `vader` orders each pair (k = 1) or each group by its
+    VADER mean (a tie keeps the source's order). Pair methods get groups of one in place of the pairs."""
+    out = []
+    for r in rows:
+        c, j, cs, js = r["chosen"], r["rejected"], r["chosen_vader"], r["rejected_vader"]
+        if k == 1:
+            for i in range(len(c)):
+                swap = labels == "vader" and js[i] > cs[i]
+                out.append({"prompt": r["prompt"], "chosen": [j[i] if swap else c[i]],
+                            "rejected": [c[i] if swap else j[i]]})
+        else:
+            swap = labels == "vader" and statistics.mean(js) > statistics.mean(cs)
+            out.append({"prompt": r["prompt"], "chosen": j if swap else c, "rejected": c if swap else j})
+    return out
+
+
+def overlap(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """How often the source label is wrong, tied or right by VADER: single pairs (every i-th chosen against the
+    i-th rejected) and the means of the first m of each group (m = 2 .. group_size)."""
+    out = {}
+    k = len(rows[0]["chosen"])
+    for m in range(1, k + 1):
+        if m == 1:
+            d = [c - j for r in rows for c, j in zip(r["chosen_vader"], r["rejected_vader"])]
+        else:
+            d = [statistics.mean(r["chosen_vader"][:m]) - statistics.mean(r["rejected_vader"][:m]) for r in rows]
+        out["pairs" if m == 1 else f"groups of {m}"] = {
+            "wrong": sum(x < 0 for x in d) / len(d), "tie": sum(x == 0 for x in d) / len(d),
+            "right": sum(x > 0 for x in d) / len(d), "n": len(d)}
+    return out
+
+
+def score(model, tok, s: dict, system: str | None = None) -> dict:
+    """Per held-out prompt: the mean VADER of `eval_k` samples, and their mean length in words."""
+    _, held_out = chat_prompts(s)
+    got = replies(model, tok, held_out, s["eval_k"], s["eval_seed"], s["max_new_tokens"], system)
+    return {"vader": [statistics.mean(vader(g)) for g in got],
+            "words": [statistics.mean(len(x.split()) for x in g) for g in got]}
+
+
+def unit_file(folder: Path, name: str, seed: int) -> Path:
+    if name == "base":
+        return folder / "base.json"
+    if name == "data":
+        return folder / f"data-seed{seed}.json.gz"
+    method, labels = name.split("@")
+    return folder / f"seed{seed}-{method}-{labels}.json"
+
+
+def run_unit(s: dict, folder: Path, name: str, seed: int) -> None:
+    """One cached unit: `base` (the start and the better source, scored once), `data` (a seed's training replies)
+    or `<method>@<labels>` (a training run)."""
+    path = unit_file(folder, name, seed)
+    if path.exists():
+        return
+    if name == "data":
+        make_data(s, seed, folder)
+        return
+    t0 = time.time()
+    if name == "base":
+        import torch
+
+        _, model, tok = load_base()
+        with torch.no_grad():
+            result = {"curve": [{"step": 0, "completions": 0, "train_seconds": 0.0, **score(model, tok, s)}],
+                      "better_source": score(model, tok, s, s["better_system"])}
+        command = "python examples/reproduce/label_noise_real.py --seeds 0"
+    else:
+        method, labels = name.split("@")
+        _, tok = tokenizer()
+        data = [dict(r, prompt=text(tok, r["prompt"])) for r in  # the chat template applied, replies as plain text
+                labelled(read_json(unit_file(folder, "data", seed)), labels, METHODS[method][1])]
+        result = train_and_score(s, method, seed, data, lambda model, tok: score(model, tok, s))
+        result.update(method=method, labels=labels)
+        command = f"python examples/reproduce/label_noise_real.py --seeds {seed + 1} --methods {method} " \
+                  f"--labels {labels}"
+    result.update(name=name, seed=seed, settings=s)
+    write_json(path, stamp(result, command, t0))
+
+
+#: group methods first (a third of a pair method's time), source labels before clean ones, seed by seed
+ORDER = ("mDPO", "mIPO", "DPO", "IPO")
+
+
+def units(seeds: int, methods: list[str], labels: list[str]) -> list[tuple[str, int]]:
+    methods = sorted(methods, key=ORDER.index)
+    runs = [(f"{m}@{lab}", s) for lab in labels for s in range(seeds) for m in methods]
+    return [("base", 0)] + [("data", s) for s in range(seeds)] + runs
+
+
+def report(folder: Path, methods: list[str]) -> str:
+    runs, data = {}, {}
+    for f in sorted(folder.glob("seed*.json")):
+        r = json.loads(f.read_text())
+        runs[(r["method"], r["labels"], r["seed"])] = r
+    for f in sorted(folder.glob("data-seed*.json.gz")):
+        data[int(f.name[len("data-seed"):].split(".")[0])] = read_json(f)
+    base = read_json(folder / "base.json") if (folder / "base.json").exists() else None
+    lines = [f"results: {folder} ({len(runs)} runs; data of seeds {sorted(data)})", ""]
+    if data:
+        per = [overlap(rows) for rows in data.values()]
+        lines += ["### the source label against VADER on the training replies (mean over seeds)", "",
+                  "| comparison | n per seed | wrong | tied | right |", "|---|---|---|---|---|"]
+        for key in per[0]:
+            cells = [f"{statistics.mean(q[key][c] for q in per):.3f}" for c in ("wrong", "tie", "right")]
+            lines.append(f"| {key} | {per[0][key]['n']} | {' | '.join(cells)} |")
+        lines.append("")
+    lines += ["### mean VADER of held-out samples, 95% bootstrap intervals over seeds and prompts", "",
+              "| method | labels | VADER | words | seeds | still moving at the end |", "|---|---|---|---|---|---|"]
+    if base:
+        b = base["curve"][0]
+        lines.append(f"| SmolLM2 (start, the worse source) | | {statistics.mean(b['vader']):.3f} | "
+                     f"{statistics.mean(b['words']):.1f} | | |")
+        lines.append(f"| the better source (system prompt) | | {statistics.mean(base['better_source']['vader']):.3f} | "
+                     f"{statistics.mean(base['better_source']['words']):.1f} | | |")
+    seeds = sorted({s for _, _, s in runs})
+    for lab in LABELS:
+        for m in methods:
+            got = [runs[(m, lab, s)] for s in seeds if (m, lab, s) in runs]
+            if got:
+                moving = " ".join(f"{statistics.mean(r['curve'][-1]['vader']) - statistics.mean(r['curve'][-2]['vader']):+.3f}"
+                                  for r in got if len(r["curve"]) > 1)
+                lines.append(f"| {m} | {lab} | {fmt(*bootstrap([point(r)['vader'] for r in got]))} | "
+                             f"{statistics.mean(statistics.mean(point(r)['words']) for r in got):.1f} | {len(got)} | "
+                             f"{moving} |")
+    lines += ["", "### win rates by per-prompt mean VADER (ties half), 95% bootstrap intervals", "",
+              "| comparison | thesis | equal completions | equal training time | verdict |", "|---|---|---|---|---|"]
+    comparisons = [((g, lab), (p, lab)) for lab in LABELS for g, p in (("mDPO", "DPO"), ("mIPO", "IPO"))]
+    comparisons += [((m, "source"), (m, "vader")) for m in methods]
+    for x, y in comparisons:
+        cols = []
+        for timed in (False, True):
+            per_seed = []
+            for s in seeds:
+                if (*x, s) in runs and (*y, s) in runs:
+                    px = point(runs[(*x, s)])
+                    py = point(runs[(*y, s)], px["train_seconds"] if timed else None)
+                    per_seed.append([win(u, v) for u, v in zip(px["vader"], py["vader"])])
+            cols.append(bootstrap(per_seed) if per_seed else None)
+        if cols[0] is None:
+            continue
+        if x[1] == y[1]:
+            thesis, claim = THESIS[x[1]], f"{x[0]} vs {y[0]}, {x[1]} labels"
+            shown = verdict(cols[0][1], cols[0][2], thesis, len(per_seed), False)
+            if thesis == 0.5:  # the thesis' claim here is "no advantage": an interval that holds 0.5 agrees
+                shown = shown.replace("inconclusive at this scale (the interval holds 0.5)",
+                                      "reproduced (no advantage: the interval holds 0.5)").replace(
+                    "not reproduced (the reverse holds)", "reproduced (pairs are better with clean labels)")
+            thesis_cell = "above 0.5" if thesis > 0.5 else "about 0.5"
+        else:
+            claim, thesis_cell = f"{x[0]}, source vs vader labels", "below 0.5, less so for groups"
+            shown = "the gap, compared across methods"
+        lines.append(f"| {claim} | {thesis_cell} | {fmt(*cols[0])} | {fmt(*cols[1])} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=["DPO", "mDPO"], choices=list(METHODS))
+    p.add_argument("--labels", nargs="+", default=list(LABELS), choices=LABELS)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 prompts, 4 held out, 1 seed")
+    p.add_argument("--output", default=None, help="folder of the cached results (default docs/results/label_noise)")
+    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
+    p.add_argument("--unit", nargs=2, metavar=("NAME", "SEED"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = QUICK if a.quick else SETTINGS
+    root = Path(a.output) if a.output else ROOT / ("outputs/label-noise-quick" if a.quick else
+                                                   "docs/results/label_noise")
+    folder = root / settings_hash(s)
+    setup(a.threads or 1)
+    if a.unit:
+        run_unit(s, folder, a.unit[0], int(a.unit[1]))
+        return 0
+    if a.quick:
+        a.seeds = 1
+    if not a.report:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "settings.json", s)
+        todo = [u for u in units(a.seeds, a.methods, a.labels) if not unit_file(folder, *u).exists()]
+        extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
+        run_units(__file__, todo, lambda u: u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists(),
+                  a.jobs, a.threads, extra, "label-noise runs")
+    print(report(folder, a.methods))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
