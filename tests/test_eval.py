@@ -85,6 +85,23 @@ def test_eval_with_a_reward_function(tmp_path, capsys):
         evaluate("builtin:tiny-llama", ["Hi"], k=2, reward_model="builtin:tiny-llama", reward_function=sentiment)
 
 
+def test_evaluate_takes_a_model_object_with_its_tokenizer():
+    """A training callback evaluates the model it holds: the same samples and figures as from the saved path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.metrics.evaluate import EvalError, evaluate
+    from alignkit.models import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny-llama")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    by_path = evaluate(path, ["Hi", "Yo"], ref=path, k=2, max_new_tokens=4, seed=3)
+    by_object = evaluate(model, ["Hi", "Yo"], ref=model, k=2, max_new_tokens=4, seed=3, tokenizer=tok)
+    assert by_object["samples"] == by_path["samples"] and by_object["entropy"] == by_path["entropy"]
+    assert by_object["divergence"]["reverse_kl"] == 0.0
+    with pytest.raises(EvalError, match="tokenizer"):
+        evaluate(model, ["Hi"], k=2)
+
+
 def test_eval_bad_input(tmp_path, capsys):
     assert main(["eval", "builtin:tiny-llama", "-k", "1", "--output", str(tmp_path)]) == 2
     assert "use k >= 2" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batc
 
 def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
              reward_model=None, compare_model=None, pairs=None, beta: float = 0.1, attribute: str | None = None,
-             seed: int = 0, reward_function=None, exact_numbers: bool = False) -> dict[str, Any]:
+             seed: int = 0, reward_function=None, exact_numbers: bool = False, tokenizer=None) -> dict[str, Any]:
     """Sample `k` completions for each prompt of `prompts` (a datasets.Dataset with a `prompt` column, or
     a list of strings) and report the metrics that apply:
 
@@ -134,6 +134,9 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
       samples; with `pairs`, the reward model's accuracy, and with `attribute` its Spearman correlation
       with the attribute, accuracy where the attribute sits on the rejected side, and the Simpson
       diversity of the attribute over the policy's samples.
+
+    `model` is a path or model id, or a model object with its `tokenizer` (e.g. from a training callback); the
+    samples, with their rewards where scored, are in ``report["samples"]``.
     """
     from ..data.attributes import AttributeSpec, extract_attribute
 
@@ -153,9 +156,11 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         raise EvalError(f"exact random-number scores need prompts with 'low' and 'high' columns (columns: "
                         f"{sorted(rows[0])}); use --prompts builtin:random_numbers or add them.")
     torch.manual_seed(seed)
-    policy, tok = _load_causal_lm(model) if isinstance(model, (str, os.PathLike)) else (model.eval(), None)
+    policy, tok = _load_causal_lm(model) if isinstance(model, (str, os.PathLike)) else (model.eval(), tokenizer)
     if tok is None:
-        raise EvalError("pass the policy as a path (its tokenizer is loaded from there).")
+        raise EvalError("pass the policy as a path (its tokenizer is loaded from there), or give its `tokenizer`.")
+    if tok.pad_token is None:  # batched sampling pads, as for a tokenizer loaded from a path
+        tok.pad_token = tok.eos_token
     texts = [_prompt_text(tok, r["prompt"]) for r in rows]
     s = sample(policy, tok, texts, k, max_new_tokens, temperature)
     comps = s["completions"]
