@@ -139,7 +139,8 @@ def test_online_groups(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-@pytest.mark.parametrize("name", ["random_numbers_real", "table31_real", "label_noise_real", "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
+@pytest.mark.parametrize("name", ["random_numbers_real", "table31_real", "label_noise_real", "fdpo_distance_real",
+                                  "fdpo_diversity_real", "fdpo_frontier_real", "causal_dpo",
                                   "crm_demographic"])
 def test_the_real_model_scripts_load_and_parse_their_arguments(name, capsys):
     """Their full forms take 20-60 min on SmolLM2 (causal_dpo: 6 min, 3 seeds, docs/results.md); CI only checks that

@@ -83,6 +83,40 @@ def tokenizer():
     return path, AutoTokenizer.from_pretrained(path)
 
 
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class ScoreAlong(_callback_base()):
+    """Scores the model in training at the steps `at` (`score(model) -> dict`), into `curve`, with the training time
+    so far: the process's CPU time in training steps, which excludes the scoring (and, with one torch thread, any
+    other work on the machine). `completions(step)` gives the completions seen by then."""
+
+    def __init__(self, at, score: Callable, completions: Callable[[int], int]):
+        self.at, self.score, self.completions = set(at), score, completions
+        self.clock, self.started, self.curve = 0.0, None, []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.started = time.process_time()
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        import torch
+
+        self.clock += time.process_time() - self.started
+        if state.global_step in self.at:
+            model = getattr(model, "policy", model)  # PPO's wrapper holds the policy beside the value model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                scores = self.score(model)
+            model.train(was_training)
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            self.curve.append({"step": state.global_step, "completions": self.completions(state.global_step),
+                               "train_seconds": self.clock, "loss": losses[-1] if losses else None, **scores})
+
+
 def train_and_score(s: dict, method: str, seed: int, data: list[dict], score: Callable) -> dict:
     """LoRA training of SmolLM2 with `method` (METHODS) on `data` (prompt, chosen and rejected lists of
     `s["group_size"]`; pair methods train on them cut into pairs, the i-th chosen against the i-th rejected), the
@@ -92,10 +126,9 @@ def train_and_score(s: dict, method: str, seed: int, data: list[dict], score: Ca
     training's compute, and other work on the machine (or a paused process) does not add to it."""
     import tempfile
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from alignkit import MultiSampleDPOConfig, MultiSampleDPOTrainer
 
@@ -107,26 +140,7 @@ def train_and_score(s: dict, method: str, seed: int, data: list[dict], score: Ca
     batch = s["prompts_per_step"] * s["group_size"] // k  # the same completions per step for every method
     steps = len(data) * s["epochs"] // batch
     at = sorted({round(steps * i / s["eval_points"]) for i in range(1, s["eval_points"] + 1)})
-    curve = []
-
-    class Scores(TrainerCallback):
-        clock = 0.0
-        started = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.started = time.process_time()
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            self.clock += time.process_time() - self.started
-            if state.global_step in at:
-                model.eval()
-                with torch.no_grad():
-                    scores = score(model, tok)
-                model.train()
-                losses = [h["loss"] for h in state.log_history if "loss" in h]
-                curve.append({"step": state.global_step, "completions": state.global_step * batch * 2 * k,
-                              "train_seconds": self.clock, "loss": losses[-1] if losses else None, **scores})
-
+    scores = ScoreAlong(at, lambda model: score(model, tok), lambda step: step * batch * 2 * k)
     with tempfile.TemporaryDirectory() as out:
         args = MultiSampleDPOConfig(
             output_dir=out, loss_type=loss_type, beta=s["beta"], nll_weight=s["nll_weight"], learning_rate=s["lr"],
@@ -135,11 +149,11 @@ def train_and_score(s: dict, method: str, seed: int, data: list[dict], score: Ca
             logging_steps=max(steps // 10, 1), disable_tqdm=True, seed=seed)
         trainer = MultiSampleDPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(base_path), args=args, train_dataset=Dataset.from_list(data),
-            processing_class=tok, callbacks=[Scores()],
+            processing_class=tok, callbacks=[scores],
             peft_config=LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules="all-linear",
                                    task_type="CAUSAL_LM"))
         trainer.train()
-    return {"steps": steps, "curve": curve, "log": [h for h in trainer.state.log_history if "loss" in h]}
+    return {"steps": steps, "curve": scores.curve, "log": [h for h in trainer.state.log_history if "loss" in h]}
 
 
 def run_units(script: str, todo: list[tuple[str, int]], ready: Callable[[tuple[str, int]], bool], jobs: int,
