@@ -5,6 +5,7 @@ intervals and verdicts for the reports."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import json
@@ -229,3 +230,50 @@ def point(run: dict, at_seconds: float | None = None) -> dict:
     if at_seconds is None:
         return run["curve"][-1]
     return min(run["curve"], key=lambda c: abs(c["train_seconds"] - at_seconds))
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick: dict, unit_file: Callable,
+               run_unit: Callable, plan: Callable, report: Callable, add_arguments: Callable | None = None) -> int:
+    """The command line every cached study shares: `--seeds`, `--jobs`, `--threads`, `--quick`, `--output`,
+    `--report` and the workers' hidden `--unit NAME SEED`; the study's own options come from `add_arguments(parser)`.
+
+    Results go to docs/results/<name>/<settings hash>/ (the smoke run's to outputs/<name>-quick/). `plan(args,
+    settings)` lists the (unit, seed) pairs of a full run, in order; a unit other than `base` or `data` waits for
+    its seed's `data` unit when the plan has one; `report(folder, args, settings)` gives the tables."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    if add_arguments:
+        add_arguments(p)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke run on a few examples, 1 seed")
+    p.add_argument("--output", default=None, help=f"folder of the cached results (default docs/results/{name})")
+    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
+    p.add_argument("--unit", nargs=2, metavar=("NAME", "SEED"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = quick if a.quick else settings
+    root = Path(a.output) if a.output else ROOT / (f"outputs/{name}-quick" if a.quick else f"docs/results/{name}")
+    folder = root / settings_hash(s)
+    from _common import setup
+
+    setup(a.threads or 1)
+    if a.unit:
+        if not unit_file(folder, a.unit[0], int(a.unit[1])).exists():
+            run_unit(s, folder, a.unit[0], int(a.unit[1]))
+        return 0
+    if a.quick:
+        a.seeds = 1
+    if not a.report:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "settings.json", s)
+        units = plan(a, s)
+        with_data = any(u == "data" for u, _ in units)
+        todo = [u for u in units if not unit_file(folder, *u).exists()]
+        extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
+        run_units(script, todo, lambda u: u[0] in ("base", "data") or not with_data or
+                  unit_file(folder, "data", u[1]).exists(), a.jobs, a.threads, extra, f"{name} runs")
+    print(report(folder, a, s))
+    return 0

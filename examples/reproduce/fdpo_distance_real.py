@@ -26,7 +26,6 @@ command, date and versions): interrupt and start again to resume; add seeds with
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,13 +33,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup  # noqa: E402
-from _runs import (MODEL, ScoreAlong, bootstrap, fmt, load_base, read_json, run_units, settings_hash,  # noqa: E402
-                   stamp, write_json)
+from _runs import (MODEL, ScoreAlong, bootstrap, fmt, load_base, read_json, stamp, study_main,  # noqa: E402
+                   write_json)
 from fdpo_diversity_real import DATA, held_out_prompts, load_jsonl  # noqa: E402
 from fdpo_frontier_real import interpolate  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 DIVERGENCES = {"reverse_kl": ("reverse_kl", None), "jsd": ("jsd", None), "alpha0.5": ("alpha", 0.5),
                "forward_kl": ("forward_kl", None)}
 SETTINGS = dict(model=MODEL, beta=0.1, lr=2e-4, batch=4, steps=70, eval_at=[10, 25, 45, 70], lora_r=16,
@@ -210,39 +207,13 @@ def report(folder: Path, s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--units", nargs="+", default=None, help="which runs (default all: fdpo-<divergence>, ppo-<kl>)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, 3 held-out prompts, 1 seed")
-    p.add_argument("--output", default=None, help="folder of the cached results (default docs/results/fdpo_distance)")
-    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
-    p.add_argument("--unit", nargs=2, metavar=("NAME", "SEED"), help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    s = QUICK if a.quick else SETTINGS
-    root = Path(a.output) if a.output else ROOT / ("outputs/fdpo-distance-quick" if a.quick else
-                                                   "docs/results/fdpo_distance")
-    folder = root / settings_hash(s)
-    setup(a.threads or 1)
-    if a.unit:
-        run_unit(s, folder, a.unit[0], int(a.unit[1]))
-        return 0
-    if a.quick:
-        a.seeds = 1
-    if not a.report:
-        names = a.units or all_units(s)
-        unknown = sorted(set(names) - set(all_units(s)))
-        if unknown:
-            p.error(f"unknown --units {unknown}; choose from {all_units(s)}")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "settings.json", s)
-        todo = [u for u in [("base", 0)] + [(n, sd) for sd in range(a.seeds) for n in names]
-                if not unit_file(folder, *u).exists()]
-        extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
-        run_units(__file__, todo, lambda u: True, a.jobs, a.threads, extra, "Table 2.2 / Figure 2.2 runs")
-    print(report(folder, s))
-    return 0
+    names = sorted(set(all_units(SETTINGS) + all_units(QUICK)))
+    return study_main(
+        argv, doc=__doc__, name="fdpo_distance", script=__file__, settings=SETTINGS, quick=QUICK, unit_file=unit_file,
+        run_unit=run_unit, report=lambda folder, a, s: report(folder, s),
+        plan=lambda a, s: [("base", 0)] + [(n, sd) for sd in range(a.seeds) for n in a.units or all_units(s)],
+        add_arguments=lambda p: p.add_argument("--units", nargs="+", default=None, choices=names,
+                                               help="which runs (default all)"))
 
 
 if __name__ == "__main__":

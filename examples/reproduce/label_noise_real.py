@@ -35,7 +35,6 @@ command, date and versions; the training replies too): interrupt and start again
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -44,12 +43,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import sample_groups, setup  # noqa: E402
-from _runs import (METHODS, MODEL, bootstrap, fmt, load_base, point, read_json, run_units,  # noqa: E402
-                   settings_hash, stamp, tokenizer, train_and_score, verdict, win, write_json)
+from _common import sample_groups  # noqa: E402
+from _runs import (METHODS, MODEL, bootstrap, fmt, load_base, point, read_json, stamp, study_main,  # noqa: E402
+                   tokenizer, train_and_score, verdict, win, write_json)
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "recipes" / "real" / "data"
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "real" / "data"
 LABELS = ("source", "vader")
 SETTINGS = dict(model=MODEL, train_prompts=160, group_size=4, max_new_tokens=24, prompts_per_step=4, epochs=1,
                 better_system="You are a cheerful, upbeat assistant. Answer warmly and positively.",
@@ -270,36 +268,13 @@ def report(folder: Path, methods: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=["DPO", "mDPO"], choices=list(METHODS))
-    p.add_argument("--labels", nargs="+", default=list(LABELS), choices=LABELS)
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 8 prompts, 4 held out, 1 seed")
-    p.add_argument("--output", default=None, help="folder of the cached results (default docs/results/label_noise)")
-    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
-    p.add_argument("--unit", nargs=2, metavar=("NAME", "SEED"), help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    s = QUICK if a.quick else SETTINGS
-    root = Path(a.output) if a.output else ROOT / ("outputs/label-noise-quick" if a.quick else
-                                                   "docs/results/label_noise")
-    folder = root / settings_hash(s)
-    setup(a.threads or 1)
-    if a.unit:
-        run_unit(s, folder, a.unit[0], int(a.unit[1]))
-        return 0
-    if a.quick:
-        a.seeds = 1
-    if not a.report:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "settings.json", s)
-        todo = [u for u in units(a.seeds, a.methods, a.labels) if not unit_file(folder, *u).exists()]
-        extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
-        run_units(__file__, todo, lambda u: u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists(),
-                  a.jobs, a.threads, extra, "label-noise runs")
-    print(report(folder, a.methods))
-    return 0
+    def add_arguments(p):
+        p.add_argument("--methods", nargs="+", default=["DPO", "mDPO"], choices=list(METHODS))
+        p.add_argument("--labels", nargs="+", default=list(LABELS), choices=LABELS)
+
+    return study_main(argv, doc=__doc__, name="label_noise", script=__file__, settings=SETTINGS, quick=QUICK,
+                      unit_file=unit_file, run_unit=run_unit, plan=lambda a, s: units(a.seeds, a.methods, a.labels),
+                      report=lambda folder, a, s: report(folder, a.methods), add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

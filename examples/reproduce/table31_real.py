@@ -25,19 +25,17 @@ samples are kept there too. Interrupt it and start it again to resume; add seeds
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import sample_groups, setup  # noqa: E402
-from _runs import (METHODS, MODEL, load_base, read_json, run_units, settings_hash, stamp,  # noqa: E402
-                   tokenizer, train_and_score, write_json)
+from _common import sample_groups  # noqa: E402
+from _runs import (METHODS, MODEL, load_base, read_json, stamp, study_main, tokenizer,  # noqa: E402
+                   train_and_score, write_json)
 from random_numbers_real import prompt_text  # noqa: E402  (the same prompt as the earlier reproduction)
 
-ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [("mDPO", "DPO"), ("mIPO", "IPO"), ("mDPO", "base"), ("DPO", "base"), ("mIPO", "base"), ("IPO", "base")]
 SETTINGS = dict(model=MODEL, train_groups=500, a_max=1000, gap=[5, 10], group_size=4, prompts_per_step=4, epochs=1,
                 beta=0.1, lr=1e-4, nll_weight=1.0, lora_r=16, eval_inside=50, eval_outside=50, outside_gap=[15, 60],
@@ -147,43 +145,14 @@ def units(seeds: int, methods: list[str]) -> list[tuple[str, int]]:
         [(m, s) for s in range(seeds) for m in group] + [(m, s) for s in range(seeds) for m in pair]
 
 
-def run_all(a, s: dict, folder: Path) -> None:
-    """Every unit not yet cached, `--jobs` at a time in worker processes (a seed's runs wait for its data, so that
-    every method trains on the same samples); a bar with the time left."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "settings.json", s)
-    todo = [u for u in units(a.seeds, a.methods) if not unit_file(folder, *u).exists()]
-    extra = (["--quick"] if a.quick else []) + (["--output", a.output] if a.output else [])
-    run_units(__file__, todo, lambda u: u[0] in ("base", "data") or unit_file(folder, "data", u[1]).exists(),
-              a.jobs, a.threads, extra, "table 3.1 runs")
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 8 groups, 6 held-out prompts, 1 seed")
-    p.add_argument("--output", default=None, help="folder of the cached results (default docs/results/table31)")
-    p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
-    p.add_argument("--unit", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    s = QUICK if a.quick else SETTINGS
-    root = Path(a.output) if a.output else ROOT / ("outputs/table31-quick" if a.quick else "docs/results/table31")
-    folder = root / settings_hash(s)
-    setup(a.threads or 1)
-    if a.unit:
-        run_unit(s, folder, a.unit[0], int(a.unit[1]))
-        return 0
-    if a.quick:
-        a.seeds = 1
-    if not a.report:
-        run_all(a, s, folder)
     from table31_report import report
 
-    print(report(folder, a.methods, PAIRS))
-    return 0
+    return study_main(
+        argv, doc=__doc__, name="table31", script=__file__, settings=SETTINGS, quick=QUICK, unit_file=unit_file,
+        run_unit=run_unit, plan=lambda a, s: units(a.seeds, a.methods),
+        report=lambda folder, a, s: report(folder, a.methods, PAIRS),
+        add_arguments=lambda p: p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS)))
 
 
 if __name__ == "__main__":
