@@ -174,6 +174,18 @@ def test_table31_report_bootstrap_and_verdicts():
     assert t.verdict(0.6, 0.9, 0.8, 2, False).startswith("too few seeds")
 
 
+def test_rerun_compares_every_per_prompt_score_of_the_last_point():
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    from _runs import largest_change
+
+    old = {"curve": [{"inside": {"h": [0.0, 0.0]}}, {"inside": {"h": [0.5, 0.7]}, "vader": [0.1], "step": 4}]}
+    new = {"curve": [{"inside": {"h": [9.0, 9.0]}}, {"inside": {"h": [0.5, 0.4]}, "vader": [0.15], "step": 4}]}
+    assert largest_change(old, new) == pytest.approx(0.3)  # the last point only; every list of numbers, nested too
+    assert largest_change(old, old) == 0.0
+
+
 def test_label_noise_real_labels_by_source_or_by_vader_and_measures_the_overlap():
     """Source labels keep the sources' order; VADER labels order each pair (pair methods) or each group by its mean,
     a tie keeping the source's order; the overlap counts wrong, tied and right labels for pairs and group means."""

@@ -252,6 +252,9 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
     p.add_argument("--quick", action="store_true", help="a smoke run on a few examples, 1 seed")
     p.add_argument("--output", default=None, help=f"folder of the cached results (default docs/results/{name})")
     p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
+    p.add_argument("--rerun", nargs=2, metavar=("NAME", "SEED"),
+                   help="train one committed run again, beside the others in a scratch folder, and print the tables "
+                        "with it in place of the committed one (checks that a row reproduces)")
     p.add_argument("--unit", nargs=2, metavar=("NAME", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     s = quick if a.quick else settings
@@ -264,6 +267,8 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
         if not unit_file(folder, a.unit[0], int(a.unit[1])).exists():
             run_unit(s, folder, a.unit[0], int(a.unit[1]))
         return 0
+    if a.rerun:
+        return rerun(a, s, folder, unit_file, run_unit, report)
     if a.quick:
         a.seeds = 1
     if not a.report:
@@ -277,3 +282,38 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
                   unit_file(folder, "data", u[1]).exists(), a.jobs, a.threads, extra, f"{name} runs")
     print(report(folder, a, s))
     return 0
+
+
+def rerun(a, s: dict, folder: Path, unit_file: Callable, run_unit: Callable, report: Callable) -> int:
+    """`--rerun NAME SEED`: the committed results copied to a scratch folder without that run, the run trained again
+    there (on the committed data), and both reports printed, committed first, so a row's figures can be compared
+    with its stated interval; the largest change of any per-prompt score is printed too."""
+    import shutil
+    import tempfile
+
+    name, seed = a.rerun[0], int(a.rerun[1])
+    committed = unit_file(folder, name, seed)
+    if not committed.exists():
+        raise SystemExit(f"--rerun: no committed result {committed}; run the study first")
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / folder.name
+        shutil.copytree(folder, scratch, ignore=lambda d, names: [n for n in names if n == committed.name])
+        run_unit(s, scratch, name, seed)
+        old, new = read_json(committed), read_json(unit_file(scratch, name, seed))
+        print(f"committed: {committed}\n{report(folder, a, s)}\nre-run of {name} seed {seed} "
+              f"({new['wall_seconds']:.0f} s):\n{report(scratch, a, s)}")
+        print(f"largest change of a per-prompt score at the last point: {largest_change(old, new):.3g}")
+    return 0
+
+
+def largest_change(old: dict, new: dict) -> float:
+    """The largest absolute difference between two runs' per-prompt scores at their last scored point."""
+    def lists(x, prefix=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from lists(v, f"{prefix}/{k}")
+        elif isinstance(x, list) and x and isinstance(x[0], (int, float)):
+            yield prefix, x
+
+    a, b = dict(lists(old["curve"][-1])), dict(lists(new["curve"][-1]))
+    return max((abs(u - v) for k in a.keys() & b.keys() for u, v in zip(a[k], b[k])), default=0.0)
