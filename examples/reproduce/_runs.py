@@ -287,7 +287,8 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
 def rerun(a, s: dict, folder: Path, unit_file: Callable, run_unit: Callable, report: Callable) -> int:
     """`--rerun NAME SEED`: the committed results copied to a scratch folder without that run, the run trained again
     there (on the committed data), and both reports printed, committed first, so a row's figures can be compared
-    with its stated interval; the largest change of any per-prompt score is printed too."""
+    with its stated interval; the largest change of any per-prompt score is printed too, and the re-run's result is
+    kept under outputs/rerun/."""
     import shutil
     import tempfile
 
@@ -303,6 +304,9 @@ def rerun(a, s: dict, folder: Path, unit_file: Callable, run_unit: Callable, rep
         print(f"committed: {committed}\n{report(folder, a, s)}\nre-run of {name} seed {seed} "
               f"({new['wall_seconds']:.0f} s):\n{report(scratch, a, s)}")
         print(f"largest change of a per-prompt score at the last point: {largest_change(old, new):.3g}")
+        kept = ROOT / "outputs" / "rerun" / folder.parent.name / f"{folder.name}-{committed.name}"
+        write_json(kept, new)
+        print(f"the re-run's result: {kept}")
     return 0
 
 
