@@ -129,8 +129,6 @@ def unit_file(folder: Path, name: str, seed: int) -> Path:
 def run_unit(s: dict, folder: Path, name: str, seed: int) -> None:
     """One cached unit: `base` (the start, scored once), `fdpo-<divergence>` or `ppo-<kl_coef>` for one seed."""
     path = unit_file(folder, name, seed)
-    if path.exists():
-        return
     t0 = time.time()
     if name == "base":
         import torch

@@ -164,8 +164,6 @@ def run_unit(s: dict, folder: Path, name: str, seed: int) -> None:
     """One cached unit: `base` (the start and the better source, scored once), `data` (a seed's training replies)
     or `<method>@<labels>` (a training run)."""
     path = unit_file(folder, name, seed)
-    if path.exists():
-        return
     if name == "data":
         make_data(s, seed, folder)
         return

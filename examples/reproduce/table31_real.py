@@ -112,8 +112,6 @@ def unit_file(folder: Path, method: str, seed: int) -> Path:
 def run_unit(s: dict, folder: Path, method: str, seed: int) -> None:
     """One cached unit: `base` (the start, scored once), `data` (a seed's training groups) or a (method, seed) run."""
     path = unit_file(folder, method, seed)
-    if path.exists():
-        return
     if method == "data":
         make_data(s, seed, folder)
         return
