@@ -12,18 +12,21 @@ The better source is better on average, but many single replies of the worse one
 counterpart: those pairs are mislabelled when the label is the source, as in the thesis (70B chosen, 8B rejected).
 The script measures that overlap on the training data, for single pairs and for group means of 2 to 4.
 
-Two labellings of the same replies, as in thesis Figure 3.11:
+Three labellings of the same replies: the first two as in thesis Figure 3.11, the third the random-swap form of
+the noise that our earlier studies used (`SWAP_P` of the pairs swapped at random; the thesis does not use it):
 
 * **source** (the thesis' default, noisy): chosen = the better source's group or reply;
 * **vader** (the thesis' GPT-4o labels, clean): the group (mDPO, mIPO) or the pair (DPO, IPO) ordered by its VADER
-  mean.
+  mean;
+* **swap** (noisy by hand): each pair ordered by VADER, then swapped with probability `SWAP_P`; the groups are the
+  pairs' chosen sides against their rejected sides (`sides`).
 
 DPO and IPO train on the same replies cut into pairs, mDPO and mIPO on the groups; the same LoRA, beta, learning
 rate, NLL weight, completions per step and epochs for all (the policy's prompt has no system prompt). Held out:
 chat prompts that neither training nor the earlier real-model pairs use, `eval_k` samples each, scored by VADER at
 `eval_points` points of training. Win rates compare the per-prompt mean VADER, at equal completions and at equal
 training time (CPU seconds of training steps, one torch thread), with 95% bootstrap intervals over seeds and
-prompts; the random-swap form of the noise is the other row in docs/results.md (random_numbers_real.py).
+prompts.
 
 Runs are cached by their settings (docs/results/label_noise/<settings hash>/, one JSON per finished run with its
 command, date and versions; the training replies too): interrupt and start again to resume; add seeds with --seeds.
@@ -48,14 +51,17 @@ from _runs import (METHODS, MODEL, bootstrap, fmt, load_base, point, read_json, 
                    tokenizer, train_and_score, verdict, win, write_json)
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "real" / "data"
-LABELS = ("source", "vader")
+LABELS = ("source", "vader", "swap")
+#: the random-swap form's rate, as in the earlier random-swap row (random_numbers_real.py --label-noise 0.3); a
+#: constant, not a setting, so that adding the form kept the cached runs of the other two
+SWAP_P = 0.3
 SETTINGS = dict(model=MODEL, train_prompts=160, group_size=4, max_new_tokens=24, prompts_per_step=4, epochs=1,
                 better_system="You are a cheerful, upbeat assistant. Answer warmly and positively.",
                 beta=0.1, lr=1e-4, nll_weight=1.0, lora_r=16, eval_prompts=40, eval_k=8, eval_points=3,
                 eval_seed=12345)
 QUICK = dict(SETTINGS, train_prompts=8, prompts_per_step=2, eval_prompts=4, eval_k=4, eval_points=2)
-#: what the thesis reports (Figures 3.9-3.11, no single number): groups win under source labels, not under clean ones
-THESIS = {"source": 0.6, "vader": 0.5}
+#: what the thesis reports (Figures 3.9-3.11, no single number): groups win under noisy labels, not under clean ones
+THESIS = {"source": 0.6, "vader": 0.5, "swap": 0.6}
 
 
 def chat_prompts(s: dict) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -110,21 +116,41 @@ def make_data(s: dict, seed: int, folder: Path) -> list[dict]:
     return rows
 
 
-def labelled(rows: list[dict], labels: str, k: int) -> list[dict]:
-    """The training data under a labelling: `source` as drawn; `vader` orders each pair (k = 1) or each group by its
-    VADER mean (a tie keeps the source's order). Pair methods get groups of one in place of the pairs."""
-    out = []
+def sides(rows: list[dict], labels: str, k: int, seed: int = 0) -> list[tuple]:
+    """The training units under a labelling, each (prompt, chosen, rejected, chosen VADER, rejected VADER): one pair
+    per reply when k = 1 (DPO, IPO), one group per prompt otherwise (mDPO, mIPO).
+
+    * `source` keeps the sources' order;
+    * `vader` orders each unit by its VADER mean (a tie keeps the source's order);
+    * `swap` (the random-swap form of the noise) orders each pair by VADER, as `vader` does for pairs, then swaps it
+      with probability `SWAP_P`; a group is the pairs' chosen sides against their rejected sides. The swaps depend
+      on the seed only, so pairs and groups of a seed see the same ones."""
+    rng = random.Random(f"swap-{seed}")
+    units = []
     for r in rows:
         c, j, cs, js = r["chosen"], r["rejected"], r["chosen_vader"], r["rejected_vader"]
-        if k == 1:
-            for i in range(len(c)):
-                swap = labels == "vader" and js[i] > cs[i]
-                out.append({"prompt": r["prompt"], "chosen": [j[i] if swap else c[i]],
-                            "rejected": [c[i] if swap else j[i]]})
-        else:
-            swap = labels == "vader" and statistics.mean(js) > statistics.mean(cs)
-            out.append({"prompt": r["prompt"], "chosen": j if swap else c, "rejected": c if swap else j})
-    return out
+        if labels == "swap":
+            flip = [(y > x) != (rng.random() < SWAP_P) for x, y in zip(cs, js)]
+            c, j = [b if f else a for a, b, f in zip(c, j, flip)], [a if f else b for a, b, f in zip(c, j, flip)]
+            cs, js = [y if f else x for x, y, f in zip(cs, js, flip)], [x if f else y for x, y, f in zip(cs, js, flip)]
+        pieces = [([a], [b], [x], [y]) for a, b, x, y in zip(c, j, cs, js)] if k == 1 else [(c, j, cs, js)]
+        for ch, rj, chs, rjs in pieces:
+            if labels == "vader" and statistics.mean(rjs) > statistics.mean(chs):
+                ch, rj, chs, rjs = rj, ch, rjs, chs
+            units.append((r["prompt"], ch, rj, chs, rjs))
+    return units
+
+
+def labelled(rows: list[dict], labels: str, k: int, seed: int = 0) -> list[dict]:
+    """The training data under a labelling (`sides`); pair methods get groups of one in place of the pairs."""
+    return [{"prompt": p, "chosen": c, "rejected": j} for p, c, j, _, _ in sides(rows, labels, k, seed)]
+
+
+def quality(rows: list[dict], labels: str, k: int, seed: int = 0) -> dict[str, float]:
+    """How often a labelling's units are wrong, tied or right by their VADER means."""
+    d = [statistics.mean(cs) - statistics.mean(js) for *_, cs, js in sides(rows, labels, k, seed)]
+    return {"wrong": sum(x < 0 for x in d) / len(d), "tie": sum(x == 0 for x in d) / len(d),
+            "right": sum(x > 0 for x in d) / len(d), "n": len(d)}
 
 
 def overlap(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -180,9 +206,9 @@ def run_unit(s: dict, folder: Path, name: str, seed: int) -> None:
         method, labels = name.split("@")
         _, tok = tokenizer()
         data = [dict(r, prompt=text(tok, r["prompt"])) for r in  # the chat template applied, replies as plain text
-                labelled(read_json(unit_file(folder, "data", seed)), labels, METHODS[method][1])]
+                labelled(read_json(unit_file(folder, "data", seed)), labels, METHODS[method][1], seed)]
         result = train_and_score(s, method, seed, data, lambda model, tok: score(model, tok, s))
-        result.update(method=method, labels=labels)
+        result.update(method=method, labels=labels, **({"swap_p": SWAP_P} if labels == "swap" else {}))
         command = f"python examples/reproduce/label_noise_real.py --seeds {seed + 1} --methods {method} " \
                   f"--labels {labels}"
     result.update(name=name, seed=seed, settings=s)
@@ -210,11 +236,16 @@ def report(folder: Path, methods: list[str]) -> str:
     lines = [f"results: {folder} ({len(runs)} runs; data of seeds {sorted(data)})", ""]
     if data:
         per = [overlap(rows) for rows in data.values()]
-        lines += ["### the source label against VADER on the training replies (mean over seeds)", "",
+        lines += ["### the labels against VADER on the training replies (mean over seeds): by source, then by random swaps", "",
                   "| comparison | n per seed | wrong | tied | right |", "|---|---|---|---|---|"]
         for key in per[0]:
             cells = [f"{statistics.mean(q[key][c] for q in per):.3f}" for c in ("wrong", "tie", "right")]
             lines.append(f"| {key} | {per[0][key]['n']} | {' | '.join(cells)} |")
+        k = len(next(iter(data.values()))[0]["chosen"])
+        for m, key in ((1, "pairs"), (k, f"groups of {k}")):  # the random-swap form, on the same replies
+            q = [quality(rows, "swap", m, seed) for seed, rows in data.items()]
+            cells = [f"{statistics.mean(x[c] for x in q):.3f}" for c in ("wrong", "tie", "right")]
+            lines.append(f"| {key}, random swaps ({SWAP_P:g}) after VADER | {q[0]['n']} | {' | '.join(cells)} |")
         lines.append("")
     lines += ["### mean VADER of held-out samples, 95% bootstrap intervals over seeds and prompts", "",
               "| method | labels | VADER | words | seeds | still moving at the end |", "|---|---|---|---|---|---|"]
@@ -237,7 +268,7 @@ def report(folder: Path, methods: list[str]) -> str:
     lines += ["", "### win rates by per-prompt mean VADER (ties half), 95% bootstrap intervals", "",
               "| comparison | thesis | equal completions | equal training time | verdict |", "|---|---|---|---|---|"]
     comparisons = [((g, lab), (p, lab)) for lab in LABELS for g, p in (("mDPO", "DPO"), ("mIPO", "IPO"))]
-    comparisons += [((m, "source"), (m, "vader")) for m in methods]
+    comparisons += [((m, noisy), (m, "vader")) for noisy in ("source", "swap") for m in methods]
     for x, y in comparisons:
         cols = []
         for timed in (False, True):
@@ -259,7 +290,7 @@ def report(folder: Path, methods: list[str]) -> str:
                     "not reproduced (the reverse holds)", "reproduced (pairs are better with clean labels)")
             thesis_cell = "above 0.5" if thesis > 0.5 else "about 0.5"
         else:
-            claim, thesis_cell = f"{x[0]}, source vs vader labels", "below 0.5, less so for groups"
+            claim, thesis_cell = f"{x[0]}, {x[1]} vs vader labels", "below 0.5, less so for groups"
             shown = "the gap, compared across methods"
         lines.append(f"| {claim} | {thesis_cell} | {fmt(*cols[0])} | {fmt(*cols[1])} | {shown} |")
     return "\n".join(lines) + "\n"
