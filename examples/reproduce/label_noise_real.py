@@ -236,7 +236,8 @@ def report(folder: Path, methods: list[str]) -> str:
     lines = [f"results: {folder} ({len(runs)} runs; data of seeds {sorted(data)})", ""]
     if data:
         per = [overlap(rows) for rows in data.values()]
-        lines += ["### the labels against VADER on the training replies (mean over seeds): by source, then by random swaps", "",
+        lines += ["### the labels against VADER on the training replies (mean over seeds): by source, then by random "
+                  "swaps", "",
                   "| comparison | n per seed | wrong | tied | right |", "|---|---|---|---|---|"]
         for key in per[0]:
             cells = [f"{statistics.mean(q[key][c] for q in per):.3f}" for c in ("wrong", "tie", "right")]
@@ -260,8 +261,9 @@ def report(folder: Path, methods: list[str]) -> str:
         for m in methods:
             got = [runs[(m, lab, s)] for s in seeds if (m, lab, s) in runs]
             if got:
-                moving = " ".join(f"{statistics.mean(r['curve'][-1]['vader']) - statistics.mean(r['curve'][-2]['vader']):+.3f}"
-                                  for r in got if len(r["curve"]) > 1)
+                last = [statistics.mean(r["curve"][-1]["vader"]) - statistics.mean(r["curve"][-2]["vader"])
+                        for r in got if len(r["curve"]) > 1]
+                moving = " ".join(f"{x:+.3f}" for x in last)
                 lines.append(f"| {m} | {lab} | {fmt(*bootstrap([point(r)['vader'] for r in got]))} | "
                              f"{statistics.mean(statistics.mean(point(r)['words']) for r in got):.1f} | {len(got)} | "
                              f"{moving} |")
