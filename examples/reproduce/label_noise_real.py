@@ -62,6 +62,9 @@ SETTINGS = dict(model=MODEL, train_prompts=160, group_size=4, max_new_tokens=24,
 QUICK = dict(SETTINGS, train_prompts=8, prompts_per_step=2, eval_prompts=4, eval_k=4, eval_points=2)
 #: what the thesis reports (Figures 3.9-3.11, no single number): groups win under noisy labels, not under clean ones
 THESIS = {"source": 0.6, "vader": 0.5, "swap": 0.6}
+#: a change of mean held-out VADER between the last two scored points above this counts as "still moving" (the
+#: rule of Table 3.1's report, on a score of the same order)
+MOVING = 0.02
 
 
 def chat_prompts(s: dict) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -225,6 +228,12 @@ def units(seeds: int, methods: list[str], labels: list[str]) -> list[tuple[str, 
     return [("base", 0)] + [("data", s) for s in range(seeds)] + runs
 
 
+def last_change(run: dict) -> float:
+    """The change of mean held-out VADER between the last two scored points (0 with one point)."""
+    c = run["curve"]
+    return statistics.mean(c[-1]["vader"]) - statistics.mean(c[-2]["vader"]) if len(c) > 1 else 0.0
+
+
 def report(folder: Path, methods: list[str]) -> str:
     runs, data = {}, {}
     for f in sorted(folder.glob("seed*.json")):
@@ -261,9 +270,7 @@ def report(folder: Path, methods: list[str]) -> str:
         for m in methods:
             got = [runs[(m, lab, s)] for s in seeds if (m, lab, s) in runs]
             if got:
-                last = [statistics.mean(r["curve"][-1]["vader"]) - statistics.mean(r["curve"][-2]["vader"])
-                        for r in got if len(r["curve"]) > 1]
-                moving = " ".join(f"{x:+.3f}" for x in last)
+                moving = " ".join(f"{last_change(r):+.3f}" for r in got if len(r["curve"]) > 1)
                 lines.append(f"| {m} | {lab} | {fmt(*bootstrap([point(r)['vader'] for r in got]))} | "
                              f"{statistics.mean(statistics.mean(point(r)['words']) for r in got):.1f} | {len(got)} | "
                              f"{moving} |")
@@ -285,7 +292,8 @@ def report(folder: Path, methods: list[str]) -> str:
             continue
         if x[1] == y[1]:
             thesis, claim = THESIS[x[1]], f"{x[0]} vs {y[0]}, {x[1]} labels"
-            shown = verdict(cols[0][1], cols[0][2], thesis, len(per_seed), False)
+            moving = any(abs(last_change(runs[(*u, s)])) > MOVING for u in (x, y) for s in seeds if (*u, s) in runs)
+            shown = verdict(cols[0][1], cols[0][2], thesis, len(per_seed), moving)
             if thesis == 0.5:  # the thesis' claim here is "no advantage": an interval that holds 0.5 agrees
                 shown = shown.replace("inconclusive at this scale (the interval holds 0.5)",
                                       "reproduced (no advantage: the interval holds 0.5)").replace(
