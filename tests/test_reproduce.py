@@ -172,6 +172,8 @@ def test_table31_report_bootstrap_and_verdicts():
     assert t.verdict(0.4, 0.6, 0.8, 3, True).startswith("inconclusive") and "still moving" in t.verdict(
         0.4, 0.6, 0.8, 3, True)
     assert t.verdict(0.6, 0.9, 0.8, 2, False).startswith("too few seeds")
+    assert t.verdict(0.1, 0.4, 0.4, 3, False) == "reproduced"  # a claimed loss
+    assert t.verdict(0.6, 0.9, 0.4, 3, False) == "not reproduced (the reverse holds)"
 
 
 def test_rerun_compares_every_per_prompt_score_of_the_last_point():

@@ -209,13 +209,11 @@ def win(x: float, y: float) -> float:
 
 def verdict(lo: float, hi: float, thesis: float, seeds: int, moving: bool) -> str:
     """A win rate's verdict from its 95% interval: decided only with 3 seeds, and only where the interval excludes
-    0.5."""
+    0.5. `thesis` above 0.5 claims a win, below 0.5 a loss (a claim of "no difference" is the caller's to judge)."""
     if seeds < 3:
         return f"too few seeds yet ({seeds} of 3)"
-    if lo > 0.5:
-        out = "reproduced" if thesis > 0.5 else "not reproduced"
-    elif hi < 0.5:
-        out = "not reproduced (the reverse holds)"
+    if lo > 0.5 or hi < 0.5:
+        out = "reproduced" if (lo > 0.5) == (thesis > 0.5) else "not reproduced (the reverse holds)"
     else:
         out = "inconclusive at this scale (the interval holds 0.5)"
     return out + ("; the runs were still moving at the end" if moving else "")

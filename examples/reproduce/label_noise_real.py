@@ -62,6 +62,8 @@ SETTINGS = dict(model=MODEL, train_prompts=160, group_size=4, max_new_tokens=24,
 QUICK = dict(SETTINGS, train_prompts=8, prompts_per_step=2, eval_prompts=4, eval_k=4, eval_points=2)
 #: what the thesis reports (Figures 3.9-3.11, no single number): groups win under noisy labels, not under clean ones
 THESIS = {"source": 0.6, "vader": 0.5, "swap": 0.6}
+#: and a method trained on noisy labels loses to itself trained on clean ones (Figure 3.11, right)
+THESIS_NOISY_VS_CLEAN = 0.4
 #: a change of mean held-out VADER between the last two scored points above this counts as "still moving" (the
 #: rule of Table 3.1's report, on a score of the same order)
 MOVING = 0.02
@@ -290,18 +292,20 @@ def report(folder: Path, methods: list[str]) -> str:
             cols.append(bootstrap(per_seed) if per_seed else None)
         if cols[0] is None:
             continue
-        if x[1] == y[1]:
-            thesis, claim = THESIS[x[1]], f"{x[0]} vs {y[0]}, {x[1]} labels"
-            moving = any(abs(last_change(runs[(*u, s)])) > MOVING for u in (x, y) for s in seeds if (*u, s) in runs)
-            shown = verdict(cols[0][1], cols[0][2], thesis, len(per_seed), moving)
-            if thesis == 0.5:  # the thesis' claim here is "no advantage": an interval that holds 0.5 agrees
-                shown = shown.replace("inconclusive at this scale (the interval holds 0.5)",
-                                      "reproduced (no advantage: the interval holds 0.5)").replace(
-                    "not reproduced (the reverse holds)", "reproduced (pairs are better with clean labels)")
-            thesis_cell = "above 0.5" if thesis > 0.5 else "about 0.5"
-        else:
+        (_, lo, hi), n = cols[0], len(per_seed)
+        moving = any(abs(last_change(runs[(*u, s)])) > MOVING for u in (x, y) for s in seeds if (*u, s) in runs)
+        if x[1] != y[1]:
             claim, thesis_cell = f"{x[0]}, {x[1]} vs vader labels", "below 0.5, less so for groups"
-            shown = "the gap, compared across methods"
+            shown = verdict(lo, hi, THESIS_NOISY_VS_CLEAN, n, moving)
+        elif THESIS[x[1]] != 0.5:
+            claim, thesis_cell = f"{x[0]} vs {y[0]}, {x[1]} labels", "above 0.5"
+            shown = verdict(lo, hi, THESIS[x[1]], n, moving)
+        else:  # clean labels: the thesis finds no advantage for groups, pairs even a little better
+            claim, thesis_cell = f"{x[0]} vs {y[0]}, {x[1]} labels", "0.5 or below"
+            shown = verdict(lo, hi, 0.4, n, moving)
+            if n >= 3 and lo <= 0.5 <= hi:
+                shown = shown.replace("inconclusive at this scale (the interval holds 0.5)",
+                                      "reproduced (no advantage for groups: the interval holds 0.5)")
         lines.append(f"| {claim} | {thesis_cell} | {fmt(*cols[0])} | {fmt(*cols[1])} | {shown} |")
     return "\n".join(lines) + "\n"
 
