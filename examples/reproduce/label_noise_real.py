@@ -161,16 +161,10 @@ def quality(rows: list[dict], labels: str, k: int, seed: int = 0) -> dict[str, f
 def overlap(rows: list[dict]) -> dict[str, dict[str, float]]:
     """How often the source label is wrong, tied or right by VADER: single pairs (every i-th chosen against the
     i-th rejected) and the means of the first m of each group (m = 2 .. group_size)."""
-    out = {}
-    k = len(rows[0]["chosen"])
-    for m in range(1, k + 1):
-        if m == 1:
-            d = [c - j for r in rows for c, j in zip(r["chosen_vader"], r["rejected_vader"])]
-        else:
-            d = [statistics.mean(r["chosen_vader"][:m]) - statistics.mean(r["rejected_vader"][:m]) for r in rows]
-        out["pairs" if m == 1 else f"groups of {m}"] = {
-            "wrong": sum(x < 0 for x in d) / len(d), "tie": sum(x == 0 for x in d) / len(d),
-            "right": sum(x > 0 for x in d) / len(d), "n": len(d)}
+    out = {"pairs": quality(rows, "source", 1)}
+    for m in range(2, len(rows[0]["chosen"]) + 1):
+        first = [{key: r[key][:m] if key != "prompt" else r[key] for key in r} for r in rows]
+        out[f"groups of {m}"] = quality(first, "source", m)
     return out
 
 
