@@ -154,3 +154,32 @@ def test_eval_reports_concept_bias_of_a_reward_model(tmp_path):
     assert bias["accuracy_with_concept"] == pytest.approx(sum(with_c) / len(with_c))
     assert bias["accuracy_without_concept"] == pytest.approx(sum(without_c) / len(without_c))
     assert bias["bias_at_c"] == pytest.approx(bias_at_c(right, concept, labels))
+
+
+DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_feeds_each_model_on_its_own_device(device, tmp_path):
+    """A policy object on `device` (as a training callback passes it, e.g. on a GPU) with the reference, reward model
+    and pairs given by path: `evaluate` loads those onto the policy's device and sends every input to the model it
+    feeds. On a CPU-only machine only the "cpu" case exists; it runs the same code path."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.data.synthetic import concept_sentiment
+    from alignkit.metrics.evaluate import evaluate
+    from alignkit.models import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny-llama")
+    AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "rm")
+    policy = AutoModelForCausalLM.from_pretrained(path).to(device)
+    report = evaluate(policy, ["Hi", "Hello there"], ref="builtin:tiny-llama", k=2, max_new_tokens=4,
+                      reward_model=str(tmp_path / "rm"), pairs=concept_sentiment("test_uncorrelated", num_samples=8),
+                      tokenizer=AutoTokenizer.from_pretrained(path))
+    # the policy is its own reference: every divergence estimate is 0 up to float error
+    assert all(abs(v) < 1e-4 for v in report["divergence"].values()), report["divergence"]
+    assert math.isfinite(report["entropy"]) and math.isfinite(report["reward"]["mean"])
+    assert 0 <= report["pairs"]["accuracy"] <= 1 and 0 <= report["reward_model_bias"]["accuracy"] <= 1

@@ -24,7 +24,14 @@ class EvalError(ValueError):
     """Bad input to `alignkit eval`; the message names the problem and the fix."""
 
 
-def _load_causal_lm(name):
+def _device(model) -> torch.device:
+    """Where `model`'s weights are: its inputs go there (a model in training on a GPU, or one `evaluate` loaded)."""
+    return next(model.parameters()).device
+
+
+def _load_causal_lm(name, device=None):
+    """The model at `name` (a path or builtin name) in eval mode on `device` (default: a GPU where there is one),
+    and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models import resolve_model_path
@@ -44,7 +51,9 @@ def _load_causal_lm(name):
         raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.eval(), tok
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tok
 
 
 def _prompt_text(tok, prompt) -> str:
@@ -64,8 +73,9 @@ def sample(model, tok, prompts: list[str], k: int, max_new_tokens: int, temperat
     out = {"completions": [], "prompt_ids": [], "completion_ids": []}
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=len(rows) <= batch_size):
         enc = tok(rows[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        gen = model.generate(**{k: v.to(_device(model)) for k, v in enc.items()}, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id).cpu()
         for i in range(gen.size(0)):
             prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
             comp = gen[i, enc["input_ids"].size(1):].tolist()
@@ -91,6 +101,7 @@ def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c)
             attn[i, :len(p) + len(c)] = 1
             comp[i, len(p):len(p) + len(c)] = 1
+        ids, attn, comp = ids.to(_device(model)), attn.to(_device(model)), comp.to(_device(model))
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         mask = comp[:, 1:]
         lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -111,7 +122,7 @@ def _rewards(reward_model, tok, prompts: list[str], completions: list[str], batc
     for s in range(0, len(prompts), batch_size):
         texts = [p + c for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
         texts = [t if t.endswith(eos) else t + eos for t in texts]
-        enc = tok(texts, return_tensors="pt", padding=True)
+        enc = tok(texts, return_tensors="pt", padding=True).to(_device(reward_model))
         out += reward_model(**enc).logits.squeeze(-1).float().tolist()
     return out
 
@@ -177,7 +188,8 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         report["self_bleu"] = sum(self_bleu(g) for g in groups) / len(groups)
     ref_model = None
     if ref is not None:
-        ref_model, _ = _load_causal_lm(ref) if isinstance(ref, (str, os.PathLike)) else (ref.eval(), None)
+        ref_model, _ = (_load_causal_lm(ref, _device(policy)) if isinstance(ref, (str, os.PathLike))
+                        else (ref.eval(), None))
         ref_logp, _ = _sequence_stats(ref_model, s["prompt_ids"], s["completion_ids"])
         report["divergence"] = divergence_estimates(logp - ref_logp)
     if "low" in rows[0] and "high" in rows[0]:
@@ -205,7 +217,7 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
         from ..models import resolve_model_path
 
         rm_path = resolve_model_path(reward_model) if isinstance(reward_model, str) else reward_model
-        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path).to(_device(policy)).eval()
         rm_tok = AutoTokenizer.from_pretrained(rm_path)
         if rm_tok.pad_token is None:
             rm_tok.pad_token = rm_tok.eos_token
@@ -219,7 +231,7 @@ def evaluate(model, prompts, ref=None, k: int = 4, max_new_tokens: int = 32, tem
             smp["reward"] = sc
         report["reward"] = {"mean": sum(scores) / len(scores)}
         if compare_model is not None:
-            other, other_tok = _load_causal_lm(compare_model)
+            other, other_tok = _load_causal_lm(compare_model, _device(policy))
             o = sample(other, other_tok, texts, k, max_new_tokens, temperature, desc="Sampling (compare)")
             other_scores = score(prompts_rep, o["completions"])
             report["reward"]["win_rate_score"] = win_rate_score(scores, other_scores)
