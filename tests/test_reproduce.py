@@ -258,3 +258,28 @@ def test_conditional_crm_with_a_start_step_removes_the_shortcut_on_its_bad_seed(
     crm_bias = _load("crm_sweep").load_benchmark()
     out = crm_bias.train_and_score("sycophancy", "conditional", seed=2, output_dir=str(tmp_path), mmd_start_step=100)
     assert out["test_anti"] > 0.6 and out["test_uncorrelated"] > 0.75
+
+
+def test_fdpo_distance_report_compares_the_divergences_at_matched_reverse_kl(tmp_path):
+    """Table 2.2 at equal distance: each metric read off a run's curve (from the start at 0 nats) by linear
+    interpolation, hand-computed here; a distance the curve does not reach gives no row."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import fdpo_distance_real as f
+
+    def point(kl, vader, step=10):  # steps of 10 and more: the by-step table's rows cannot pass for matched ones
+        return {"step": step, "reverse_kl": kl, "vader": vader, "entropy": 3.0 - kl, "distinct_1": 0.7, "distinct_2": 0.9,
+                "self_bleu": 0.1, "vader_per_prompt": [vader]}
+
+    (tmp_path / "base.json").write_text(json.dumps({"curve": [point(0.0, 0.2)]}))
+    for name, curve in (("fdpo-reverse_kl", [point(0.5, 0.4), point(2.5, 0.8, 20)]),
+                        ("fdpo-forward_kl", [point(1.5, 0.5)])):
+        (tmp_path / f"seed0-{name}.json").write_text(json.dumps({"name": name, "seed": 0, "curve": curve}))
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in f.report(tmp_path, f.SETTINGS).splitlines()
+            if line.startswith("| fdpo-") and line.split("|")[2].strip() in ("1", "2", "3")}
+    assert "| 0.500 | 2.000 |" in rows[("fdpo-reverse_kl", "1")]  # 0.4 + (0.8 - 0.4) * (1 - 0.5) / 2
+    assert "| 0.700 | 1.000 |" in rows[("fdpo-reverse_kl", "2")]
+    assert "| 0.400 | 2.000 |" in rows[("fdpo-forward_kl", "1")]  # 0.2 + (0.5 - 0.2) * 1 / 1.5
+    assert ("fdpo-reverse_kl", "3") not in rows and ("fdpo-forward_kl", "2") not in rows

@@ -46,6 +46,7 @@ SETTINGS = dict(model=MODEL, beta=0.1, lr=2e-4, batch=4, steps=70, eval_at=[10, 
 QUICK = dict(SETTINGS, steps=4, eval_at=[2, 4], ppo_kl_coefs=[0.05], ppo_steps=2, ppo_eval_at=[1, 2], eval_prompts=3,
              eval_k=2, max_new_tokens=8)
 METRICS = ("vader", "entropy", "distinct_1", "distinct_2", "self_bleu", "reverse_kl")
+MATCHED_KL = (1.0, 2.0, 3.0)  # nats from the start at which Table 2.2 also compares the divergences
 
 
 def lora(s: dict):
@@ -175,6 +176,20 @@ def report(folder: Path, s: dict) -> str:
         for i in range(len(got[0]["curve"]) if got else 0):
             cells = [spread([r["curve"][i][m] for r in got]) for m in METRICS]
             lines.append(f"| {name} | {got[0]['curve'][i]['step']} | " + " | ".join(cells) + f" | {len(got)} |")
+    if base:  # the divergences reach different distances in the same steps: compare them at equal distance too
+        shown = [m for m in METRICS if m != "reverse_kl"]
+        lines += ["", "### Table 2.2 at matched reverse KL: each metric on a run's curve (from the start) at "
+                  f"{', '.join(f'{x:g}' for x in MATCHED_KL)} nats, mean over seeds (min-max)", "",
+                  "| divergence | reverse KL | " + " | ".join(shown) + " | seeds |",
+                  "|---|---|" + "---|" * len(shown) + "---|"]
+        for name in [u for u in all_units(s) if u.startswith("fdpo-")]:
+            got = [runs[(name, sd)] for sd in seeds if (name, sd) in runs]
+            for x in MATCHED_KL:
+                at = {m: [v for v in (interpolate([(0.0, b[m])] + [(c["reverse_kl"], c[m]) for c in r["curve"]], x)
+                                      for r in got) if v is not None] for m in shown}
+                if all(at.values()):
+                    lines.append(f"| {name} | {x:g} | " + " | ".join(spread(at[m]) for m in shown)
+                                 + f" | {len(at[shown[0]])} |")
     lines += ["", "### Figure 2.2: f-DPO (reverse KL) minus PPO in mean VADER at matched reverse KL, per seed", "",
               "| PPO kl_coef | reverse KL | f-DPO minus PPO, 95% bootstrap over seeds and prompts | seeds |",
               "|---|---|---|---|"]
