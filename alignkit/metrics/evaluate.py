@@ -71,9 +71,10 @@ def sample(model, tok, prompts: list[str], k: int, max_new_tokens: int, temperat
     tok.padding_side = "left"
     rows = [p for p in prompts for _ in range(k)]
     out = {"completions": [], "prompt_ids": [], "completion_ids": []}
+    device = _device(model)
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=len(rows) <= batch_size):
         enc = tok(rows[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**{k: v.to(_device(model)) for k, v in enc.items()}, do_sample=True,
+        gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id).cpu()
         for i in range(gen.size(0)):
@@ -91,6 +92,7 @@ def sample(model, tok, prompts: list[str], k: int, max_new_tokens: int, temperat
 def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
     """Per sequence: sum of completion log-probs; and the completion tokens' mean predictive entropy."""
     logps, ents, counts = [], [], []
+    device = _device(model)
     for s in range(0, len(prompt_ids), batch_size):
         seqs = [p + c for p, c in zip(prompt_ids[s:s + batch_size], completion_ids[s:s + batch_size])]
         width = max(len(x) for x in seqs)
@@ -101,7 +103,7 @@ def _sequence_stats(model, prompt_ids, completion_ids, batch_size=16):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c)
             attn[i, :len(p) + len(c)] = 1
             comp[i, len(p):len(p) + len(c)] = 1
-        ids, attn, comp = ids.to(_device(model)), attn.to(_device(model)), comp.to(_device(model))
+        ids, attn, comp = (t.to(device) for t in (ids, attn, comp))
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         mask = comp[:, 1:]
         lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
