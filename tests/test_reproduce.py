@@ -239,6 +239,22 @@ def test_label_noise_real_random_swaps_order_by_vader_then_swap_the_same_pairs_f
     assert ln.quality(rows, "swap", 4, seed=3)["wrong"] < 0.27
 
 
+def test_label_noise_real_report_leaves_equal_time_blank_where_a_method_meets_itself():
+    """Noisy against clean labels compares one method with itself, whose runs cost the same: an "equal training time"
+    figure there only repeated the equal-completions one. Read from the committed results (seconds, no training)."""
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import label_noise_real as ln
+
+    folder = next((REPRO.parents[1] / "docs" / "results" / "label_noise").glob("*/settings.json")).parent
+    rows = [line.split(" | ") for line in ln.report(folder, ["DPO", "mDPO"]).splitlines() if " labels | " in line]
+    same = [r for r in rows if " vs vader labels" in r[0]]
+    across = [r for r in rows if " vs " in r[0] and r not in same]
+    assert len(same) == 4 and len(across) == 3
+    assert all(r[3] == "" for r in same) and all(r[3].count("(") == 1 for r in across)
+
+
 def test_frontier_interpolates_reward_at_matched_divergence():
     import sys
 
