@@ -255,6 +255,43 @@ def test_label_noise_real_report_leaves_equal_time_blank_where_a_method_meets_it
     assert all(r[3] == "" for r in same) and all(r[3].count("(") == 1 for r in across)
 
 
+def test_fdpo_distance_report_judges_the_thesis_order_pair_by_pair_over_seeds(tmp_path):
+    """Table 2.2's verdicts: entropy (one figure per run) by a t-interval over seeds, VADER by the bootstrap over seeds
+    and prompts, at the last step and at matched reverse KL; hand-computed here."""
+    import json
+    import math
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import fdpo_distance_real as f
+    from _runs import t_interval, verdict
+
+    m, lo, hi = t_interval([1.0, 2.0, 3.0])  # sd 1: half width t(0.975, 2) / sqrt(3) = 4.303 / 1.732
+    assert m == 2.0 and lo == pytest.approx(2 - 2.4843, abs=1e-4) and hi == pytest.approx(2 + 2.4843, abs=1e-4)
+    assert t_interval([0.5]) == (0.5, -math.inf, math.inf)
+    assert verdict(0.1, 0.3, 1, 3, False, 0) == "reproduced"
+    assert verdict(-0.3, -0.1, 1, 3, False, 0) == "not reproduced (the reverse holds)"
+    assert verdict(-0.1, 0.1, 1, 3, False, 0) == "inconclusive at this scale (the interval holds 0)"
+
+    def point(kl, vader, entropy, step=70):
+        return {"step": step, "reverse_kl": kl, "vader": vader, "entropy": entropy, "distinct_1": 0.7,
+                "distinct_2": 0.9, "self_bleu": 0.1, "vader_per_prompt": [vader, vader]}
+
+    (tmp_path / "base.json").write_text(json.dumps({"curve": [point(0.0, 0.2, 3.0, 0)]}))
+    for seed, gap in enumerate((0.2, 0.3, 0.4)):  # JSD keeps `gap` more entropy than reverse KL at the end
+        for name, end in (("fdpo-reverse_kl", point(2.0, 0.6, 2.0)), ("fdpo-jsd", point(4.0, 0.5, 2.0 + gap))):
+            (tmp_path / f"seed{seed}-{name}.json").write_text(json.dumps({"name": name, "seed": seed, "curve": [end]}))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in f.report(tmp_path, f.SETTINGS).splitlines()
+             if line.startswith("| reverse_kl < jsd |")]
+    rows = {c[1]: c for c in cells}
+    # step 70: differences 0.2, 0.3, 0.4 (sd 0.1): 0.30 +- 0.248; VADER 0.6 - 0.5 on every prompt and seed
+    assert rows["step 70"][2:6] == ["0.30 (0.05, 0.55)", "reproduced", "0.10 (0.10, 0.10)", "reproduced"]
+    # reverse KL 1: reverse KL's entropy 3 - 1 * (1 / 2) = 2.5, JSD's 3 - (1 - gap) / 4 = 2.75 + gap / 4; the gap
+    # of 0.25 + gap / 4 has sd 0.025: 0.325 +- 0.062. VADER 0.4 against 0.275
+    assert rows["reverse KL 1"][2:6] == ["0.33 (0.26, 0.39)", "reproduced", "0.12 (0.12, 0.12)", "reproduced"]
+    assert "reverse KL 3" not in rows  # reverse KL's curve stops at 2 nats
+
+
 def test_frontier_interpolates_reward_at_matched_divergence():
     import sys
 

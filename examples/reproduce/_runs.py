@@ -203,19 +203,34 @@ def bootstrap(per_seed: list[list[float]], seed: int = 0) -> tuple[float, float,
     return mean, stats[int(0.025 * RESAMPLES)], stats[int(0.975 * RESAMPLES) - 1]
 
 
+#: two-sided 95% quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df), to 3 decimals)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds, for a figure stored once per run (no prompts to resample); with one
+    value the interval is unbounded."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("-inf"), float("inf")
+    half = T975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def win(x: float, y: float) -> float:
     return 1.0 if x > y else 0.5 if x == y else 0.0
 
 
-def verdict(lo: float, hi: float, thesis: float, seeds: int, moving: bool) -> str:
+def verdict(lo: float, hi: float, thesis: float, seeds: int, moving: bool, null: float = 0.5) -> str:
     """A win rate's verdict from its 95% interval: decided only with 3 seeds, and only where the interval excludes
-    0.5. `thesis` above 0.5 claims a win, below 0.5 a loss (a claim of "no difference" is the caller's to judge)."""
+    `null` (0.5; 0 for a difference). `thesis` above `null` claims a win, below it a loss (a claim of "no difference"
+    is the caller's to judge)."""
     if seeds < 3:
         return f"too few seeds yet ({seeds} of 3)"
-    if lo > 0.5 or hi < 0.5:
-        out = "reproduced" if (lo > 0.5) == (thesis > 0.5) else "not reproduced (the reverse holds)"
+    if lo > null or hi < null:
+        out = "reproduced" if (lo > null) == (thesis > null) else "not reproduced (the reverse holds)"
     else:
-        out = "inconclusive at this scale (the interval holds 0.5)"
+        out = f"inconclusive at this scale (the interval holds {null:g})"
     return out + ("; the runs were still moving at the end" if moving else "")
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (MODEL, ScoreAlong, bootstrap, fmt, load_base, read_json, stamp, study_main,  # noqa: E402
-                   write_json)
+                   t_interval, verdict, write_json)
 from fdpo_diversity_real import DATA, held_out_prompts, load_jsonl  # noqa: E402
 from fdpo_frontier_real import interpolate  # noqa: E402
 
@@ -47,6 +47,8 @@ QUICK = dict(SETTINGS, steps=4, eval_at=[2, 4], ppo_kl_coefs=[0.05], ppo_steps=2
              eval_k=2, max_new_tokens=8)
 METRICS = ("vader", "entropy", "distinct_1", "distinct_2", "self_bleu", "reverse_kl")
 MATCHED_KL = (1.0, 2.0, 3.0)  # nats from the start at which Table 2.2 also compares the divergences
+#: the thesis' Table 2.2, least diverse first (its reward in the opposite order)
+DIVERSITY_ORDER = ("reverse_kl", "jsd", "alpha0.5", "forward_kl")
 
 
 def lora(s: dict):
@@ -157,6 +159,28 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def along(run: dict, start: dict, get, x: float | None):
+    """`get(point)` on a run's curve: at its last point (x None), or at reverse KL `x` from the start, interpolated
+    from `start` (the base model's point) through the scored points; None where the curve does not reach x."""
+    if x is None:
+        return get(run["curve"][-1])
+    return interpolate([(0.0, get(start))] + [(c["reverse_kl"], get(c)) for c in run["curve"]], x)
+
+
+def per_prompt_differences(pairs, start: dict, x: float | None) -> list[list[float]]:
+    """For each seed's (first, second) runs, the first's VADER minus the second's, prompt by prompt, at `x`."""
+    per_seed = []
+    for a, b in pairs:
+        diffs = []
+        for j in range(len(start["vader_per_prompt"])):
+            u, v = (along(r, start, lambda c: c["vader_per_prompt"][j], x) for r in (a, b))
+            if u is not None and v is not None:
+                diffs.append(u - v)
+        if diffs:
+            per_seed.append(diffs)
+    return per_seed
+
+
 def report(folder: Path, s: dict) -> str:
     runs = {}
     for f in sorted(folder.glob("seed*.json")):
@@ -190,10 +214,29 @@ def report(folder: Path, s: dict) -> str:
                 if all(at.values()):
                     lines.append(f"| {name} | {x:g} | " + " | ".join(spread(at[m]) for m in shown)
                                  + f" | {len(at[shown[0]])} |")
+    if not base:
+        return "\n".join(lines) + "\n"
+    b = base["curve"][0]
+    lines += ["", "### Table 2.2 verdicts: the thesis orders entropy reverse KL < JSD < alpha 0.5 < forward KL and "
+              "VADER the other way; each neighbour pair at the last step and at matched reverse KL", "",
+              "| pair | at | entropy, second minus first: 95% t-interval over seeds | verdict | VADER, first minus "
+              "second: 95% bootstrap over seeds and prompts | verdict |", "|---|---|---|---|---|---|"]
+    for first, second in zip(DIVERSITY_ORDER, DIVERSITY_ORDER[1:]):
+        pairs = [(runs[(f"fdpo-{first}", sd)], runs[(f"fdpo-{second}", sd)]) for sd in seeds
+                 if (f"fdpo-{first}", sd) in runs and (f"fdpo-{second}", sd) in runs]
+        for x in (None, *MATCHED_KL) if pairs else ():
+            ent = [(u, v) for u, v in ((along(p, b, lambda c: c["entropy"], x), along(q, b, lambda c: c["entropy"], x))
+                                       for p, q in pairs) if u is not None and v is not None]
+            vad = per_prompt_differences(pairs, b, x)
+            if not ent or not vad:
+                continue
+            e, v = t_interval([v - u for u, v in ent]), bootstrap(vad)
+            where = f"step {pairs[0][0]['curve'][-1]['step']}" if x is None else f"reverse KL {x:g}"
+            lines.append(f"| {first} < {second} | {where} | {fmt(*e)} | {verdict(e[1], e[2], 1, len(ent), False, 0)} "
+                         f"| {fmt(*v)} | {verdict(v[1], v[2], 1, len(vad), False, 0)} |")
     lines += ["", "### Figure 2.2: f-DPO (reverse KL) minus PPO in mean VADER at matched reverse KL, per seed", "",
-              "| PPO kl_coef | reverse KL | f-DPO minus PPO, 95% bootstrap over seeds and prompts | seeds |",
-              "|---|---|---|---|"]
-    start = statistics.mean(base["curve"][0]["vader_per_prompt"]) if base else 0.0
+              "| PPO kl_coef | reverse KL | f-DPO minus PPO, 95% bootstrap over seeds and prompts | seeds | verdict |",
+              "|---|---|---|---|---|"]
     for kl in s["ppo_kl_coefs"]:
         name = f"ppo-{kl:g}"
         pairs = [(runs[("fdpo-reverse_kl", sd)], runs[(name, sd)]) for sd in seeds
@@ -202,20 +245,11 @@ def report(folder: Path, s: dict) -> str:
             continue
         reach = min(max(c["reverse_kl"] for c in r["curve"]) for pair in pairs for r in pair)
         for x in (reach * f for f in (0.33, 0.67, 1.0)):
-            per_seed = []
-            for f_run, p_run in pairs:  # per prompt: each curve interpolated at x
-                n = len(f_run["curve"][0]["vader_per_prompt"])
-                diffs = []
-                for j in range(n):
-                    fc = [(0.0, start)] + [(c["reverse_kl"], c["vader_per_prompt"][j]) for c in f_run["curve"]]
-                    pc = [(0.0, start)] + [(c["reverse_kl"], c["vader_per_prompt"][j]) for c in p_run["curve"]]
-                    a, b = interpolate(fc, x), interpolate(pc, x)
-                    if a is not None and b is not None:
-                        diffs.append(a - b)
-                if diffs:
-                    per_seed.append(diffs)
+            per_seed = per_prompt_differences(pairs, b, x)
             if per_seed:
-                lines.append(f"| {kl:g} | {x:.2f} | {fmt(*bootstrap(per_seed))} | {len(per_seed)} |")
+                m, lo, hi = bootstrap(per_seed)
+                lines.append(f"| {kl:g} | {x:.2f} | {fmt(m, lo, hi)} | {len(per_seed)} | "
+                             f"{verdict(lo, hi, 1, len(per_seed), False, 0)} |")
     return "\n".join(lines) + "\n"
 
 
