@@ -225,12 +225,12 @@ def report(folder: Path, s: dict) -> str:
         pairs = [(runs[(f"fdpo-{first}", sd)], runs[(f"fdpo-{second}", sd)]) for sd in seeds
                  if (f"fdpo-{first}", sd) in runs and (f"fdpo-{second}", sd) in runs]
         for x in (None, *MATCHED_KL) if pairs else ():
-            ent = [(u, v) for u, v in ((along(p, b, lambda c: c["entropy"], x), along(q, b, lambda c: c["entropy"], x))
-                                       for p, q in pairs) if u is not None and v is not None]
+            ends = [[along(r, b, lambda c: c["entropy"], x) for r in pair] for pair in pairs]
+            ent = [more - less for less, more in ends if less is not None and more is not None]
             vad = per_prompt_differences(pairs, b, x)
             if not ent or not vad:
                 continue
-            e, v = t_interval([v - u for u, v in ent]), bootstrap(vad)
+            e, v = t_interval(ent), bootstrap(vad)
             where = f"step {pairs[0][0]['curve'][-1]['step']}" if x is None else f"reverse KL {x:g}"
             lines.append(f"| {first} < {second} | {where} | {fmt(*e)} | {verdict(e[1], e[2], 1, len(ent), False, 0)} "
                          f"| {fmt(*v)} | {verdict(v[1], v[2], 1, len(vad), False, 0)} |")
