@@ -292,6 +292,74 @@ def test_fdpo_distance_report_judges_the_thesis_order_pair_by_pair_over_seeds(tm
     assert "reverse KL 3" not in rows  # reverse KL's curve stops at 2 nats
 
 
+def _study(tmp_path, run_unit=None):
+    """A study with the shared command line and a run that only writes its result (no model)."""
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    import _runs
+
+    def unit_file(folder, name, seed):
+        return folder / f"seed{seed}-{name}.json"
+
+    def write(s, folder, name, seed):
+        _runs.write_json(unit_file(folder, name, seed), {"name": name, "seed": seed})
+
+    return lambda argv: _runs.study_main(
+        argv, doc="a study", name="toy", script=__file__, settings={"x": 1}, quick={"x": 2}, unit_file=unit_file,
+        run_unit=run_unit or write, plan=lambda a, s: [("a", sd) for sd in range(a.seeds)],
+        report=lambda folder, a, s: "report")
+
+
+@pytest.mark.parametrize("argv, named", [(["--seeds", "0"], "--seeds"), (["--seeds", "-2"], "--seeds"),
+                                         (["--jobs", "0"], "--jobs"), (["--threads", "0"], "--threads"),
+                                         (["--rerun", "a", "x"], "--rerun"), (["--rerun", "nope", "0"], "--rerun")])
+def test_study_scripts_refuse_bad_arguments_before_running_anything(tmp_path, argv, named, capsys):
+    """Each was taken before: --seeds 0 ran nothing and printed the tables, --jobs 0 ended in "nothing can start",
+    --threads 0 ran with 1 thread, --rerun with a seed that is not a number gave a traceback."""
+    main = _study(tmp_path, run_unit=lambda *a: pytest.fail("a bad argument must not start a run"))
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and named in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_study_scripts_refuse_an_output_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        _study(tmp_path)(["--output", str(tmp_path / "f")])
+    assert exit_.value.code == 2 and "--output" in capsys.readouterr().err.splitlines()[-1]
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_second_runner_waits_for_a_unit_another_is_training_instead_of_training_it_again(tmp_path):
+    """Two runners of one study (two terminals, or `make reproduce-real` started twice) share the cache: a unit held
+    by one is waited for by the other, which then finds it done. Before, both trained it."""
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(REPRO))
+    import _runs
+
+    main = _study(tmp_path, run_unit=lambda *a: pytest.fail("the unit was trained twice"))
+    folder = tmp_path / _runs.settings_hash({"x": 1})
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import json, sys, time; from pathlib import Path; from filelock import FileLock\n"
+        f"lock = FileLock({str(_runs.unit_lock(folder, 'a', 0))!r}); lock.acquire()\n"
+        f"Path({str(held)!r}).write_text('1'); time.sleep(1)\n"
+        f"Path({str(folder)!r}).mkdir(parents=True, exist_ok=True)\n"
+        f"Path({str(folder / 'seed0-a.json')!r}).write_text(json.dumps({{'name': 'a', 'seed': 0}}))\n"
+        "lock.release()\n")])
+    deadline = time.monotonic() + 60
+    while not held.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.exists()
+    assert main(["--unit", "a", "0", "--output", str(tmp_path)]) == 0
+    assert holder.wait(60) == 0
+
+
 def test_frontier_interpolates_reward_at_matched_divergence():
     import sys
 

@@ -248,6 +248,23 @@ def point(run: dict, at_seconds: float | None = None) -> dict:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
+def unit_lock(folder: Path, name: str, seed: int) -> Path:
+    """The lock a worker holds while it trains a unit, outside the results folder (nothing to commit by mistake)."""
+    import tempfile
+
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / "alignkit-study-locks" / key / f"{name}-{seed}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick: dict, unit_file: Callable,
                run_unit: Callable, plan: Callable, report: Callable, add_arguments: Callable | None = None) -> int:
     """The command line every cached study shares: `--seeds`, `--jobs`, `--threads`, `--quick`, `--output`,
@@ -257,11 +274,11 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
     settings)` lists the (unit, seed) pairs of a full run, in order; a unit other than `base` or `data` waits for
     its seed's `data` unit when the plan has one; `report(folder, args, settings)` gives the tables."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=positive, default=3)
     if add_arguments:
         add_arguments(p)
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in worker processes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=positive, default=1, help="runs at a time, in worker processes")
+    p.add_argument("--threads", type=positive, default=None, help="torch threads per run (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few examples, 1 seed")
     p.add_argument("--output", default=None, help=f"folder of the cached results (default docs/results/{name})")
     p.add_argument("--report", action="store_true", help="only the tables, from the cached results")
@@ -272,13 +289,23 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
     a = p.parse_args(argv)
     s = quick if a.quick else settings
     root = Path(a.output) if a.output else ROOT / (f"outputs/{name}-quick" if a.quick else f"docs/results/{name}")
+    if root.exists() and not root.is_dir():
+        p.error(f"--output: {root} is a file; give a folder for the cached results")
+    if a.rerun:
+        names = sorted({u for u, _ in plan(a, s)})
+        if a.rerun[0] not in names or not a.rerun[1].isdigit():
+            p.error(f"--rerun: give one of {', '.join(names)} and a seed number (got {' '.join(a.rerun)})")
     folder = root / settings_hash(s)
     from _common import setup
 
     setup(a.threads or 1)
     if a.unit:
-        if not unit_file(folder, a.unit[0], int(a.unit[1])).exists():
-            run_unit(s, folder, a.unit[0], int(a.unit[1]))
+        from filelock import FileLock
+
+        # a second runner of the same study (another terminal) waits for the unit instead of training it again
+        with FileLock(str(unit_lock(folder, a.unit[0], int(a.unit[1])))):
+            if not unit_file(folder, a.unit[0], int(a.unit[1])).exists():
+                run_unit(s, folder, a.unit[0], int(a.unit[1]))
         return 0
     if a.rerun:
         return rerun(a, s, folder, unit_file, run_unit, report)
