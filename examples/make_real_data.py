@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
-from _common import sample_groups, setup  # noqa: E402
+from _common import count, sample_groups, setup  # noqa: E402
 
 OUT = ROOT / "recipes" / "real" / "data"
 
@@ -57,9 +57,9 @@ def chat_prompts(limit: int) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--random-numbers", type=int, default=160, help="rows of the random-number file")
-    p.add_argument("--chat", type=int, default=160, help="prompts to sample replies for (cheerful file)")
+    p.add_argument("--threads", type=count, default=None)
+    p.add_argument("--random-numbers", type=count, default=160, help="rows of the random-number file")
+    p.add_argument("--chat", type=count, default=160, help="prompts to sample replies for (cheerful file)")
     p.add_argument("--only", choices=["random-numbers", "chat"], default=None)
     a = p.parse_args(argv)
     setup(a.threads)

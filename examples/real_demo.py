@@ -17,16 +17,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reproduce"))
-from _common import pyplot, sample_groups, setup  # noqa: E402
+from _common import count, pyplot, sample_groups, setup  # noqa: E402
 from random_numbers_real import MODEL, intervals, prompt_text, score  # noqa: E402
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="output_dir of a recipes/real/mipo-random-numbers.yaml run (a LoRA adapter)")
-    p.add_argument("--prompts", type=int, default=20, help="held-out intervals to ask about")
-    p.add_argument("--k", type=int, default=16, help="answers per interval")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prompts", type=count, default=20, help="held-out intervals to ask about")
+    p.add_argument("--k", type=count, default=16, help="answers per interval")
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     from peft import PeftModel

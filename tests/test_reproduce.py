@@ -292,6 +292,54 @@ def test_fdpo_distance_report_judges_the_thesis_order_pair_by_pair_over_seeds(tm
     assert "reverse KL 3" not in rows  # reverse KL's curve stops at 2 nats
 
 
+SCRIPTS = sorted([p for p in REPRO.glob("*.py") if not p.name.startswith("_") and p.name != "table31_report.py"]
+                 + [REPRO.parent / "real_demo.py", REPRO.parent / "make_real_data.py"])
+
+
+def test_the_scripts_numeric_types_refuse_what_would_run_nothing_or_crash():
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    from _common import count, nonnegative, positive, probability, whole
+
+    assert (count("3"), whole("0"), positive("1e-4"), nonnegative("0"), probability("1")) == (3, 0, 1e-4, 0.0, 1.0)
+    for parse, bad in ((count, "0"), (count, "-2"), (count, "1.5"), (whole, "-1"), (positive, "0"), (positive, "inf"),
+                       (positive, "nan"), (nonnegative, "-0.1"), (probability, "1.5"), (probability, "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_every_numeric_option_of_the_scripts_is_checked(script, monkeypatch):
+    """A bare int or float lets --seeds 0 or --lr -1 through, to run nothing, crash later, or train backwards; every
+    numeric option takes one of _common's checked types instead (argparse refuses a bad value: one line, exit 2)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(REPRO))
+    seen, add = {}, argparse.ArgumentParser.add_argument
+
+    def record(self, *names, **kw):
+        seen[names[-1]] = kw.get("type")
+        return add(self, *names, **kw)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", record)
+    module = _load(script.stem) if script.parent == REPRO else _load_path(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert seen, "the script's options were not seen"
+    bare = [flag for flag, kind in seen.items() if kind in (int, float)]
+    assert not bare, f"{script.name}: {bare} take a bare int/float"
+
+
+def _load_path(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _study(tmp_path, run_unit=None):
     """A study with the shared command line and a run that only writes its result (no model)."""
     import sys

@@ -8,6 +8,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def _number(kind: type, ok, need: str):
+    """An argparse type: `kind(text)` where `ok` holds, else one line saying what to give (argparse exits 2)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"give {need} (got {text!r})")
+        return value
+
+    parse.__name__ = need  # argparse names the type in its message
+    return parse
+
+
+#: the checked argparse types of the scripts' numeric options (a bare int or float lets 0 or -1 through)
+count = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+whole = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+positive = _number(float, lambda v: v > 0 and v != float("inf"), "a number above 0")
+nonnegative = _number(float, lambda v: 0 <= v < float("inf"), "a number of at least 0")
+probability = _number(float, lambda v: 0 <= v <= 1, "a probability between 0 and 1")
+
+
 def setup(threads: int | None = None) -> None:
     """Offline, quiet, and (optionally) a fixed number of CPU threads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,6 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import count  # noqa: E402
+
 MODEL = "builtin:smollm2-135m-instruct"
 #: loss type and samples per side of each method; groups of one are exactly TRL's DPO and IPO
 METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
@@ -248,13 +251,6 @@ def point(run: dict, at_seconds: float | None = None) -> dict:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"give a whole number of at least 1 (got {text!r})")
-    return int(text)
-
-
 def unit_lock(folder: Path, name: str, seed: int) -> Path:
     """The lock a worker holds while it trains a unit, outside the results folder (nothing to commit by mistake)."""
     import tempfile
@@ -274,11 +270,11 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
     settings)` lists the (unit, seed) pairs of a full run, in order; a unit other than `base` or `data` waits for
     its seed's `data` unit when the plan has one; `report(folder, args, settings)` gives the tables."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--seeds", type=positive, default=3)
+    p.add_argument("--seeds", type=count, default=3)
     if add_arguments:
         add_arguments(p)
-    p.add_argument("--jobs", type=positive, default=1, help="runs at a time, in worker processes")
-    p.add_argument("--threads", type=positive, default=None, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=count, default=1, help="runs at a time, in worker processes")
+    p.add_argument("--threads", type=count, default=None, help="torch threads per run (default 1)")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few examples, 1 seed")
     p.add_argument("--output", default=None, help=f"folder of the cached results (default docs/results/{name})")
     p.add_argument("--report", action="store_true", help="only the tables, from the cached results")

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, sft, write_table  # noqa: E402
+from _common import count, nonnegative, setup, sft, write_table  # noqa: E402
 
 TRAIN = dict(prefix_rate_chosen=0.9, prefix_rate_rejected=0.1, label_noise=0.35)
 FLATTERY = "you are right"
@@ -120,10 +120,10 @@ def run(seed: int, coef: float, out: Path, steps: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="outputs/reproduce/causal_dpo")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--coefs", nargs="+", type=float, default=[0.0, 1.0, 3.0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seeds", type=count, default=3)
+    p.add_argument("--coefs", nargs="+", type=nonnegative, default=[0.0, 1.0, 3.0])
+    p.add_argument("--steps", type=count, default=100)
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     out = Path(a.output)

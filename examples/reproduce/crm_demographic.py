@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, write_table  # noqa: E402
+from _common import count, nonnegative, setup, write_table  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 DEMOGRAPHICS = ["age", "gender", "origin"]
@@ -110,14 +110,14 @@ def main(argv=None) -> dict:
     p.add_argument("--output", default="outputs/reproduce/crm_demographic")
     p.add_argument("--model", default="builtin:tiny-llama")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--mmd-coef", type=float, default=3.0)
+    p.add_argument("--mmd-coef", type=nonnegative, default=3.0)
     p.add_argument("--mmd-estimator", choices=["unbiased", "biased"], default="unbiased")
-    p.add_argument("--bin-examples", type=int, default=2, help="bin_sampler_examples: examples of each bin in a "
+    p.add_argument("--bin-examples", type=count, default=2, help="bin_sampler_examples: examples of each bin in a "
                                                                    "batch (the balanced sampler's)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=count, default=200)
+    p.add_argument("--batch-size", type=count, default=64)
+    p.add_argument("--seeds", type=count, default=3)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--quick", action="store_true", help="1 seed, 100 steps, vanilla and decision")
     a = p.parse_args(argv)
     if a.quick:

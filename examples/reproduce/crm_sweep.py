@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pyplot, setup  # noqa: E402
+from _common import count, nonnegative, positive, pyplot, setup  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 TASKS = ("sycophancy", "length_bias", "concept_sentiment")
@@ -100,16 +100,17 @@ def main(argv=None) -> dict:
                    help="default: sycophancy and length_bias (sycophancy with --quick)")
     p.add_argument("--model", default="builtin:tiny-llama", help="reward backbone: builtin:tiny-llama (trained from "
                    "scratch) or builtin:minilm-l6 (real pretrained MiniLM-L6)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for the tiny Llama, 5e-5 for MiniLM")
+    p.add_argument("--lr", type=positive, default=None, help="default: 1e-3 for the tiny Llama, 5e-5 for MiniLM")
     p.add_argument("--variants", nargs="+", choices=CAUSAL, default=list(CAUSAL))
     p.add_argument("--no-standardize", action="store_true", help="mmd_standardize=False: the plain median-heuristic "
                    "penalty (the toy table in docs/results.md was measured with it)")
-    p.add_argument("--coefs", nargs="+", type=float, default=None, help=f"default: {' '.join(f'{c:g}' for c in COEFS)}"
+    p.add_argument("--coefs", nargs="+", type=nonnegative, default=None,
+                   help=f"default: {' '.join(f'{c:g}' for c in COEFS)}"
                    " (3 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="default: 200 (100 with --quick)")
-    p.add_argument("--seeds", type=int, default=1, help="accuracies are averaged over seeds 0..N-1")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=count, default=None, help="default: 200 (100 with --quick)")
+    p.add_argument("--seeds", type=count, default=1, help="accuracies are averaged over seeds 0..N-1")
+    p.add_argument("--batch-size", type=count, default=32)
+    p.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
     setup(a.threads)
     bench = load_benchmark()

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import align, checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import (align, checkpoints, count, positive, pyplot, sentiment_sft_rows, setup, sft,  # noqa: E402
+                    write_table)
 
 DIVERGENCES = [("reverse_kl", None), ("jsd", None), ("alpha", 0.5), ("forward_kl", None)]
 METRICS = ("entropy", "distinct_1", "distinct_2", "self_bleu")
@@ -52,11 +53,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer steps and prompts")
     p.add_argument("--output", default="outputs/reproduce/fdpo_diversity")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4, help="f-DPO learning rate")
-    p.add_argument("--steps", type=int, default=None, help="f-DPO steps (default: 150, 30 with --quick)")
-    p.add_argument("--seeds", type=int, default=None, help="f-DPO seeds averaged (default 3, 1 with --quick)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=1e-4, help="f-DPO learning rate")
+    p.add_argument("--steps", type=count, default=None, help="f-DPO steps (default: 150, 30 with --quick)")
+    p.add_argument("--seeds", type=count, default=None, help="f-DPO seeds averaged (default 3, 1 with --quick)")
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     from alignkit.data.synthetic import sentiment

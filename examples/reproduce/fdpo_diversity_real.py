@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, write_table  # noqa: E402
+from _common import count, positive, setup, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "recipes" / "real" / "data"
@@ -40,10 +40,10 @@ def load_jsonl(path: Path) -> list[dict]:
 
 def add_eval_arguments(p) -> None:
     """The evaluation options shared by the scripts that score SmolLM2's replies with VADER on held-out prompts."""
-    p.add_argument("--prompts", type=int, default=40, help="held-out eval prompts")
-    p.add_argument("--k", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prompts", type=count, default=40, help="held-out eval prompts")
+    p.add_argument("--k", type=count, default=4, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=count, default=32)
+    p.add_argument("--threads", type=count, default=None)
 
 
 def held_out_prompts(n: int) -> tuple[list, list]:
@@ -91,10 +91,10 @@ def measure(model: str, prompts, a, seed: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="outputs/reproduce/fdpo_diversity_real")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--steps", type=count, default=30)
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=1e-4)
+    p.add_argument("--seeds", type=count, default=1)
     add_eval_arguments(p)
     a = p.parse_args(argv)
     setup(a.threads)

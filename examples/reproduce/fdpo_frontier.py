@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import align, checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import (align, checkpoints, count, nonnegative, positive, pyplot, sentiment_sft_rows, setup,  # noqa: E402
+                    sft, write_table)
 
 DIVERGENCES = [("reverse_kl", None), ("jsd", None), ("alpha", 0.5), ("forward_kl", None)]
 
@@ -110,11 +111,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: one divergence, shorter runs, fewer prompts")
     p.add_argument("--output", default="outputs/reproduce/fdpo_frontier")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4, help="f-DPO learning rate")
-    p.add_argument("--ppo-lr", type=float, default=5e-4, help="PPO learning rate")
-    p.add_argument("--coefs", type=float, nargs="+", default=None, help="PPO penalty coefficients")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=1e-4, help="f-DPO learning rate")
+    p.add_argument("--ppo-lr", type=positive, default=5e-4, help="PPO learning rate")
+    p.add_argument("--coefs", type=nonnegative, nargs="+", default=None, help="PPO penalty coefficients")
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     from alignkit.data.synthetic import sentiment

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoints, pyplot, setup, write_table  # noqa: E402
+from _common import checkpoints, count, nonnegative, positive, pyplot, setup, write_table  # noqa: E402
 from fdpo_diversity_real import DATA, MODEL, add_eval_arguments, held_out_prompts, load_jsonl  # noqa: E402
 
 
@@ -102,13 +102,13 @@ def interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="outputs/reproduce/fdpo_frontier_real")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=2e-4, help="f-DPO learning rate")
-    p.add_argument("--fdpo-steps", type=int, default=40)
-    p.add_argument("--ppo-lr", type=float, default=2e-4)
-    p.add_argument("--ppo-steps", type=int, default=30)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--points", type=int, default=4, help="checkpoints per method")
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=2e-4, help="f-DPO learning rate")
+    p.add_argument("--fdpo-steps", type=count, default=40)
+    p.add_argument("--ppo-lr", type=positive, default=2e-4)
+    p.add_argument("--ppo-steps", type=count, default=30)
+    p.add_argument("--kl-coef", type=nonnegative, default=0.05)
+    p.add_argument("--points", type=count, default=4, help="checkpoints per method")
     add_eval_arguments(p)
     a = p.parse_args(argv)
     setup(a.threads)

@@ -102,7 +102,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import align, pyplot, setup, sft, write_table  # noqa: E402
+from _common import align, count, nonnegative, positive, probability, pyplot, setup, sft, write_table  # noqa: E402
 
 N_REVIEWS = 5
 PROMPTS_PER_STEP = 16
@@ -198,16 +198,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: shorter SFT and training, k=1 and k=5 only, 1 seed")
     p.add_argument("--output", default="outputs/reproduce/label_noise")
-    p.add_argument("--seeds", type=int, default=None, help="preference-training seeds (default 3, 1 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="preference-training steps (default 120, 60 with --quick)")
+    p.add_argument("--seeds", type=count, default=None, help="preference-training seeds (default 3, 1 with --quick)")
+    p.add_argument("--steps", type=count, default=None, help="preference-training steps (default 120, 60 with --quick)")
     p.add_argument("--losses", nargs="+", choices=list(LOSS_NAMES), default=["sigmoid"],
                    help="sigmoid = mDPO (default), ipo = mIPO")
-    p.add_argument("--p-good", type=float, default=0.65, help="strong source: probability of a positive adjective")
-    p.add_argument("--p-bad", type=float, default=0.35, help="weak source: probability of a positive adjective")
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--nll-weight", type=float, default=1.0, help="NLL of the chosen group (keeps the policy fluent)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--p-good", type=probability, default=0.65,
+                   help="strong source: probability of a positive adjective")
+    p.add_argument("--p-bad", type=probability, default=0.35, help="weak source: probability of a positive adjective")
+    p.add_argument("--beta", type=positive, default=0.5)
+    p.add_argument("--lr", type=positive, default=5e-4)
+    p.add_argument("--nll-weight", type=nonnegative, default=1.0,
+                   help="NLL of the chosen group (keeps the policy fluent)")
+    p.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
     t0 = time.time()
     setup(a.threads)

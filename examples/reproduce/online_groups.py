@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import checkpoints, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
+from _common import checkpoints, count, positive, pyplot, sentiment_sft_rows, setup, sft, write_table  # noqa: E402
 
 METHODS = ("online mIPO", "online mDPO", "PPO", "TRL GRPO")
 #: --quick trains these
@@ -195,14 +195,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer rounds, prompts and steps, one seed")
     p.add_argument("--output", default="outputs/reproduce/online_groups")
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every policy method")
-    p.add_argument("--rounds", type=int, default=None, help="rounds of 32 generated completions (default 40; 4 "
+    p.add_argument("--lr", type=positive, default=5e-4, help="learning rate of every policy method")
+    p.add_argument("--rounds", type=count, default=None, help="rounds of 32 generated completions (default 40; 4 "
                                                             "with --quick)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="default: all (the first four with --quick)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds of part 2 (default 2; 1 with --quick)")
+    p.add_argument("--seeds", type=count, default=None, help="seeds of part 2 (default 2; 1 with --quick)")
     p.add_argument("--skip-sycophancy", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     out = Path(a.output)

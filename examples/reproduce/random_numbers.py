@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import align, pyplot, setup, sft, write_table  # noqa: E402
+from _common import align, count, nonnegative, positive, pyplot, setup, sft, write_table  # noqa: E402
 
 METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
 COMPARISONS = [("mIPO", "IPO"), ("mIPO", "SFT"), ("IPO", "SFT"), ("mDPO", "DPO"), ("mDPO", "SFT"), ("DPO", "SFT")]
@@ -89,13 +89,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: shorter SFT and training, fewer prompts")
     p.add_argument("--output", default="outputs/reproduce/random_numbers")
-    p.add_argument("--seeds", type=int, default=None, help="preference-training seeds (default 2, 1 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="preference-training steps (default 200, 60 with --quick)")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the chosen group's NLL (thesis: added)")
+    p.add_argument("--seeds", type=count, default=None, help="preference-training seeds (default 2, 1 with --quick)")
+    p.add_argument("--steps", type=count, default=None, help="preference-training steps (default 200, 60 with --quick)")
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=1e-3)
+    p.add_argument("--nll-weight", type=nonnegative, default=1.0,
+                   help="weight of the chosen group's NLL (thesis: added)")
     p.add_argument("--start", help="reuse this SFT model instead of training one")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     a = p.parse_args(argv)
     setup(a.threads)
     from alignkit.data.synthetic import random_numbers

@@ -39,7 +39,8 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pyplot, sample_groups, setup, write_table  # noqa: E402
+from _common import (count, nonnegative, positive, probability, pyplot, sample_groups, setup, whole,  # noqa: E402
+                    write_table)
 
 MODEL = "builtin:smollm2-135m-instruct"
 METHODS = {"DPO": ("sigmoid", 1), "IPO": ("ipo", 1), "mDPO": ("sigmoid", 4), "mIPO": ("ipo", 4)}
@@ -226,21 +227,21 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, 2 methods, 8 eval prompts, 1 seed")
     p.add_argument("--output", default="outputs/reproduce/random_numbers_real")
-    p.add_argument("--seeds", type=int, default=None, help="seeds (default 2; 1 with --quick)")
-    p.add_argument("--seed", type=int, default=None, help="run only this seed and write its result.json")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (1 torch thread each)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--prompts-per-step", type=int, default=2)
-    p.add_argument("--train-prompts", type=int, default=None, help="default: steps x prompts per step")
-    p.add_argument("--eval-prompts", type=int, default=None)
-    p.add_argument("--k", type=int, default=16, help="samples per eval prompt")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--nll-weight", type=float, default=1.0)
+    p.add_argument("--seeds", type=count, default=None, help="seeds (default 2; 1 with --quick)")
+    p.add_argument("--seed", type=whole, default=None, help="run only this seed and write its result.json")
+    p.add_argument("--jobs", type=count, default=1, help="seeds run in parallel processes (1 torch thread each)")
+    p.add_argument("--steps", type=count, default=None)
+    p.add_argument("--prompts-per-step", type=count, default=2)
+    p.add_argument("--train-prompts", type=count, default=None, help="default: steps x prompts per step")
+    p.add_argument("--eval-prompts", type=count, default=None)
+    p.add_argument("--k", type=count, default=16, help="samples per eval prompt")
+    p.add_argument("--beta", type=positive, default=0.1)
+    p.add_argument("--lr", type=positive, default=1e-4)
+    p.add_argument("--nll-weight", type=nonnegative, default=1.0)
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
-    p.add_argument("--label-noise", type=float, default=0.0,
+    p.add_argument("--label-noise", type=probability, default=0.0,
                    help="swap each chosen/rejected pair with this probability (thesis 3.6.4)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=count, default=None)
     p.add_argument("--report-only", action="store_true", help="tables and figure from the seeds' result.json")
     a = p.parse_args(argv)
     a.steps = a.steps or (2 if a.quick else 50)
