@@ -196,8 +196,14 @@ def _gain(scores):
 # The threshold 0.35 is below half the smallest gain measured and 6.6x the largest gain of a run that learns nothing.
 def test_online_mipo_raises_the_reward(tiny_model_path, tokenizer, prompts, tmp_path):
     trainer = _online(tiny_model_path, tokenizer, prompts, tmp_path, max_steps=24)
+    counted, count = [], trainer._perf_count
+    trainer._perf_count = lambda lengths, repeats=1: (counted.append(int(lengths.sum()) * repeats),
+                                                      count(lengths, repeats))
     trainer.train()
     logs = [e for e in trainer.state.log_history if "reward" in e and "loss" in e]
+    # perf/*: every training log has them, from the tokens TRL itself counts (prompt and completion, num_tokens)
+    assert all(e["perf/tokens_per_second"] > 0 and e["perf/peak_memory_gb"] > 0 for e in logs)
+    assert sum(counted) == logs[-1]["num_tokens"] > 0
     scores = [e["reward"] for e in logs]
     assert len(logs) == 24
     assert _gain(scores) > 0.35, scores

@@ -41,6 +41,7 @@ from ..divergences import DEFAULT_MAX_EXPONENT, get_divergence
 from ..losses import GROUPINGS, group_mean, group_preference_loss, split_groups_by_reward
 from ._card import write_model_card
 from ._common import PREFERENCE_RULES, TRAINING_RULES, check_ranges, default_precision_for_this_machine
+from ._perf import PerfArguments, PerfMetricsMixin
 from .rollout import divergence_estimates
 
 __all__ = ["OnlineMultiSampleConfig", "OnlineMultiSampleTrainer"]
@@ -54,7 +55,7 @@ ONLINE_RULES = {
 
 
 @dataclass
-class OnlineMultiSampleConfig(GRPOConfig):
+class OnlineMultiSampleConfig(PerfArguments, GRPOConfig):
     r"""Configuration for [`OnlineMultiSampleTrainer`]: every field of TRL's `GRPOConfig` (sampling, vLLM, reward
     weights, batch sizes, ...), plus the groups and the mDPO / mIPO loss (docs/methods.md section 2).
 
@@ -67,6 +68,7 @@ class OnlineMultiSampleConfig(GRPOConfig):
         beta (`float`, defaults to `0.1`): mDPO's beta / mIPO's tau (replaces GRPO's KL coefficient; > 0).
         unbiased (`bool`, defaults to `True`), nll_weight (`float`, defaults to `0.0`), max_link_exponent,
             divergence (`str`, defaults to `"reverse_kl"`), alpha: as in `MultiSampleDPOConfig`.
+        peak_tflops (`float`, *optional*): for `perf/mfu`, as in every alignkit config.
     """
 
     grouping: str = field(default="top_bottom", metadata={"help": "top_bottom or above_below_mean."})
@@ -151,7 +153,7 @@ def as_trl_reward(source):
     return reward
 
 
-class OnlineMultiSampleTrainer(GRPOTrainer):
+class OnlineMultiSampleTrainer(PerfMetricsMixin, GRPOTrainer):
     """On-policy mDPO / mIPO with TRL's GRPO engine (see the module docstring).
 
     Example:
@@ -220,6 +222,9 @@ class OnlineMultiSampleTrainer(GRPOTrainer):
         out["group_loss"] = loss.detach()
         if mode == "train":
             self.prompts_trained_on += int(stats["group/kept_prompts"])
+            # perf/*: the generation batch's prompt and completion tokens, each trained on once (num_iterations 1);
+            # the steps' time includes the sampling, so perf/tokens_per_second is end-to-end, as PPO's
+            self._perf_count(mask.sum(1))
         store = _adapter.metrics(self, mode)
         for key, value in stats.items():
             store[key].append(value)
