@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count  # noqa: E402
+from _common import count, setup  # noqa: E402
 
 MODEL = "builtin:smollm2-135m-instruct"
 #: loss type and samples per side of each method; groups of one are exactly TRL's DPO and IPO
@@ -292,16 +292,15 @@ def study_main(argv, *, doc: str, name: str, script: str, settings: dict, quick:
         if a.rerun[0] not in names or not a.rerun[1].isdigit():
             p.error(f"--rerun: give one of {', '.join(names)} and a seed number (got {' '.join(a.rerun)})")
     folder = root / settings_hash(s)
-    from _common import setup
-
     setup(a.threads or 1)
     if a.unit:
         from filelock import FileLock
 
+        unit, seed = a.unit[0], int(a.unit[1])
         # a second runner of the same study (another terminal) waits for the unit instead of training it again
-        with FileLock(str(unit_lock(folder, a.unit[0], int(a.unit[1])))):
-            if not unit_file(folder, a.unit[0], int(a.unit[1])).exists():
-                run_unit(s, folder, a.unit[0], int(a.unit[1]))
+        with FileLock(str(unit_lock(folder, unit, seed))):
+            if not unit_file(folder, unit, seed).exists():
+                run_unit(s, folder, unit, seed)
         return 0
     if a.rerun:
         return rerun(a, s, folder, unit_file, run_unit, report)
