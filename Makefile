@@ -35,8 +35,12 @@ demo-real: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/alignkit train recipes/real/mipo-random-numbers.yaml --set overwrite_output_dir=true
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/real_demo.py outputs/real/mipo-random-numbers
 
+# Each test uses one torch thread (tests/conftest.py), so the suite runs one pytest-xdist worker per logical CPU
+# (at most 4: a few tests start 2-process jobs of their own). --dist loadscope keeps a module on one worker, so that
+# its module-wide fixtures (a reference run, the one-process baseline) are built once. PYTEST_WORKERS=0: serially.
+PYTEST_WORKERS ?= logical
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope
 
 bench: setup
 	$(BIN)/python benchmarks/fdpo_vs_trl.py

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ports import free_port, free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
 PPO = str(ROOT / "recipes" / "ppo-fdiv.yaml")
@@ -48,8 +50,8 @@ def one_process(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method,recipe,port", [("fdpo", QUICKSTART, 29581), ("ppo", PPO, 29582)])
-def test_two_machines_on_one_host_train_as_one_process(method, recipe, port, tmp_path, tiny_model_path, one_process):
+@pytest.mark.parametrize("method,recipe", [("fdpo", QUICKSTART), ("ppo", PPO)])
+def test_two_machines_on_one_host_train_as_one_process(method, recipe, tmp_path, tiny_model_path, one_process):
     """Two `alignkit train` invocations, machine_rank 0 and 1 of num_machines 2 (one process each, gloo over
     127.0.0.1), form one job: its losses and saved weights are those of one process with the same global batch (8
     rows or prompts: 4 per machine). f-DPO runs under DeepSpeed ZeRO-3 (launched by `alignkit train` itself), PPO
@@ -59,7 +61,7 @@ def test_two_machines_on_one_host_train_as_one_process(method, recipe, port, tmp
     norm of the update. Training on half the batch instead (what a machine without the gradient exchange does) is off
     by 3.7e-3 (f-DPO, step 2) and 3e-2 (PPO, step 1) in the loss and by 6e-3 and 0.11 in the weights (measured: one
     process on batches of 4)."""
-    batch = "per_device_train_batch_size"
+    batch, port = "per_device_train_batch_size", free_port()
     one = one_process if method == "fdpo" else tmp_path / "one"
     single = None if method == "fdpo" else _train(recipe, *SHORT[method], f"{batch}=8", f"output_dir={one}")
     dist = ["distributed.num_machines=2", "distributed.main_process_ip=127.0.0.1",
@@ -152,7 +154,7 @@ def test_a_machine_whose_peer_never_arrives_gives_up_after_the_timeout(tmp_path)
     jobs = {rank: _train(QUICKSTART, "distributed.num_machines=2", f"distributed.machine_rank={rank}",
                          "distributed.main_process_ip=127.0.0.1", f"distributed.main_process_port={port}",
                          "distributed.timeout=5", f"output_dir={tmp_path / f'run{rank}'}")
-            for rank, port in ((0, 29583), (1, 29584))}
+            for rank, port in enumerate(free_ports(2))}
     start = time.time()
     for rank, job in jobs.items():
         _, err = job.communicate(timeout=300)
@@ -196,9 +198,9 @@ LAUNCHERS = {
     # no distributed section
     "accelerate": ["accelerate", "launch", "--config_file", str(ROOT / "examples" / "launchers" /
                                                                    "accelerate_zero2.yaml"),
-                   "--main_process_port", "29585", "-m", "alignkit.cli", "train", QUICKSTART],
+                   "--main_process_port", "{port}", "-m", "alignkit.cli", "train", QUICKSTART],
     # DeepSpeed's launcher starts 2 processes (--num_gpus, processes on a CPU); the recipe names the ZeRO stage
-    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "29586", "--module", "alignkit.cli", "train",
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "{port}", "--module", "alignkit.cli", "train",
                   QUICKSTART, "--set", "distributed.deepspeed=zero3"],
 }
 
@@ -208,7 +210,7 @@ def test_other_launchers_run_alignkit_train(launcher, tmp_path, tiny_model_path,
     """`accelerate launch` and the `deepspeed` launcher start `alignkit train` on 2 processes under DeepSpeed (on a
     CPU too: the worker sets up accelerate's gloo state itself), and the job trains as one process with the same
     global batch. Measured: losses equal, weights as in the two-machine test."""
-    cmd = LAUNCHERS[launcher]
+    cmd = [a.format(port=free_port()) if a == "{port}" else a for a in LAUNCHERS[launcher]]
     cmd = [str(Path(sys.executable).parent / cmd[0])] + cmd[1:]
     for s in SHORT["fdpo"] + ["per_device_train_batch_size=4", f"output_dir={tmp_path / 'run'}"]:
         cmd += ["--set", s]

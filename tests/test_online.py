@@ -258,7 +258,7 @@ def test_reward_model_and_weighted_functions_above_below_mean_and_save(tiny_mode
     AutoModelForCausalLM.from_pretrained(tmp_path / "final")
 
 
-def _run_script(args, env_extra=None, port=None):
+def _run_script(args, env_extra=None, two_processes=False):
     import os
     import subprocess
     import sys
@@ -267,8 +267,8 @@ def _run_script(args, env_extra=None, port=None):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **(env_extra or {})}
     script = str(root / "tests" / "scripts" / "online_ddp.py")
-    cmd = [sys.executable, script, *args] if port is None else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script, *args]
+    cmd = [sys.executable, script, *args] if not two_processes else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", script, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -284,7 +284,7 @@ def test_two_ddp_processes_train_as_one_with_a_group_split_between_them(tmp_path
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     _run_script([str(one), "12"])
-    _run_script([str(two), "6"], port=29571)
+    _run_script([str(two), "6"], two_processes=True)
     runs = {(d, r): json.loads((d / f"rank{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))}
     assert runs[one, 0]["world"] == 1 and runs[two, 0]["world"] == runs[two, 1]["world"] == 2
     p0, p1 = runs[two, 0]["prompts"][:6], runs[two, 1]["prompts"][:6]

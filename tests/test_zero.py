@@ -18,11 +18,11 @@ import zero_runs  # noqa: E402
 pytest.importorskip("deepspeed")
 
 
-def _launch(args, tmp_path, port):
+def _launch(args, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_DEEPSPEED": "true",
            "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), *args], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           *args], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -38,9 +38,9 @@ def single_process_losses(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("stage,port", [("zero2", 29541), ("zero3", 29542)])
-def test_two_processes_under_zero_match_one_process(stage, port, single_process_losses, tmp_path):
-    _launch([str(ROOT / "tests" / "scripts" / "zero_runs.py"), stage, str(tmp_path)], tmp_path, port)
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_under_zero_match_one_process(stage, single_process_losses, tmp_path):
+    _launch([str(ROOT / "tests" / "scripts" / "zero_runs.py"), stage, str(tmp_path)], tmp_path)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2
     for method in zero_runs.METHODS:
@@ -82,8 +82,8 @@ def ppo_references(tmp_path_factory):
     process."""
     out = tmp_path_factory.mktemp("ppo_ddp")
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_DEEPSPEED", "DS_ACCELERATOR")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29544", str(ROOT / "tests" / "scripts" / "ppo_zero.py"), "ddp", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(ROOT / "tests" / "scripts" / "ppo_zero.py"), "ddp", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=out,
                           env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -95,11 +95,11 @@ def ppo_references(tmp_path_factory):
             "ddp_eval": ddp["eval"]}
 
 
-@pytest.mark.parametrize("stage,port", [("zero2", 29545), ("zero3", 29546)])
-def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, port, ppo_references, tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ppo_under_zero_matches_ddp_saves_and_resumes(stage, ppo_references, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _launch([str(ROOT / "tests" / "scripts" / "ppo_zero.py"), stage, str(tmp_path)], tmp_path, port)
+    _launch([str(ROOT / "tests" / "scripts" / "ppo_zero.py"), stage, str(tmp_path)], tmp_path)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2 and res["deepspeed"] and res["engine"] == "DeepSpeedEngine"
     # Same global batch (8 prompts, 4 per rank), greedy rollouts: the per-iteration losses, scores and divergence
@@ -163,15 +163,15 @@ def online_single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage,port", [("zero2", 29547), ("zero3", 29548)])
-def test_online_groups_under_zero_train_as_one_process(stage, port, online_single, tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_online_groups_under_zero_train_as_one_process(stage, online_single, tmp_path):
     """2 processes under ZeRO, 3 completions per micro-batch and gradient_accumulation_steps 2 (TRL generates for
     both micro-batches at once, shuffles and splits them; the engine accumulates and steps), against 1 process with
     the same 3 prompts x 4 completions per step. Sampling is a deterministic function of the prompt and the
     completion's place in its group, so both see the same groups; the middle prompt's group lies on both ranks, and a
     prompt of step 2 is skipped. SGD, so that rounding stays rounding (see test_online.py). Measured: the weights
     within 1.2e-7 of one process under ZeRO-2 and ZeRO-3 (they moved by up to 0.016)."""
-    _launch([str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(tmp_path), "6", stage], tmp_path, port)
+    _launch([str(ROOT / "tests" / "scripts" / "online_ddp.py"), str(tmp_path), "6", stage], tmp_path)
     one = json.loads((online_single / "rank0.json").read_text())
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["deepspeed"] and r["engine"] == "DeepSpeedEngine" for r in runs)

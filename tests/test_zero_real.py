@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import zero_real  # noqa: E402
@@ -41,8 +43,9 @@ def _reload_logits(case: str, folder: Path) -> torch.Tensor:
 # (4 steps, lr 1e-4) within 6.0e-6 relative of one process in the loss and 2.7e-4 of the update's norm in the weights;
 # SmolLM2 LoRA (2 steps) 1.7e-7 and 1.5e-4. The bounds are 15-60 times those (another CPU's kernels round otherwise);
 # the logits of the reloaded folder equal the trained model's to 1e-6 or better (the same weights, the same kernels).
-@pytest.mark.parametrize("case,steps,port", [("crm-minilm", 4, 29573), ("fdpo-lora", 2, 29574)])
-def test_a_real_model_under_zero3_trains_as_one_process_saves_and_resumes(case, steps, port, tmp_path):
+@pytest.mark.parametrize("case,steps", [("crm-minilm", 4), ("fdpo-lora", 2)])
+def test_a_real_model_under_zero3_trains_as_one_process_saves_and_resumes(case, steps, tmp_path):
+    port = free_port()
     resume = case == "crm-minilm"
     single = zero_real.launch(case, "single", tmp_path / "single", steps, port, max_length=64)
     runs = zero_real.launch(case, "zero3", tmp_path / "zero3", steps, port, resume=resume, max_length=64)
