@@ -37,10 +37,11 @@ demo-real: setup
 
 # Each test uses one torch thread (tests/conftest.py), so the suite runs one pytest-xdist worker per logical CPU
 # (at most 4: a few tests start 2-process jobs of their own). --dist loadscope keeps a module on one worker, so that
-# its module-wide fixtures (a reference run, the one-process baseline) are built once. PYTEST_WORKERS=0: serially.
+# its module-wide fixtures (a reference run, the one-process baseline) are built once; --no-loadscope-reorder hands
+# the modules out in collection order, which tests/conftest.py sets to slowest first. PYTEST_WORKERS=0: serially.
 PYTEST_WORKERS ?= logical
 test: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python benchmarks/fdpo_vs_trl.py
