@@ -16,13 +16,31 @@ from alignkit.data.synthetic import sentiment
 from alignkit.models import build_tiny_model
 
 
+def steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of steps of at least 1, not {text!r}")
+    return int(text)
+
+
+def alpha_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"give a number strictly between 0 and 1, not {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--divergence", default="jsd", choices=["reverse_kl", "forward_kl", "jsd", "alpha"])
-    parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--alpha", type=alpha_value, default=None, help="for --divergence alpha: in (0, 1)")
+    parser.add_argument("--max-steps", type=steps, default=40)
     parser.add_argument("--output-dir", default="outputs/fdpo-drop-in")
     opts = parser.parse_args(argv)
+    if (opts.divergence == "alpha") != (opts.alpha is not None):
+        parser.error("--alpha goes with --divergence alpha, and only with it (e.g. --divergence alpha --alpha 0.5)")
 
     path = build_tiny_model("tiny-llama")  # any causal LM folder or hub id works the same way
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -31,7 +49,7 @@ def main(argv=None):
     args = FDPOConfig(
         output_dir=opts.output_dir,
         divergence=opts.divergence,
-        alpha=opts.alpha if opts.divergence == "alpha" else None,
+        alpha=opts.alpha,
         beta=0.1,
         learning_rate=1e-3,
         per_device_train_batch_size=16,

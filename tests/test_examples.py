@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,3 +55,24 @@ def test_every_real_model_recipe_validates(tmp_path, monkeypatch):
 
         data = yaml.safe_load(recipe.read_text())["dataset"]["name"]
         assert main(["validate", str(recipe), "--set", f"dataset.name={ROOT / data}"]) == 0, recipe
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--max-steps", "0"], "--max-steps"),
+    (["--max-steps", "-3"], "--max-steps"),
+    (["--max-steps", "ten"], "--max-steps"),
+    (["--divergence", "alpha"], "--alpha"),
+    (["--divergence", "alpha", "--alpha", "1"], "--alpha"),
+    (["--divergence", "alpha", "--alpha", "nan"], "--alpha"),
+    (["--divergence", "jsd", "--alpha", "0.5"], "--alpha"),
+])
+def test_fdpo_drop_in_refuses_bad_options_in_one_line(argv, option, tmp_path, capsys):
+    """Before: --max-steps 0 or --divergence alpha without --alpha ended in a ValueError traceback from the config,
+    and --alpha with another divergence was silently ignored."""
+    example = _load(ROOT / "examples" / "fdpo_drop_in.py")
+    with pytest.raises(SystemExit) as exit_:
+        example.main([*argv, "--output-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert option in error and "Traceback" not in error
+    assert not any(tmp_path.iterdir()), "nothing is built or written before the options are checked"
