@@ -16,50 +16,38 @@ from alignkit.data.synthetic import sentiment
 from alignkit.models import build_tiny_model
 
 
-def steps(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"give a whole number of steps of at least 1, not {text!r}")
-    return int(text)
-
-
-def alpha_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"give a number strictly between 0 and 1, not {text!r}")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--divergence", default="jsd", choices=["reverse_kl", "forward_kl", "jsd", "alpha"])
-    parser.add_argument("--alpha", type=alpha_value, default=None, help="for --divergence alpha: in (0, 1)")
-    parser.add_argument("--max-steps", type=steps, default=40)
+    parser.add_argument("--alpha", type=float, default=None, help="for --divergence alpha: in (0, 1), default 0.5")
+    parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--output-dir", default="outputs/fdpo-drop-in")
     opts = parser.parse_args(argv)
-    if (opts.divergence == "alpha") != (opts.alpha is not None):
-        parser.error("--alpha goes with --divergence alpha, and only with it (e.g. --divergence alpha --alpha 0.5)")
+
+    # The config checks the options (max_steps >= 1, alpha in (0, 1)); built before the model, so that a bad value
+    # costs nothing and reads as one line, as argparse's own errors do.
+    try:
+        args = FDPOConfig(
+            output_dir=opts.output_dir,
+            divergence=opts.divergence,
+            alpha=opts.alpha,  # with another divergence, FDPOConfig warns that it is ignored
+            beta=0.1,
+            learning_rate=1e-3,
+            per_device_train_batch_size=16,
+            max_steps=opts.max_steps,
+            logging_steps=10,
+            eval_strategy="steps",
+            eval_steps=opts.max_steps,
+            save_strategy="no",
+            report_to="none",
+        )
+    except ValueError as error:
+        parser.error(str(error))
 
     path = build_tiny_model("tiny-llama")  # any causal LM folder or hub id works the same way
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-    args = FDPOConfig(
-        output_dir=opts.output_dir,
-        divergence=opts.divergence,
-        alpha=opts.alpha,
-        beta=0.1,
-        learning_rate=1e-3,
-        per_device_train_batch_size=16,
-        max_steps=opts.max_steps,
-        logging_steps=10,
-        eval_strategy="steps",
-        eval_steps=opts.max_steps,
-        save_strategy="no",
-        report_to="none",
-    )
     trainer = FDPOTrainer(
         model=model,
         args=args,
